@@ -1,0 +1,5 @@
+import sys
+
+from koff.cli import main
+
+sys.exit(main())

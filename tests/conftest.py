@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny import save_tiny, tiny_tokenizer  # noqa: E402
+
+ARCHS = ["llama", "qwen2"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own koff cache, so tests never see each other's tokenised blocks."""
+    monkeypatch.setenv("KOFF_CACHE_DIR", str(tmp_path / "koff-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(params=ARCHS)
+def model_dir(request, tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Three small text domains on disk."""
+    words = {
+        "eng": "the cat sat on the mat and the dog ran over the hill while birds sang ",
+        "deu": "der hund lief über den hügel und die katze saß auf der matte ",
+        "code": "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n",
+    }
+    paths = {}
+    for name, text in words.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text * 60)
+        paths[name] = path
+    return paths

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import yaml
+
+from koff.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        assert name in capsys.readouterr().out
+
+
+def test_eval_writes_results_and_config_and_reruns(model_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--model", model_dir, "--domain", f"eng={corpus['eng']}", "--domain", f"code={corpus['code']}",
+            "--block-len", "16", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| eng |" in printed and "| mean |" in printed
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["domains"]) == {"eng", "code"}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["block_len"] == 16 and config["model"] == model_dir
+
+    rerun = tmp_path / "rerun"
+    assert main(["eval", "--config", str(out / "config.yaml"), "--out", str(rerun)]) == 0
+    again = json.loads((rerun / "eval.json").read_text())
+    assert again["domains"] == result["domains"]
+
+
+def test_user_errors_exit_2_without_traceback(model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", model_dir, "--domain", f"x={tmp_path / 'none.txt'}", "--out", str(tmp_path)]) == 2
+    assert "domain 'x'" in capsys.readouterr().err
+    assert main(["eval", "--domain", "x=y.txt", "--out", str(tmp_path)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_config_with_unknown_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nno_such_option: 1\n")
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--config", str(bad)])
+    assert done.value.code == 2

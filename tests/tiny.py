@@ -1,0 +1,78 @@
+"""Tiny random-initialised models and a tiny tokenizer, built in memory for the tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "Der schnelle braune Fuchs springt über den faulen Hund. def add(a, b):\n    return a + b\n"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with ~300 tokens, trained in milliseconds on a few sentences."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return fast
+
+
+CONFIGS = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+}
+
+
+def tiny_config(kind: str = "llama", vocab_size: int = 300, layers: int = 2):
+    return CONFIGS[kind](
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=kind != "llama",
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, layers=layers), dtype=torch.float32)
+    if kind == "qwen2":  # give the q/k/v biases non-zero values so that pruning them is tested
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def save_tiny(folder, kind: str = "llama", seed: int = 0) -> str:
+    tiny_model(kind, seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
