@@ -1,0 +1,149 @@
+"""Benchmark for `koff decompose` on the embedded SmolLM2-135M (issue 3).
+
+Measures, at the target sparsity, held-out perplexity per domain for the dense base, KOFF (final
+binary mask + each domain's memory) and the same mask without memories; training tokens/s and wall
+time; and the cost of one KOFF step relative to a plain LoRA fine-tuning step of the same model
+(PEFT's LoRA, and koff's own loop with --mask none --memory lora), same batch.
+
+    python bench/decompose.py                     # full run, ~1 h on the 2-core CPU
+    python bench/decompose.py --steps 4 --quick   # smoke test
+
+Writes bench/results/decompose.json and decompose.md (with the command that produced them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from koff.cli.common import markdown_table
+from koff.data import load_domains, parse_domains
+from koff.io import write_json, write_text
+from koff.models import load_model
+from koff.training import DecomposeConfig, Decomposer
+
+DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
+
+
+def peft_lora_step_seconds(model_spec: str, batch: torch.Tensor, steps: int, rank: int, targets: list[str]) -> float:
+    """Median seconds of one forward+backward+AdamW step of PEFT LoRA on the same model and batch."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(model_spec).model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: int) -> float:
+    dec = Decomposer(config, base=base, tokenizer=tokenizer, domains=domains)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        dec.train_step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--sparsity", type=float, default=0.12)
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--eval-max-blocks", type=int, default=40)
+    parser.add_argument("--timing-steps", type=int, default=6)
+    parser.add_argument("--out", default="bench/out/decompose")
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
+    args = parser.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+    config = DecomposeConfig(
+        model=args.model, domain=DOMAINS, out=args.out, sparsity=args.sparsity, steps=args.steps,
+        batch_size=args.batch_size, eval_max_blocks=2 if args.quick else args.eval_max_blocks,
+        checkpoint_every=20,
+    )
+    loaded = load_model(args.model)
+    domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
+                           val_fraction=config.val_fraction, seed=config.seed)
+    wall = time.perf_counter()
+    summary = Decomposer(config, base=loaded.model, tokenizer=loaded.tokenizer, domains=domains).train(resume=args.resume)
+    wall = time.perf_counter() - wall
+
+    # Step cost: the KOFF step from the run's own log, plain LoRA steps measured here on the same batch shape.
+    records = [json.loads(line) for line in (Path(args.out) / "log.jsonl").read_text().splitlines()]
+    koff_step = statistics.median(r["seconds"] for r in records[1:] or records)
+    batch = torch.stack([d.train[0] for d in domains][: args.batch_size])
+    targets = list(config.lora_targets)
+    peft_step = peft_lora_step_seconds(args.model, batch, args.timing_steps, config.lora_rank, targets)
+    lora_config = DecomposeConfig(**{**config.to_dict(), "mask": "none", "memory": "lora", "out": args.out + "-lora"})
+    fresh = load_model(args.model)
+    koff_lora_step = koff_step_seconds(lora_config, fresh.model, fresh.tokenizer, domains, args.timing_steps)
+
+    ev = summary["eval"]
+    dense, koff, bare = (ev[k]["domains"] for k in ("dense", "mask+memories", "mask only"))
+    names = list(dense)
+    ratio = {k: {d: ev[k]["domains"][d]["perplexity"] / dense[d]["perplexity"] for d in names} for k in ev}
+    mean_ratio = {k: sum(r.values()) / len(r) for k, r in ratio.items()}
+    goals = {
+        "koff_within_5pct_every_domain": all(ratio["mask+memories"][d] <= 1.05 for d in names),
+        "koff_within_3pct_on_average": mean_ratio["mask+memories"] <= 1.03,
+        "mask_only_at_least_25pct_worse_on_average": mean_ratio["mask only"] >= 1.25,
+        "koff_step_at_most_1.5x_peft_lora_step": koff_step / peft_step <= 1.5,
+    }
+    result = {
+        "command": command,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "config": config.to_dict(),
+        "sparsity": summary["sparsity"],
+        "whole_model_sparsity": summary["whole_model_sparsity"],
+        "perplexity": {k: {d: v["domains"][d]["perplexity"] for d in names} for k, v in ev.items()},
+        "ratio_to_dense": ratio,
+        "mean_ratio_to_dense": mean_ratio,
+        "train_tokens_per_s": summary["tokens_per_s"],
+        "train_seconds": summary["train_seconds_this_process"],
+        "wall_seconds_total": round(wall, 1),
+        "step_seconds": {"koff": koff_step, "peft_lora": peft_step, "koff_loop_lora_only": koff_lora_step},
+        "koff_step_over_peft_lora_step": koff_step / peft_step,
+        "koff_step_over_koff_lora_step": koff_step / koff_lora_step,
+        "memory_parameters_per_domain": summary["memory_parameters"],
+        "goals_met": goals,
+    }
+    results = Path(args.results)
+    write_json(results / "decompose.json", result)
+    rows = [[k, *[f"{ev[k]['domains'][d]['perplexity']:.2f} ({ratio[k][d]:.3f})" for d in names], f"{mean_ratio[k]:.3f}"] for k in ev]
+    table = markdown_table(["configuration", *names, "mean ratio"], rows)
+    text = "\n".join([
+        f"# koff decompose benchmark ({args.model}, sparsity {summary['sparsity']:.4f} of block parameters, "
+        f"{summary['whole_model_sparsity']:.4f} of the whole model)", "",
+        f"Command: `{command}`", "", f"Machine: {result['machine']}", "",
+        "Held-out perplexity (ratio to dense):", "", table, "",
+        f"Training: {config.steps} steps x {config.batch_size} x {config.block_len} tokens, "
+        f"{summary['tokens_per_s']} tokens/s, {summary['train_seconds_this_process']} s training, {wall:.0f} s wall in all.", "",
+        f"Step cost: KOFF {koff_step:.2f} s, PEFT LoRA {peft_step:.2f} s (ratio {koff_step / peft_step:.2f}), "
+        f"koff loop with LoRA only {koff_lora_step:.2f} s (ratio {koff_step / koff_lora_step:.2f}).", "",
+        "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()), "",
+    ])
+    write_text(results / "decompose.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""``koff decompose``: learn the shared mask and every domain's memory."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from koff.cli.common import UsageError, add_config_option, log, markdown_table, require
+from koff.io import read_yaml
+from koff.training import DecomposeConfig, Decomposer
+
+_HELP = {
+    "model": "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id",
+    "domain": "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, bundled:code/<lang>)",
+    "out": "run folder (config, log, checkpoints, mask, memories)",
+    "sparsity": "target fraction of transformer-block parameters removed",
+    "mask": "learned | oneshot:wanda | oneshot:activation | none",
+    "memory": "lora+kv | lora | kv | none",
+    "lora_targets": "projections that get LoRA",
+    "kv_slots": "learned key/value slots per layer",
+    "distill_weight": "weight of KL(dense teacher || student); 0 = LM loss only",
+    "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
+    "eval": "evaluate dense / mask+memories / mask alone at the end",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "decompose",
+        help="learn one shared structured mask and per-domain memories",
+        description="Jointly learn a shared structured pruning mask (to a target sparsity) and one memory "
+        "(LoRA + learned KV prefix) per domain. --resume continues a killed run from its last checkpoint.",
+    )
+    add_config_option(parser)
+    defaults = DecomposeConfig()
+    for f in fields(DecomposeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, []) else "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append" if f.name == "domain" else "store", nargs=None if f.name == "domain" else "+",
+                                default=None, metavar="NAME=SOURCE" if f.name == "domain" else None, help=help_text)
+        else:
+            kind = type(default) if default is not None else int
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.resume:
+        stored = out / "config.yaml"
+        if not stored.is_file():
+            raise UsageError(f"--resume: {stored} not found (is {out} a koff run folder?)")
+        config = DecomposeConfig.from_dict(read_yaml(stored))
+    else:
+        if (out / "checkpoints").exists():
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        values = {f.name: getattr(args, f.name) for f in fields(DecomposeConfig)}
+        values = {k: v for k, v in values.items() if v is not None}
+        require(values.get("domain"), "--domain")
+        try:
+            config = DecomposeConfig.from_dict(values)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    summary = Decomposer(config).train(resume=args.resume)
+    log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
+    if "eval" in summary:
+        print(_eval_table(summary["eval"]))
+    return 0
+
+
+def _eval_table(results: dict) -> str:
+    domains = list(next(iter(results.values()))["domains"])
+    dense = results["dense"]["domains"]
+    rows = []
+    for name, result in results.items():
+        cells = [f"{result['domains'][d]['perplexity']:.2f} ({result['domains'][d]['perplexity'] / dense[d]['perplexity']:.3f})" for d in domains]
+        rows.append([name, *cells, f"{result['geomean_perplexity']:.2f}"])
+    return markdown_table(["configuration", *[f"{d} ppl (ratio)" for d in domains], "geomean"], rows)

@@ -1,0 +1,106 @@
+"""The final, binary shared mask: which FFN neurons and KV groups each layer keeps."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from koff.io import atomic_path
+from koff.masks.units import UnitCosts
+
+
+@dataclass
+class BinaryMask:
+    """Per-layer keep flags (bool tensors): ``ffn[i]`` over neurons, ``attn[i]`` over KV groups."""
+
+    ffn: list[torch.Tensor]
+    attn: list[torch.Tensor]
+
+    @classmethod
+    def dense(cls, costs: UnitCosts) -> "BinaryMask":
+        return cls(
+            [torch.ones(n, dtype=torch.bool) for n in costs.ffn_units],
+            [torch.ones(n, dtype=torch.bool) for n in costs.attn_units],
+        )
+
+    def removed_params(self, costs: UnitCosts) -> int:
+        removed = 0
+        for i in range(costs.num_layers):
+            removed += int((~self.ffn[i]).sum()) * costs.ffn_cost[i] + int((~self.attn[i]).sum()) * costs.attn_cost[i]
+        return removed
+
+    def sparsity(self, costs: UnitCosts) -> float:
+        return self.removed_params(costs) / costs.block_params
+
+    def stats(self, costs: UnitCosts) -> dict:
+        removed = self.removed_params(costs)
+        return {
+            "sparsity": removed / costs.block_params,
+            "whole_model_sparsity": removed / costs.total_params,
+            "removed_params": removed,
+            "block_params": costs.block_params,
+            "total_params": costs.total_params,
+            "ffn_kept": [int(m.sum()) for m in self.ffn],
+            "attn_groups_kept": [int(m.sum()) for m in self.attn],
+        }
+
+    def gates(self, dtype: torch.dtype = torch.float32) -> tuple[list, list]:
+        """Constant 0/1 gates; ``None`` for layers that keep everything (no multiply needed)."""
+
+        def as_gate(keep: torch.Tensor):
+            return None if bool(keep.all()) else keep.to(dtype)
+
+        return [as_gate(m) for m in self.ffn], [as_gate(m) for m in self.attn]
+
+    def save(self, path: str | Path, costs: UnitCosts | None = None) -> None:
+        tensors = {f"ffn.{i}": m.to(torch.uint8) for i, m in enumerate(self.ffn)}
+        tensors.update({f"attn.{i}": m.to(torch.uint8) for i, m in enumerate(self.attn)})
+        metadata = {"format": "koff-mask-v1", "num_layers": str(len(self.ffn))}
+        if costs is not None:
+            metadata["stats"] = json.dumps(self.stats(costs))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BinaryMask":
+        tensors = load_file(str(path))
+        n = len([k for k in tensors if k.startswith("ffn.")])
+        return cls([tensors[f"ffn.{i}"].bool() for i in range(n)], [tensors[f"attn.{i}"].bool() for i in range(n)])
+
+
+def select_units(
+    ffn_scores: list[torch.Tensor],
+    attn_scores: list[torch.Tensor] | None,
+    costs: UnitCosts,
+    target: float,
+    min_keep: int = 1,
+) -> BinaryMask:
+    """Remove the lowest-scoring units until ``target`` sparsity is met to within one unit.
+
+    Units are taken in ascending score over all layers and both unit types; a unit is removed when
+    that brings the removed count no further than half its own cost past the target, so the result
+    lands within half a unit of the target whenever small units remain. Each layer keeps at least
+    ``min_keep`` units of each type so that no layer becomes empty. ``attn_scores=None`` (or a
+    ``None`` entry for ``ffn_scores``) leaves that unit type untouched.
+    """
+    mask = BinaryMask.dense(costs)
+    budget = target * costs.block_params
+    entries = []  # (score, kind, layer, index)
+    for kind, scores in (("ffn", ffn_scores), ("attn", attn_scores)):
+        for layer, layer_scores in enumerate(scores or []):
+            entries += [(float(s), kind, layer, j) for j, s in enumerate(layer_scores.tolist())]
+    entries.sort(key=lambda e: e[0])
+    kept = {("ffn", i): n for i, n in enumerate(costs.ffn_units)} | {("attn", i): n for i, n in enumerate(costs.attn_units)}
+    removed = 0.0
+    for _, kind, layer, j in entries:
+        cost = costs.ffn_cost[layer] if kind == "ffn" else costs.attn_cost[layer]
+        if removed + cost / 2 > budget or kept[(kind, layer)] <= min_keep:
+            continue
+        getattr(mask, kind)[layer][j] = False
+        kept[(kind, layer)] -= 1
+        removed += cost
+    return mask

@@ -1,0 +1,57 @@
+"""Apply gates to a stock Hugging Face model through forward pre-hooks.
+
+A gate multiplies its unit's output where that output enters the next projection: the FFN
+intermediate activation as it enters ``down_proj``, and each KV group's attention output (its
+``n_rep`` query heads) as it enters ``o_proj``. No modelling code is copied or changed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from koff.models.architecture import DecoderLayout
+
+
+class GateHooks:
+    """Owns the pre-hooks; ``set_gates`` supplies the gate vectors for the next forward pass."""
+
+    def __init__(self, layout: DecoderLayout):
+        self.layout = layout
+        self.ffn: list = [None] * layout.num_layers
+        self.attn: list = [None] * layout.num_layers
+        self._handles = []
+        for parts in layout.layers:
+            i = parts.index
+            self._handles.append(parts.projection("down_proj").register_forward_pre_hook(self._ffn_hook(i)))
+            self._handles.append(parts.projection("o_proj").register_forward_pre_hook(self._attn_hook(i)))
+
+    def set_gates(self, ffn: list, attn: list) -> None:
+        self.ffn, self.attn = list(ffn), list(attn)
+
+    def clear(self) -> None:
+        self.set_gates([None] * self.layout.num_layers, [None] * self.layout.num_layers)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _ffn_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple):
+            gate = self.ffn[layer]
+            if gate is None:
+                return None
+            return (args[0] * gate.to(args[0].dtype),) + args[1:]
+
+        return hook
+
+    def _attn_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple):
+            gate = self.attn[layer]
+            if gate is None:
+                return None
+            x = args[0]
+            grouped = x.view(*x.shape[:-1], gate.shape[0], -1) * gate.to(x.dtype)[:, None]
+            return (grouped.view(x.shape),) + args[1:]
+
+        return hook

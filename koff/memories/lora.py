@@ -1,0 +1,82 @@
+"""LoRA through a small module swap: each adapted ``nn.Linear`` is replaced by a wrapper that
+adds the routed memory's low-rank update; the base weight stays frozen and shared."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from koff.memories.memory import lora_key
+from koff.memories.router import MemoryRouter
+from koff.models.architecture import DecoderLayout
+
+
+class RoutedLoRALinear(nn.Module):
+    """``base(x) + scaling * B A x`` with A, B taken from each sample's memory (if it adapts this key)."""
+
+    def __init__(self, base: nn.Linear, key: str, router: MemoryRouter):
+        super().__init__()
+        self.base = base
+        self.key = key
+        self._router = [router]  # a list keeps the router out of the module tree
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        router = self._router[0]
+        if not router.mixed:
+            memory = router.single
+            if memory is None or self.key not in memory.lora_A:
+                return y
+            return y + self._delta(memory, x)
+        if self._batchable(router.per_sample):
+            return y + self._batched_delta(router.per_sample, x)
+        for memory, rows in router.groups:
+            if self.key in memory.lora_A:
+                y = y.index_add(0, rows, self._delta(memory, x.index_select(0, rows)))
+        return y
+
+    def _batchable(self, per_sample) -> bool:
+        ranks = {m.rank if m is not None and self.key in m.lora_A else -1 for m in per_sample}
+        return len(ranks) == 1 and -1 not in ranks
+
+    def _batched_delta(self, per_sample, x: torch.Tensor) -> torch.Tensor:
+        """Every sample's own update in two batched matmuls: (B,T,in) @ (B,in,r) @ (B,r,out)."""
+        a = torch.stack([m.lora_A[self.key] for m in per_sample]).to(x.dtype)
+        b = torch.stack([m.lora_B[self.key] for m in per_sample]).to(x.dtype)
+        scale = torch.tensor([m.scaling for m in per_sample], dtype=x.dtype, device=x.device)
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale.view(-1, *[1] * (x.dim() - 1))
+
+    def _delta(self, memory, x: torch.Tensor) -> torch.Tensor:
+        a, b = memory.lora_A[self.key], memory.lora_B[self.key]
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * memory.scaling
+
+
+def install_lora(layout: DecoderLayout, targets: list[str], router: MemoryRouter) -> dict[str, tuple[int, int]]:
+    """Swap every target projection for a routed wrapper; return {key: (in, out)} for building memories."""
+    shapes = {}
+    for parts in layout.layers:
+        for name in targets:
+            owner = parts.mlp if name in ("gate_proj", "up_proj", "down_proj") else parts.attention
+            module = getattr(owner, name)
+            key = lora_key(parts.index, name)
+            if not isinstance(module, RoutedLoRALinear):
+                setattr(owner, name, RoutedLoRALinear(module, key, router))
+            shapes[key] = (module.in_features, module.out_features)
+    return shapes

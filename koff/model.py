@@ -1,0 +1,150 @@
+"""``KoffModel``: a frozen base model seen through a shared mask, with per-domain memories.
+
+The base model is a stock Hugging Face module: gates act through forward pre-hooks
+(``masks.hooks``), LoRA through a module swap (``memories.lora``) and the KV memory through the
+cache API (``memories.prefix``). Each sample of a batch may use its own memory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from koff.masks.binary import BinaryMask
+from koff.masks.hooks import GateHooks
+from koff.masks.learned import LearnedMask
+from koff.masks.units import UnitCosts
+from koff.memories.lora import install_lora
+from koff.memories.memory import DomainMemory, MemoryConfig
+from koff.memories.prefix import build_prefix_cache, prefix_from_text, prefix_shapes
+from koff.memories.router import MemoryRouter
+from koff.models.architecture import decoder_layout
+
+Domains = str | None | Sequence[str | None]
+
+
+class UnknownMemoryError(KeyError):
+    """A memory name that the model does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class KoffModel(nn.Module):
+    def __init__(self, base: nn.Module, memory_config: MemoryConfig | None = None, mask: LearnedMask | BinaryMask | None = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.layout = decoder_layout(base)
+        self.costs = UnitCosts.of(base, self.layout)
+        self.memory_config = memory_config or MemoryConfig(kind="none")
+        self.router = MemoryRouter()
+        self.memories = nn.ModuleDict()
+        self._lora_shapes = (
+            install_lora(self.layout, self.memory_config.lora_targets, self.router) if self.memory_config.use_lora else {}
+        )
+        self.hooks = GateHooks(self.layout)  # after the LoRA swap: gates then cover base and LoRA alike
+        self.mask = None
+        self.set_mask(mask)
+        self._gates_enabled = True
+
+    # ----- mask ---------------------------------------------------------------------------------
+    def set_mask(self, mask: LearnedMask | BinaryMask | None) -> None:
+        if isinstance(mask, LearnedMask):
+            self.mask = mask  # registered as a submodule: its log_alphas train
+        else:
+            if "mask" in self._modules:
+                del self._modules["mask"]
+            self.mask = mask
+
+    def current_gates(self) -> tuple[list, list]:
+        if self.mask is None or not self._gates_enabled:
+            return [None] * self.layout.num_layers, [None] * self.layout.num_layers
+        return self.mask.gates()
+
+    # ----- memories -----------------------------------------------------------------------------
+    def new_memory(self, name: str, init_ids: torch.Tensor | None = None) -> DomainMemory:
+        """Create (and hold) an empty memory; its KV prefix starts from the base model's own keys and
+        values over ``init_ids`` (``kv_slots`` tokens of the domain's text), as Cartridges does."""
+        cfg = self.memory_config
+        shapes = prefix_shapes(self.base, self.layout) if cfg.use_kv else None
+        memory = DomainMemory(name, self._lora_shapes, cfg.lora_rank, cfg.lora_alpha, shapes, cfg.kv_slots)
+        if cfg.use_kv:
+            if init_ids is None or init_ids.numel() < cfg.kv_slots:
+                raise ValueError(f"memory {name!r}: the KV prefix needs {cfg.kv_slots} tokens of text to start from")
+            with self.dense():
+                keys, values = prefix_from_text(self.base, init_ids[: cfg.kv_slots].to(self.device))
+            memory.set_prefix(keys, values)
+        self.add_memory(memory)
+        return memory
+
+    def add_memory(self, memory: DomainMemory) -> None:
+        self.memories[memory.name] = memory.to(self.device)
+
+    def remove_memory(self, name: str) -> None:
+        self._memory(name)
+        del self.memories[name]
+
+    def _memory(self, name: str) -> DomainMemory:
+        if name not in self.memories:
+            known = ", ".join(self.memories) or "none"
+            raise UnknownMemoryError(f"unknown memory {name!r}; this model holds: {known}")
+        return self.memories[name]
+
+    def resolve(self, domains: Domains, batch: int) -> list[DomainMemory | None]:
+        if domains is None or isinstance(domains, str):
+            domains = [domains] * batch
+        if len(domains) != batch:
+            raise ValueError(f"{len(domains)} domains given for a batch of {batch}")
+        return [None if d is None else self._memory(d) for d in domains]
+
+    # ----- forward ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, domains: Domains = None, attention_mask: torch.Tensor | None = None):
+        """Logits for ``input_ids`` (batch, seq); ``domains`` names one memory per sample (or one for all)."""
+        per_sample = self.resolve(domains, input_ids.shape[0]) if self._gates_enabled else [None] * input_ids.shape[0]
+        self.hooks.set_gates(*self.current_gates())
+        try:
+            with self.router.route(per_sample, input_ids.device):
+                return self._forward_with_prefix(input_ids, per_sample, attention_mask)
+        finally:
+            self.hooks.clear()
+
+    def _forward_with_prefix(self, input_ids, per_sample, attention_mask):
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        dtype = next(self.base.parameters()).dtype
+        cache, prefix_mask = build_prefix_cache(per_sample, self.base.config, dtype, input_ids.device)
+        if cache is None:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        start = prefix_mask.sum(1, keepdim=True)
+        positions = start + torch.arange(seq, device=input_ids.device)[None]
+        full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+        out = self.base(
+            input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, position_ids=positions, use_cache=False
+        )
+        return out.logits
+
+    @contextmanager
+    def dense(self) -> Iterator[None]:
+        """The untouched base model inside: no gates, no memories (teacher, calibration, KV init)."""
+        previous = self._gates_enabled
+        self._gates_enabled = False
+        try:
+            yield
+        finally:
+            self._gates_enabled = previous
+
+    def scorer(self):
+        """A scorer for ``koff.evaluation``: each domain is evaluated with its own memory, if held."""
+
+        def score(input_ids: torch.Tensor, domain: str) -> torch.Tensor:
+            return self(input_ids, domain if domain in self.memories else None)
+
+        return score

@@ -1,0 +1,89 @@
+"""Everything a decomposition run needs, as one plain dataclass (saved as the run's config.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from koff.masks.oneshot import IMPORTANCES
+from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS
+
+
+@dataclass
+class DecomposeConfig:
+    model: str = "smollm2-135m"
+    domain: list[str] = field(default_factory=list)  # NAME=SOURCE
+    out: str = "runs/decompose"
+    dtype: str = "float32"
+    device: str = "cpu"
+    # data
+    block_len: int = 256
+    val_fraction: float = 0.1
+    seed: int = 0
+    # what to learn
+    sparsity: float = 0.12
+    mask: str = "learned"  # learned | oneshot:<importance> | none
+    prune_ffn: bool = True
+    prune_attention: bool = True
+    memory: str = "lora+kv"  # lora+kv | lora | kv | none
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    kv_slots: int = 16
+    # optimisation
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_lora: float = 1e-3
+    lr_kv: float = 1e-2
+    lr_mask: float = 0.5
+    lr_lambda: float = 20.0  # SGD ascent
+    init_log_alpha: float = 3.0  # eval gate is still exactly 1; ~20% of samples < 1 gives early signal
+    target_warmup: float = 0.3  # fraction of steps over which the sparsity target ramps from 0
+    lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
+    distill_weight: float = 0.0  # weight of KL(dense teacher || student); 0 = LM loss only
+    max_grad_norm: float = 1.0
+    calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
+    # bookkeeping
+    checkpoint_every: int = 50
+    log_every: int = 1
+    eval: bool = True  # evaluate dense / mask+memories / mask alone at the end
+    eval_max_blocks: int | None = None
+    eval_batch_size: int = 4
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.memory not in MEMORY_KINDS:
+            raise ValueError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+        kind, _, importance = self.mask.partition(":")
+        if kind not in ("learned", "oneshot", "none") or (kind == "oneshot") != bool(importance):
+            raise ValueError(f"--mask must be learned, none or oneshot:<{'|'.join(IMPORTANCES)}>, got {self.mask!r}")
+        if kind == "oneshot" and importance not in IMPORTANCES:
+            raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if kind != "none" and not (self.prune_ffn or self.prune_attention):
+            raise ValueError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def mask_kind(self) -> str:
+        return self.mask.partition(":")[0]
+
+    @property
+    def importance(self) -> str:
+        return self.mask.partition(":")[2]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DecomposeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown decompose option(s): {', '.join(unknown)}")
+        return cls(**values)

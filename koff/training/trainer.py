@@ -1,0 +1,310 @@
+"""The decomposition loop: one shared mask and every domain's memory, trained together.
+
+One loop serves every variant (``--mask learned|oneshot:<importance>|none`` x ``--memory
+lora+kv|lora|kv|none``), so ablations and baselines come from the same code. The loop runs under
+``accelerate`` (one process here; ``accelerate launch`` for data parallel).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+
+from koff.data import DomainData, load_domains, parse_domains
+from koff.evaluation import evaluate
+from koff.io import write_json, write_text, write_yaml
+from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule
+from koff.memories.files import save_memory
+from koff.memories.memory import MemoryConfig
+from koff.model import KoffModel
+from koff.models import load_model
+from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
+from koff.training.config import DecomposeConfig
+from koff.training.sampler import BalancedSampler
+
+log = logging.getLogger(__name__)
+
+
+class Decomposer:
+    """Builds the model, data and optimisers of one run; ``train()`` runs (or resumes) it."""
+
+    def __init__(self, config: DecomposeConfig, base=None, tokenizer=None, domains: list[DomainData] | None = None):
+        self.config = cfg = config
+        self.out = Path(cfg.out)
+        self.accelerator = Accelerator(
+            cpu=cfg.device == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        )
+        if base is None:
+            loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(self.accelerator.device))
+            base, tokenizer = loaded.model, loaded.tokenizer
+        self.tokenizer = tokenizer
+        self.domains = domains or load_domains(
+            parse_domains(cfg.domain), tokenizer, block_len=cfg.block_len, val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
+        torch.manual_seed(cfg.seed)
+        memory_config = MemoryConfig(cfg.memory, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_targets), cfg.kv_slots)
+        self.model = KoffModel(base, memory_config)
+        self.model.set_mask(self._initial_mask())
+        if memory_config.kind != "none":
+            for d in self.domains:
+                self.model.new_memory(d.name, d.train[0])
+        self.constraint = SparsityConstraint()
+        self.sampler = BalancedSampler(
+            self.domains, cfg.seed, self.accelerator.process_index, self.accelerator.num_processes
+        )
+        self.optimizer, self.lambda_optimizer = self._optimizers()
+        self.scheduler = self._schedule()
+        self.step = 0
+
+    # ----- set-up -------------------------------------------------------------------------------
+    @property
+    def learned(self) -> bool:
+        return self.config.mask_kind == "learned" and self.config.sparsity > 0
+
+    def _initial_mask(self):
+        cfg = self.config
+        if cfg.mask_kind == "none" or cfg.sparsity == 0:
+            return None
+        if cfg.mask_kind == "learned":
+            return LearnedMask(self.model.costs, cfg.prune_ffn, cfg.prune_attention, cfg.init_log_alpha)
+        per_domain = max(1, cfg.calib_blocks // len(self.domains))
+        batches = [d.train[:per_domain] for d in self.domains]
+        return oneshot_mask(
+            self.model.base, self.model.layout, self.model.costs, batches, cfg.sparsity, cfg.importance,
+            cfg.prune_ffn, cfg.prune_attention,
+        )
+
+    def _optimizers(self):
+        """AdamW over LoRA, KV and gate parameters (each its own learning rate); SGD ascent on lambdas."""
+        cfg = self.config
+        memories = list(self.model.memories.values())
+        groups = [
+            {"params": [p for m in memories for p in m.lora_parameters()], "lr": cfg.lr_lora, "name": "lora"},
+            {"params": [p for m in memories for p in m.prefix_parameters()], "lr": cfg.lr_kv, "name": "kv"},
+        ]
+        if self.learned:
+            groups.append({"params": list(self.model.mask.parameters()), "lr": cfg.lr_mask, "name": "mask"})
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            return None, None
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.95))
+        # Plain SGD ascent: each lambda moves in proportion to the constraint gap (integral control),
+        # which settles at the target; Adam would move it by +-lr whatever the gap and overshoot.
+        lambdas = torch.optim.SGD(self.constraint.parameters(), lr=cfg.lr_lambda, maximize=True) if self.learned else None
+        return optimizer, lambdas
+
+    def _schedule(self):
+        """Memories warm up then decay (cosine); gates keep a constant rate."""
+        if self.optimizer is None:
+            return None
+        factors = [(lambda _: 1.0) if g["name"] == "mask" else self._memory_lr_factor for g in self.optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
+
+    def _memory_lr_factor(self, step: int) -> float:
+        cfg = self.config
+        warmup = max(1, round(cfg.lr_warmup * cfg.steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10%
+
+    # ----- one step -----------------------------------------------------------------------------
+    def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        domains = names if self.model.memory_config.kind != "none" else None
+        logits = self.model(batch, domains)
+        targets = batch[:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+        ).view(targets.shape)
+        lm = token_loss.mean()
+        loss, info = lm, {"lm": lm.item()}
+        per_domain = {}
+        for i, name in enumerate(names):
+            per_domain.setdefault(name, []).append(token_loss[i].mean().item())
+        info["domain_loss"] = {k: sum(v) / len(v) for k, v in per_domain.items()}
+        if cfg.distill_weight > 0:
+            with torch.no_grad(), self.model.dense():
+                teacher = self.model(batch).float().log_softmax(-1)
+            kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
+            loss = loss + cfg.distill_weight * kl
+            info["kl"] = kl.item()
+        if self.learned:
+            expected = self.model.mask.expected_sparsity()
+            target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
+            lagrangian = self.constraint(expected, target)
+            loss = loss + lagrangian
+            info |= {"expected_sparsity": expected.item(), "target": target, "lagrangian": lagrangian.item()}
+        return loss, info
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        self.model.base.eval()  # the base stays in eval mode (no dropout); only the gates sample
+        totals: dict = {}
+        for _ in range(cfg.grad_accum):
+            batch, names = self.sampler.next_batch(cfg.batch_size)
+            loss, info = self._loss(batch.to(self.accelerator.device), names)
+            self.accelerator.backward(loss / cfg.grad_accum)
+            for key, value in info.items():
+                if isinstance(value, float):
+                    totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+            totals.setdefault("domain_loss", {}).update(info["domain_loss"])
+        if self.optimizer is not None:
+            trainable = [p for g in self.optimizer.param_groups if g.get("name") != "mask" for p in g["params"]]
+            if trainable and cfg.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.lambda_optimizer is not None:
+            self.lambda_optimizer.step()
+            self.lambda_optimizer.zero_grad(set_to_none=True)
+            self.model.mask.clamp_()
+            totals |= {"lambda1": self.constraint.lambda1.item(), "lambda2": self.constraint.lambda2.item()}
+        self.step += 1
+        return totals
+
+    # ----- the run ------------------------------------------------------------------------------
+    def train(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train to ``config.steps`` (resuming from the latest checkpoint if asked), then write outputs.
+
+        ``stop_after`` ends the process early, as a kill would, right after that step (tests use it).
+        """
+        cfg = self.config
+        main = self.accelerator.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_yaml(self.out / "config.yaml", cfg.to_dict())
+        resumed = resume and self._resume()
+        if resumed:
+            log.info("resumed %s at step %d", self.out, self.step)
+        if main:
+            self._trim_log(self.step if resumed else 0)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_len * self.accelerator.num_processes
+        trained_seconds, start_step = 0.0, self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="decompose", disable=not main)
+        log_file = (self.out / "log.jsonl").open("a") if main else None
+        try:
+            while self.step < cfg.steps and (self.optimizer is not None):
+                t0 = time.perf_counter()
+                info = self.train_step()
+                dt = time.perf_counter() - t0
+                trained_seconds += dt
+                record = {"step": self.step, "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_step / dt, 1), **info}
+                if log_file and self.step % cfg.log_every == 0:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                bar.set_postfix(_postfix(info))
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self._checkpoint()
+                if stop_after is not None and self.step >= stop_after:
+                    return {"stopped_at": self.step}
+        finally:
+            bar.close()
+            if log_file:
+                log_file.close()
+        steps_run = self.step - start_step
+        summary = {
+            "steps": self.step,
+            "train_seconds_this_process": round(trained_seconds, 1),
+            "seconds_per_step": round(trained_seconds / steps_run, 3) if steps_run else None,
+            "tokens_per_s": round(tokens_per_step * steps_run / trained_seconds, 1) if steps_run else None,
+        }
+        return self.finish(summary) if main else summary
+
+    def final_mask(self) -> BinaryMask:
+        mask = self.model.mask
+        if isinstance(mask, LearnedMask):
+            return mask.binarize(self.config.sparsity)
+        return mask if mask is not None else BinaryMask.dense(self.model.costs)
+
+    def finish(self, summary: dict) -> dict:
+        """Write the final binary mask, each memory, and (optionally) the evaluation."""
+        cfg = self.config
+        mask = self.final_mask()
+        mask.save(self.out / "mask.safetensors", self.model.costs)
+        stats = mask.stats(self.model.costs)
+        write_json(self.out / "mask.json", stats)
+        data = {d.name: d.summary() for d in self.domains}
+        for name, memory in self.model.memories.items():
+            save_memory(memory, self.out / "memories" / name, {"data": data[name], "memory_kind": cfg.memory})
+        self.model.set_mask(mask)
+        summary |= {"sparsity": stats["sparsity"], "whole_model_sparsity": stats["whole_model_sparsity"],
+                    "memory_parameters": {n: m.num_parameters() for n, m in self.model.memories.items()}}
+        if cfg.eval:
+            summary["eval"] = self.evaluate()
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def evaluate(self) -> dict:
+        """Perplexity of the dense base, the final mask with memories, and the mask alone."""
+        self.model.eval()
+        cfg = self.config
+        kwargs = dict(batch_size=cfg.eval_batch_size, max_blocks=cfg.eval_max_blocks, device=self.accelerator.device)
+        results = {}
+        with self.model.dense():
+            results["dense"] = evaluate(self.model.scorer(), self.domains, **kwargs)
+        if self.model.memories:
+            results["mask+memories"] = evaluate(self.model.scorer(), self.domains, **kwargs)
+        no_memory = lambda ids, domain: self.model(ids, None)  # noqa: E731
+        results["mask only"] = evaluate(no_memory, self.domains, **kwargs)
+        return results
+
+    def _trim_log(self, step: int) -> None:
+        """Keep only log records up to ``step``: those after the checkpoint will be written again."""
+        path = self.out / "log.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        write_text(path, "".join(line + "\n" for line in kept))
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        named = {f"model.{k}": p for k, p in self.model.named_parameters() if p.requires_grad}
+        named |= {f"constraint.{k}": p for k, p in self.constraint.named_parameters()}
+        return named
+
+    def _checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        tensors = {k: p.detach().clone() for k, p in self._trainable().items()}
+        state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        for prefix, opt in (("optimizer", self.optimizer), ("lambda_optimizer", self.lambda_optimizer)):
+            if opt is not None:
+                opt_tensors, state[prefix] = flatten_optimizer(prefix, opt.state_dict())
+                tensors |= opt_tensors
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_checkpoint(self.out / "checkpoints", self.step, tensors, state)
+
+    def _resume(self) -> bool:
+        found = load_latest(self.out / "checkpoints")
+        if found is None:
+            log.warning("no checkpoint in %s; starting from step 0", self.out)
+            return False
+        tensors, state = found
+        with torch.no_grad():
+            for name, param in self._trainable().items():
+                param.copy_(tensors[name])
+        for prefix, opt in (("optimizer", self.optimizer), ("lambda_optimizer", self.lambda_optimizer)):
+            if opt is not None:
+                opt.load_state_dict(unflatten_optimizer(prefix, tensors, state[prefix]))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = state["step"]
+        return True
+
+
+def _postfix(info: dict) -> dict:
+    keys = {"lm": "loss", "expected_sparsity": "sparsity", "target": "target", "lambda1": "l1", "lambda2": "l2"}
+    return {short: f"{info[k]:.3f}" for k, short in keys.items() if k in info}

@@ -1,0 +1,120 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from koff.masks import BinaryMask, HardConcreteGates, LearnedMask, UnitCosts, oneshot_mask, select_units, unit_importance
+from koff.masks.hard_concrete import BETA, LIMIT_LEFT, LIMIT_RIGHT, LOG_ALPHA_MAX, LOG_ALPHA_MIN
+from koff.model import KoffModel
+from koff.models import decoder_layout
+from tiny import tiny_model
+
+
+def test_hard_concrete_gates():
+    gates = HardConcreteGates(1000, init_log_alpha=5.0)
+    assert torch.equal(gates.deterministic(), torch.ones(1000))  # gates start fully open
+    sample = gates.sample()
+    assert sample.min() >= 0 and sample.max() <= 1
+    expected = torch.sigmoid(torch.tensor(5.0 - BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT)))
+    assert torch.allclose(gates.prob_nonzero(), expected.expand(1000))
+    with torch.no_grad():
+        gates.log_alpha[:2] = torch.tensor([-50.0, 50.0])
+    gates.clamp_()
+    assert gates.log_alpha[0].item() == pytest.approx(LOG_ALPHA_MIN)
+    assert gates.log_alpha[1].item() == pytest.approx(LOG_ALPHA_MAX)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_unit_costs_add_up_to_block_parameters(kind):
+    model = tiny_model(kind)
+    layout = decoder_layout(model)
+    costs = UnitCosts.of(model, layout)
+    norms = sum(p.numel() for parts in layout.layers for n, p in parts.layer.named_parameters() if "norm" in n)
+    units = sum(n * c for n, c in zip(costs.ffn_units, costs.ffn_cost)) + sum(
+        n * c for n, c in zip(costs.attn_units, costs.attn_cost)
+    )
+    assert units + norms == costs.block_params
+    assert costs.ffn_cost[0] == 3 * 64
+
+
+def test_select_units_meets_target_within_one_unit():
+    model = tiny_model("llama", layers=3)
+    costs = UnitCosts.of(model, decoder_layout(model))
+    torch.manual_seed(0)
+    ffn = [torch.randn(n) for n in costs.ffn_units]
+    attn = [torch.randn(n) for n in costs.attn_units]
+    for target in (0.05, 0.12, 0.3):
+        mask = select_units(ffn, attn, costs, target)
+        assert abs(mask.sparsity(costs) - target) * costs.block_params <= max(costs.attn_cost)
+        assert all(m.sum() >= 1 for m in mask.ffn + mask.attn)  # no layer is emptied
+    ffn_only = select_units(ffn, None, costs, 0.1)
+    assert all(m.all() for m in ffn_only.attn)
+    assert abs(ffn_only.sparsity(costs) - 0.1) * costs.block_params <= costs.ffn_cost[0] / 2
+
+
+def test_select_units_removes_lowest_scores_first():
+    model = tiny_model("llama")
+    costs = UnitCosts.of(model, decoder_layout(model))
+    ffn = [torch.arange(n, dtype=torch.float) for n in costs.ffn_units]
+    mask = select_units(ffn, None, costs, 10 * costs.ffn_cost[0] / costs.block_params)
+    removed = [(~m).nonzero().flatten().tolist() for m in mask.ffn]
+    assert removed == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def test_binary_mask_round_trip(tmp_path):
+    model = tiny_model("qwen2")
+    costs = UnitCosts.of(model, decoder_layout(model))
+    mask = select_units([torch.randn(n) for n in costs.ffn_units], [torch.randn(n) for n in costs.attn_units], costs, 0.2)
+    mask.save(tmp_path / "mask.safetensors", costs)
+    again = BinaryMask.load(tmp_path / "mask.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(mask.ffn + mask.attn, again.ffn + again.attn))
+    assert again.sparsity(costs) == mask.sparsity(costs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gates_act_like_removed_weights(kind):
+    """Gating FFN neuron j equals zeroing down_proj column j; gating KV group g equals zeroing its o_proj columns."""
+    model = tiny_model(kind)
+    reference = copy.deepcopy(model)
+    koff = KoffModel(model)
+    costs = koff.costs
+    mask = BinaryMask.dense(costs)
+    mask.ffn[0][[3, 7]] = False
+    mask.attn[1][0] = False
+    koff.set_mask(mask)
+    with torch.no_grad():
+        reference.model.layers[0].mlp.down_proj.weight[:, [3, 7]] = 0
+        group_width = 2 * 16  # n_rep query heads x head_dim
+        reference.model.layers[1].self_attn.o_proj.weight[:, :group_width] = 0
+    ids = torch.randint(0, 300, (2, 10))
+    assert torch.allclose(koff(ids), reference(ids).logits, atol=1e-5)
+
+
+def test_learned_mask_expected_sparsity_and_binarize():
+    model = tiny_model("llama")
+    costs = UnitCosts.of(model, decoder_layout(model))
+    mask = LearnedMask(costs)
+    assert mask.expected_sparsity().item() < 0.01  # gates open at log_alpha = 5
+    with torch.no_grad():
+        for g in mask.ffn:
+            g.log_alpha[:48] = LOG_ALPHA_MIN
+    final = mask.binarize(0.05)
+    assert all(not m[48:].logical_not().any() for m in final.ffn)  # only low log_alpha units go
+    assert abs(final.sparsity(costs) - 0.05) * costs.block_params <= costs.ffn_cost[0]
+
+
+def test_oneshot_importance_finds_dead_units():
+    model = tiny_model("llama")
+    layout = decoder_layout(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 5] = 0  # neuron 5 of layer 1 does nothing
+    batches = [torch.randint(0, 300, (2, 16)) for _ in range(2)]
+    ffn, attn = unit_importance(model, layout, batches, "wanda")
+    assert [t.shape[0] for t in ffn] == [96, 96] and [t.shape[0] for t in attn] == [2, 2]
+    assert ffn[1][5] == 0 and ffn[1].argmin() == 5
+    costs = UnitCosts.of(model, layout)
+    mask = oneshot_mask(model, layout, costs, batches, 0.1, "activation")
+    assert abs(mask.sparsity(costs) - 0.1) * costs.block_params <= max(costs.attn_cost)
+    with pytest.raises(ValueError, match="unknown importance"):
+        unit_importance(model, layout, batches, "nope")

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from koff.masks import LearnedMask
+from koff.memories import DomainMemory, MemoryConfig
+from koff.memories.files import load_memory_state, save_memory
+from koff.model import KoffModel, UnknownMemoryError
+from tiny import tiny_model
+
+ARCHS = ["llama", "qwen2"]
+
+
+def perturb(module, scale=0.05, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_open_gates_and_empty_memories_reproduce_the_base_exactly(kind):
+    base = tiny_model(kind)
+    ids = torch.randint(0, 300, (3, 12))
+    expected = base(ids).logits
+    koff = KoffModel(tiny_model(kind), MemoryConfig(kind="lora"))
+    koff.set_mask(LearnedMask(koff.costs))
+    koff.new_memory("eng")
+    koff.eval()
+    assert torch.equal(koff(ids, "eng"), expected)
+    assert torch.equal(koff(ids, ["eng", None, "eng"]), expected)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_kv_memory_starts_as_the_models_own_cache_of_its_text(kind):
+    """A fresh KV memory over text t makes the model behave as if t preceded the input."""
+    base = tiny_model(kind)
+    text, ids = torch.randint(0, 300, (6,)), torch.randint(0, 300, (2, 9))
+    expected = base(torch.cat([text.expand(2, -1), ids], dim=1)).logits[:, 6:]
+    koff = KoffModel(tiny_model(kind), MemoryConfig(kind="lora+kv", kv_slots=6))
+    koff.new_memory("eng", text)
+    assert torch.allclose(koff(ids, "eng"), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_mixed_batch_equals_each_sample_alone(kind):
+    koff = KoffModel(tiny_model(kind), MemoryConfig(kind="lora+kv", kv_slots=4))
+    for i, name in enumerate(["a", "b", "c"]):
+        perturb(koff.new_memory(name, torch.randint(0, 300, (8,))), seed=i)
+    koff.eval()
+    ids = torch.randint(0, 300, (4, 10))
+    for domains in (["a", "c", "b", "a"], ["a", None, "b", None]):  # batched path, then grouped path
+        mixed = koff(ids, domains)
+        for i, d in enumerate(domains):
+            assert torch.allclose(mixed[i : i + 1], koff(ids[i : i + 1], d), atol=1e-5)
+
+
+def test_mixed_batch_with_different_ranks_and_slot_counts():
+    koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora+kv", kv_slots=4))
+    perturb(koff.new_memory("a", torch.randint(0, 300, (8,))))
+    shapes = {k: (a.shape[1], koff.memories["a"].lora_B[k].shape[0]) for k, a in koff.memories["a"].lora_A.items()}
+    other = DomainMemory("b", shapes, rank=2, alpha=4.0, prefix_shapes=[(2, 16), (2, 16)], slots=7)
+    perturb(other, seed=3)
+    koff.add_memory(other)
+    ids = torch.randint(0, 300, (2, 10))
+    mixed = koff(ids, ["a", "b"])
+    assert torch.allclose(mixed[:1], koff(ids[:1], "a"), atol=1e-5)
+    assert torch.allclose(mixed[1:], koff(ids[1:], "b"), atol=1e-5)
+
+
+def test_memory_kinds_hold_what_they_say():
+    for kind, lora, kv in [("lora+kv", True, True), ("lora", True, False), ("kv", False, True)]:
+        koff = KoffModel(tiny_model("llama"), MemoryConfig(kind=kind, kv_slots=3))
+        memory = koff.new_memory("x", torch.arange(5))
+        assert bool(memory.lora_parameters()) == lora and memory.has_prefix == kv
+    with pytest.raises(ValueError, match="unknown memory kind"):
+        MemoryConfig(kind="prefix")
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        MemoryConfig(lora_targets=["q_proj", "lm_head"])
+
+
+def test_unknown_memory_and_short_kv_text_are_refused():
+    koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora+kv", kv_slots=8))
+    with pytest.raises(ValueError, match="needs 8 tokens"):
+        koff.new_memory("x", torch.arange(3))
+    koff.new_memory("eng", torch.arange(8))
+    with pytest.raises(UnknownMemoryError, match="unknown memory 'deu'; this model holds: eng"):
+        koff(torch.zeros(1, 4, dtype=torch.long), "deu")
+
+
+def test_memory_files_round_trip(tmp_path):
+    koff = KoffModel(tiny_model("qwen2"), MemoryConfig(kind="lora+kv", kv_slots=4))
+    memory = koff.new_memory("eng", torch.arange(8))
+    perturb(memory)
+    save_memory(memory, tmp_path / "eng", {"note": "test"})
+    manifest, tensors = load_memory_state(tmp_path / "eng")
+    assert manifest["name"] == "eng" and manifest["kv_slots"] == 4 and manifest["note"] == "test"
+    assert manifest["parameters"] == memory.num_parameters()
+    fresh = KoffModel(tiny_model("qwen2"), MemoryConfig(kind="lora+kv", kv_slots=4)).new_memory("eng", torch.arange(8))
+    fresh.load_flat_state(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(memory.parameters(), fresh.parameters()))
+    with pytest.raises(ValueError, match="do not match"):
+        fresh.load_flat_state({k: v for k, v in tensors.items() if "prefix" not in k})

@@ -1,0 +1,122 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from koff.cli import main
+from koff.data import DomainSpec, load_domain
+from koff.masks import BinaryMask
+from koff.training import DecomposeConfig, Decomposer
+from tiny import tiny_model
+
+
+@pytest.fixture
+def domains(tokenizer, corpus):
+    return [load_domain(DomainSpec(n, str(p)), tokenizer, block_len=32, use_cache=False) for n, p in corpus.items()]
+
+
+def make(tmp_path, tokenizer, domains, kind="llama", **overrides) -> Decomposer:
+    values = dict(model="tiny", out=str(tmp_path / "run"), block_len=32, batch_size=3, kv_slots=4, steps=12,
+                  checkpoint_every=5, eval_max_blocks=2, eval=False)
+    values.update(overrides)
+    return Decomposer(DecomposeConfig(**values), base=tiny_model(kind), tokenizer=tokenizer, domains=domains)
+
+
+def trained_state(dec: Decomposer) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in dec._trainable().items()}
+    for i, per_param in dec.optimizer.state_dict()["state"].items():
+        state |= {f"opt.{i}.{k}": v.clone() for k, v in per_param.items() if torch.is_tensor(v)}
+    return state
+
+
+def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, tokenizer, domains):
+    # A random tiny model gives its gates almost no LM signal, so they move as one block: slow gate
+    # and lambda rates keep the constraint from oscillating (the defaults are tuned on SmolLM2).
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.3, steps=400, checkpoint_every=400, prune_attention=False,
+               lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3)
+    dec.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["expected_sparsity"] < 0.02
+    late = [r["expected_sparsity"] for r in records[-20:]]
+    assert all(abs(s - 0.3) < 0.05 for s in late), late
+    mask = BinaryMask.load(tmp_path / "run" / "mask.safetensors")
+    costs = dec.model.costs
+    assert abs(mask.sparsity(costs) - 0.3) * costs.block_params <= costs.ffn_cost[0]
+    assert all(m.all() for m in mask.attn)
+
+
+def test_loss_goes_down(tmp_path, tokenizer, domains):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.0, steps=40, checkpoint_every=40, lr_lora=1e-2)
+    dec.train()
+    losses = [json.loads(line)["lm"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, domains):
+    whole = make(tmp_path / "a", tokenizer, domains, sparsity=0.2)
+    whole.train()
+    killed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
+    assert killed.train(stop_after=7) == {"stopped_at": 7}  # dies after step 7; last checkpoint is step 5
+    resumed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
+    resumed.train(resume=True)
+    assert resumed.step == whole.step == 12
+    a, b = trained_state(whole), trained_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert whole.sampler.state_dict() == resumed.sampler.state_dict()
+    files = [p.suffix for p in (tmp_path / "b" / "run" / "checkpoints").rglob("*") if p.is_file()]
+    assert set(files) <= {".safetensors", ".json"}  # no pickles
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # steps 6-7 of the killed run were dropped from the log on resume
+
+
+@pytest.mark.parametrize(
+    "mask, memory",
+    [("learned", "none"), ("oneshot:wanda", "lora"), ("oneshot:activation", "kv"), ("none", "lora+kv"), ("none", "none")],
+)
+def test_every_variant_runs_through_the_same_loop(tmp_path, tokenizer, domains, mask, memory):
+    dec = make(tmp_path, tokenizer, domains, mask=mask, memory=memory, sparsity=0.15, steps=2, eval=True)
+    summary = dec.train()
+    out = tmp_path / "run"
+    assert (out / "mask.safetensors").is_file()
+    expected_sparsity = 0.0 if mask == "none" else 0.15
+    assert abs(summary["sparsity"] - expected_sparsity) < 0.1
+    memories = sorted(p.name for p in (out / "memories").iterdir()) if (out / "memories").exists() else []
+    assert memories == ([] if memory == "none" else ["code", "deu", "eng"])
+    assert set(summary["eval"]) == ({"dense", "mask only"} if memory == "none" else {"dense", "mask+memories", "mask only"})
+
+
+def test_bad_configs_are_refused():
+    for bad, message in [
+        (dict(mask="oneshot:nope"), "unknown one-shot importance"),
+        (dict(mask="random"), "--mask must be"),
+        (dict(memory="prefix"), "--memory must be"),
+        (dict(sparsity=1.5), "sparsity"),
+        (dict(prune_ffn=False, prune_attention=False), "nothing to prune"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DecomposeConfig(**bad)
+
+
+def test_cli_decompose_writes_the_run_folder_and_resumes(tmp_path, corpus, capsys):
+    from tiny import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", "qwen2")
+    out = tmp_path / "run"
+    argv = ["decompose", "--model", model_dir, "--domain", f"eng={corpus['eng']}", "--domain", f"code={corpus['code']}",
+            "--block-len", "32", "--steps", "4", "--batch-size", "2", "--kv-slots", "4", "--sparsity", "0.2",
+            "--eval-max-blocks", "2", "--checkpoint-every", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "mask+memories" in capsys.readouterr().out
+    for name in ("config.yaml", "log.jsonl", "mask.safetensors", "mask.json", "summary.json",
+                 "memories/eng/memory.safetensors", "memories/code/memory.json", "checkpoints/latest.json"):
+        assert (out / name).is_file(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["sparsity"] == 0.2 and config["domain"][0].startswith("eng=")
+    assert main(argv) == 2  # the folder holds a run: refuse to overwrite it
+    assert "--resume" in capsys.readouterr().err
+    assert main(["decompose", "--resume", "--out", str(out)]) == 0  # finished: resumes to the end at once
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
