@@ -107,11 +107,20 @@ class KoffModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, domains: Domains = None, attention_mask: torch.Tensor | None = None):
         """Logits for ``input_ids`` (batch, seq); ``domains`` names one memory per sample (or one for all)."""
-        per_sample = self.resolve(domains, input_ids.shape[0]) if self._gates_enabled else [None] * input_ids.shape[0]
+        per_sample = self.resolve(domains, input_ids.shape[0])
+        with self.activate(per_sample) as active:
+            return self._forward_with_prefix(input_ids, active, attention_mask)
+
+    @contextmanager
+    def activate(self, per_sample: list[DomainMemory | None]) -> Iterator[list[DomainMemory | None]]:
+        """Inside, calls to ``self.base`` see the current gates and each sample's memory (LoRA);
+        the KV prefix is the caller's to pass (see ``memories.prefix.build_prefix_cache``)."""
+        if not self._gates_enabled:
+            per_sample = [None] * len(per_sample)
         self.hooks.set_gates(*self.current_gates())
         try:
-            with self.router.route(per_sample, input_ids.device):
-                return self._forward_with_prefix(input_ids, per_sample, attention_mask)
+            with self.router.route(per_sample, self.device):
+                yield per_sample
         finally:
             self.hooks.clear()
 

@@ -85,6 +85,23 @@ class DomainMemory(nn.Module):
             self.prefix_keys.append(nn.Parameter(torch.zeros(kv_heads, slots, head_dim)))
             self.prefix_values.append(nn.Parameter(torch.zeros(kv_heads, slots, head_dim)))
 
+    @classmethod
+    def from_flat_state(cls, name: str, state: dict[str, torch.Tensor], alpha: float) -> "DomainMemory":
+        """Rebuild a memory from ``flat_state()`` tensors; shapes (and so per-layer widths) come from them."""
+        lora_shapes = {k[len("lora_A."):]: (v.shape[1], state["lora_B." + k[len("lora_A."):]].shape[0])
+                       for k, v in state.items() if k.startswith("lora_A.")}
+        ranks = {v.shape[0] for k, v in state.items() if k.startswith("lora_A.")}
+        if len(ranks) > 1:
+            raise ValueError(f"memory {name!r}: LoRA factors of different ranks {sorted(ranks)}")
+        n_layers = len([k for k in state if k.startswith("prefix.keys.")])
+        keys = [state[f"prefix.keys.{i}"] for i in range(n_layers)]
+        if len({k.shape[1] for k in keys}) > 1:
+            raise ValueError(f"memory {name!r}: KV prefix layers hold different slot counts")
+        memory = cls(name, lora_shapes, ranks.pop() if ranks else 0, alpha,
+                     [(k.shape[0], k.shape[2]) for k in keys], keys[0].shape[1] if keys else 0)
+        memory.load_flat_state(state)
+        return memory
+
     @property
     def slots(self) -> int:
         return self.prefix_keys[0].shape[1] if len(self.prefix_keys) else 0

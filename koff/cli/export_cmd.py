@@ -1,0 +1,34 @@
+"""``koff export``: a run folder in, a smaller backbone and one file set per memory out."""
+
+from __future__ import annotations
+
+import argparse
+
+from koff.cli.common import log
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a physically pruned backbone and one file set per memory",
+        description="Remove the pruned units for real and save the backbone as safetensors (per-layer widths in its "
+        "config, or --uniform for a stock config), plus each memory: LoRA in PEFT format, the KV prefix as "
+        "safetensors, and a manifest with the backbone's fingerprint.",
+    )
+    parser.add_argument("run_dir", help="a finished `koff decompose` run folder")
+    parser.add_argument("out_dir", help="where to write backbone/ and memories/")
+    parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from koff.export import export_run
+
+    summary = export_run(args.run_dir, args.out_dir, uniform=args.uniform, force=args.force)
+    ratio = summary["parameters"] / summary["dense_parameters"]
+    print(f"backbone: {summary['parameters']:,} parameters ({ratio:.1%} of the dense {summary['dense_parameters']:,})")
+    for name, memory in summary["memories"].items():
+        print(f"memory {name}: {memory['parameters']:,} parameters, {memory['bytes'] / 1e6:.2f} MB")
+    log.info("wrote %s", args.out_dir)
+    return 0

@@ -1,0 +1,121 @@
+"""The exported backbone on disk: a Hugging Face folder (safetensors + config + tokenizer) plus
+``koff_backbone.json`` (fingerprint, per-layer widths, provenance).
+
+A uniform backbone is a stock config: ``AutoModelForCausalLM.from_pretrained`` loads it. A
+per-layer backbone records its widths in the config (``koff_layer_widths``); ``load_backbone``
+builds the stock model on the meta device, narrows each layer's projections to the recorded
+widths and loads the weights into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from koff.io import read_json, write_json
+from koff.models.architecture import decoder_layout
+
+META_FILE = "koff_backbone.json"
+FORMAT = "koff-backbone-v1"
+
+
+class BackboneError(RuntimeError):
+    """A backbone folder that is missing, incomplete or corrupt."""
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the backbone's safetensors files: memories record it to refuse foreign backbones."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_backbone(model, tokenizer, folder: Path, widths: dict[str, list[int]], uniform: bool, info: dict) -> dict:
+    layout = decoder_layout(model)
+    config = model.config
+    ffn, groups = max(widths["intermediate_size"]), max(widths["num_key_value_heads"])
+    config.head_dim = layout.head_dim  # keep it explicit: the head count changes below
+    config.intermediate_size = ffn
+    config.num_key_value_heads = groups
+    config.num_attention_heads = groups * layout.heads_per_group
+    if uniform:
+        if hasattr(config, "koff_layer_widths"):
+            del config.koff_layer_widths
+    else:
+        config.koff_layer_widths = widths
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {"format": FORMAT, "fingerprint": fingerprint(folder), "uniform": uniform, "layer_widths": widths, **info}
+    write_json(folder / META_FILE, meta)
+    return meta
+
+
+def read_backbone_meta(folder: Path) -> dict:
+    path = folder / META_FILE
+    if not path.is_file():
+        raise BackboneError(f"{folder} is not a koff backbone ({META_FILE} missing)")
+    meta = read_json(path)
+    if meta.get("format") != FORMAT:
+        raise BackboneError(f"{path}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def load_backbone(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer, meta) of an exported backbone, frozen and in eval mode."""
+    meta = read_backbone_meta(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if meta["uniform"]:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        else:
+            model = _load_per_layer(folder, meta["layer_widths"], dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BackboneError(f"cannot load the backbone in {folder}: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval().requires_grad_(False), tokenizer, meta
+
+
+def _load_per_layer(folder: Path, widths: dict[str, list[int]], dtype: torch.dtype):
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layout = decoder_layout(model)
+    rep, hd = layout.heads_per_group, layout.head_dim
+    with init_empty_weights(include_buffers=False):
+        for parts, ffn, groups in zip(layout.layers, widths["intermediate_size"], widths["num_key_value_heads"]):
+            mlp, attn = parts.mlp, parts.attention
+            mlp.gate_proj = _resized(mlp.gate_proj, out=ffn)
+            mlp.up_proj = _resized(mlp.up_proj, out=ffn)
+            mlp.down_proj = _resized(mlp.down_proj, inp=ffn)
+            attn.q_proj = _resized(attn.q_proj, out=groups * rep * hd)
+            attn.k_proj = _resized(attn.k_proj, out=groups * hd)
+            attn.v_proj = _resized(attn.v_proj, out=groups * hd)
+            attn.o_proj = _resized(attn.o_proj, inp=groups * rep * hd)
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state |= load_file(str(path))
+    if not state:
+        raise BackboneError(f"{folder} holds no safetensors weights")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise BackboneError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    return model.to(dtype)
+
+
+def _resized(linear: nn.Linear, out: int | None = None, inp: int | None = None) -> nn.Linear:
+    return nn.Linear(inp or linear.in_features, out or linear.out_features, bias=linear.bias is not None)

@@ -1,0 +1,193 @@
+"""``koff.load(folder)``: one exported backbone, any number of swappable memories.
+
+Switching memory is choosing which loaded memory a request names: a pointer, never a reload.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from koff.data.sources import validate_domain_name
+from koff.evaluation.perplexity import token_nll_sum
+from koff.export.backbone import BackboneError, load_backbone
+from koff.export.memories import FORMAT as MEMORY_FORMAT
+from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, read_exported_state
+from koff.io import read_json
+from koff.memories.lora import install_lora
+from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
+from koff.model import KoffModel, UnknownMemoryError
+from koff.runtime.generation import BatchGeneration, Sampling, TextStream
+
+
+class MemoryLoadError(ValueError):
+    """A memory folder that cannot be loaded onto this backbone."""
+
+
+class KoffRuntime:
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.folder = Path(folder)
+        base, self.tokenizer, self.meta = load_backbone(self.folder / "backbone", dtype, device)
+        self._module_keys = {name: key for key, name in peft_module_names(base).items()}
+        targets = self.meta.get("lora_targets") or list(DEFAULT_LORA_TARGETS)
+        self.model = KoffModel(base, MemoryConfig(kind="lora+kv", lora_targets=list(targets)))
+        self.model.eval()
+        self.sizes: dict[str, int] = {}
+        memories = self.folder / "memories"
+        for path in sorted(memories.iterdir()) if memories.is_dir() else []:
+            self.add_memory(path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def memories(self) -> list[str]:
+        return list(self.model.memories)
+
+    # ----- memories -----------------------------------------------------------------------------
+    def add_memory(self, path: str | Path, name: str | None = None) -> str:
+        """Load a memory folder; every check runs before the model sees it, so a refusal leaves nothing half-loaded."""
+        memory = self._read_memory(Path(path), name)
+        extra = sorted({parse_lora_key(k)[1] for k in memory.lora_A} - set(self.model.memory_config.lora_targets))
+        if extra:  # a memory may adapt projections the others do not: wrap them too (idempotent)
+            self.model.memory_config.lora_targets += extra
+            self.model._lora_shapes |= install_lora(self.model.layout, extra, self.model.router)
+        self.model.add_memory(memory)
+        self.sizes[memory.name] = memory_size_bytes(Path(path))
+        return memory.name
+
+    def remove_memory(self, name: str) -> None:
+        self.model.remove_memory(name)
+        self.sizes.pop(name, None)
+
+    def _read_memory(self, path: Path, name: str | None) -> DomainMemory:
+        if not (path / MANIFEST).is_file():
+            raise MemoryLoadError(f"{path} is not a koff memory ({MANIFEST} missing)")
+        try:
+            manifest = read_json(path / MANIFEST)
+            name = validate_domain_name(name or manifest["name"])
+            if manifest.get("format") != MEMORY_FORMAT:
+                raise MemoryLoadError(f"{path}: unknown memory format {manifest.get('format')!r}")
+            if manifest.get("backbone_fingerprint") != self.fingerprint:
+                raise MemoryLoadError(
+                    f"memory {name!r} belongs to another backbone (fingerprint "
+                    f"{str(manifest.get('backbone_fingerprint'))[:12]}..., this one is {self.fingerprint[:12]}...)"
+                )
+            if name in self.model.memories:
+                raise MemoryLoadError(f"a memory named {name!r} is already loaded")
+            state = read_exported_state(path, self._module_keys)
+            if not state:
+                raise MemoryLoadError(f"{path} holds neither LoRA nor KV weights")
+            memory = DomainMemory.from_flat_state(name, state, manifest["lora_alpha"])
+        except MemoryLoadError:
+            raise
+        except Exception as err:  # corrupt JSON or safetensors, missing keys, wrong shapes
+            raise MemoryLoadError(f"cannot load memory from {path}: {err}") from err
+        self._check_shapes(memory, path)
+        return memory
+
+    def _check_shapes(self, memory: DomainMemory, path: Path) -> None:
+        for key, a in memory.lora_A.items():
+            layer, proj = parse_lora_key(key)
+            module = self.model.layout.layers[layer].projection(proj)
+            if a.shape[1] != module.in_features or memory.lora_B[key].shape[0] != module.out_features:
+                raise MemoryLoadError(f"{path}: LoRA for layer {layer} {proj} does not fit this backbone")
+        for i, keys in enumerate(memory.prefix_keys):
+            expected = self.model.layout.layers[i].projection("k_proj").out_features // self.model.layout.head_dim
+            if keys.shape[0] != expected:
+                raise MemoryLoadError(f"{path}: KV prefix of layer {i} has {keys.shape[0]} heads, the backbone {expected}")
+
+    # ----- text -----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        memory: str | None | Sequence[str | None] = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        stream: bool = False,
+    ):
+        """Complete one prompt (a string back) or several (a list back), each with its own memory.
+
+        ``stream=True`` (one prompt) returns an iterator of text pieces instead."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        memories = [memory] * len(prompts) if memory is None or isinstance(memory, str) else list(memory)
+        params = Sampling(max_new_tokens, temperature, top_p, seed)
+        if stream:
+            if not single:
+                raise ValueError("stream=True takes one prompt")
+            return self._stream(prompts[0], memories[0], params, stop)
+        streams = [TextStream(self.tokenizer, stop) for _ in prompts]
+        for _ in self.run(prompts, memories, [params] * len(prompts), streams):
+            pass
+        texts = [s.text for s in streams]
+        return texts[0] if single else texts
+
+    def _stream(self, prompt: str, memory: str | None, params: Sampling, stop: Sequence[str]) -> Iterator[str]:
+        text_stream = TextStream(self.tokenizer, stop)
+        for step in self.run([prompt], [memory], [params], [text_stream]):
+            for _, delta in step:
+                if delta:
+                    yield delta
+
+    def run(self, prompts, memories, params, streams: list[TextStream]) -> Iterator[list[tuple[int, str]]]:
+        """The batched loop behind ``generate`` and the server: yields (index, text delta) per step."""
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        generation = BatchGeneration(
+            self.model, [self.encode(p) for p in prompts], memories, params, self.tokenizer.pad_token_id, eos
+        )
+        for step in generation:
+            deltas = []
+            for i, token in step:
+                deltas.append((i, streams[i].push(token)))
+                if streams[i].stopped:
+                    generation.stop(i)
+            yield deltas
+
+    @torch.no_grad()
+    def perplexity(self, texts: str | Sequence[str], memory: str | None = None) -> float:
+        """Token-weighted perplexity of the texts (each scored on its own) under ``memory``."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        total, count = 0.0, 0
+        for text in texts:
+            ids = torch.tensor([self.encode(text)], device=self.model.device)
+            if ids.shape[1] < 2:
+                continue
+            total += token_nll_sum(self.model(ids, memory), ids).item()
+            count += ids.shape[1] - 1
+        if count == 0:
+            raise ValueError("perplexity needs at least one text of two or more tokens")
+        return math.exp(total / count)
+
+    def info(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "fingerprint": self.fingerprint,
+            "uniform": self.meta["uniform"],
+            "layer_widths": self.meta["layer_widths"],
+            "parameters": self.meta.get("parameters"),
+            "dense_parameters": self.meta.get("dense_parameters"),
+            "sparsity": (self.meta.get("mask") or {}).get("sparsity"),
+            "memories": {
+                name: {"parameters": m.num_parameters(), "kv_slots": m.slots, "lora_rank": m.rank, "bytes": self.sizes.get(name)}
+                for name, m in self.model.memories.items()
+            },
+        }
+
+
+def load(folder: str | Path, device: str = "cpu") -> KoffRuntime:
+    """Load an exported koff folder (``koff export`` output)."""
+    return KoffRuntime(folder, device=device)
+
+
+__all__ = ["BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]
