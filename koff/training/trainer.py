@@ -56,6 +56,9 @@ class Decomposer:
         if memory_config.kind != "none":
             for d in self.domains:
                 self.model.new_memory(d.name, d.train[0])
+        # Under `accelerate launch` this wraps the model in DistributedDataParallel (gradients are
+        # all-reduced in backward); in one process it is the model itself.
+        self.forward_model = self.accelerator.prepare_model(self.model)
         self.constraint = SparsityConstraint()
         self.sampler = BalancedSampler(
             self.domains, cfg.seed, self.accelerator.process_index, self.accelerator.num_processes
@@ -120,7 +123,7 @@ class Decomposer:
     def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         domains = names if self.model.memory_config.kind != "none" else None
-        logits = self.model(batch, domains)
+        logits = self.forward_model(batch, domains)
         targets = batch[:, 1:]
         token_loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
