@@ -1,7 +1,10 @@
+import json
 import math
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from koff.analysis import (
     activation_probabilities,
@@ -12,10 +15,12 @@ from koff.analysis import (
     removal_rates,
     spread_blocks,
 )
+from koff.cli import main
 from koff.data import DomainData
 from koff.masks import BinaryMask
 from koff.models import decoder_layout
-from tiny import tiny_model
+from koff.training import DecomposeConfig, Decomposer
+from tiny import save_tiny, tiny_model
 
 # The constructed case: token ids 10..49 are "language 1", 50..99 "language 2".
 LANG1, LANG2 = range(10, 50), range(50, 100)
@@ -151,3 +156,62 @@ def test_adjusted_enrichment_compares_within_strata():
     # stratum rates 1/2 and 1/4: expected 1 * 1/2 + 2 * 1/4 = 1 removal; observed 2
     assert adjusted_enrichment(removed, selected, strata) == 2.0
     assert adjusted_enrichment(torch.zeros(8, dtype=torch.bool), selected, strata) is None
+
+
+def test_cli_analyze_writes_json_table_and_plot(tmp_path, tokenizer, corpus, capsys):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    run_dir = tmp_path / "run"
+    domains = [f"eng={corpus['eng']}", f"deu={corpus['deu']}", f"code={corpus['code']}"]
+    config = DecomposeConfig(model=model_dir, domain=domains, out=str(run_dir), block_len=32, batch_size=2,
+                             kv_slots=4, steps=2, checkpoint_every=2, sparsity=0.3, eval=False)
+    Decomposer(config).train()
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    stored["domain"].append("py=bundled:code/python")  # skipped without being read
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+
+    assert main(["analyze", str(run_dir), "--exclude", "code", "--max-blocks", "3", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped domain py (bundled:code/python): code is not a language" in printed
+    assert "skipped domain code" in printed and "| language-specific |" in printed
+    out = run_dir / "analysis"
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["languages"] == ["eng", "deu"]
+    assert [s["name"] for s in result["skipped"]] == ["code", "py"]
+    assert result["tokens_per_language"] == {"eng": 3 * 32, "deu": 3 * 32}
+    classes = result["classes"]
+    assert classes["neurons"] == 2 * 96
+    assert classes["specific"] == classes["general"] == round(0.05 * classes["active"])
+    mask = BinaryMask.load(run_dir / "mask.safetensors")
+    removed = sum(int((~m).sum()) for m in mask.ffn)
+    assert removed > 0 and result["removal"]["all"] == removed / (2 * 96)
+    assert len(result["removal"]["per_layer"]) == 2
+    assert (out / "removal_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = load_file(out / "lape.safetensors")
+    assert saved["probs"].shape == (2, 2, 96) and int(saved["specific"].sum()) == classes["specific"]
+
+    # The analysis reruns from its own resolved config, into another folder.
+    assert main(["analyze", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "analysis.json").read_text())
+    assert again["removal"] == result["removal"]
+
+
+def test_cli_analyze_user_errors(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/config.yaml not found" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": "m", "domain": ["eng=a.txt", "py=bundled:code/python"]}))
+    (run_dir / "mask.safetensors").write_bytes(b"")
+    assert main(["analyze", str(run_dir)]) == 2
+    assert "at least 2 are needed" in capsys.readouterr().err
+    assert main(["analyze", str(run_dir), "--exclude", "deu"]) == 2
+    assert "no domain deu" in capsys.readouterr().err
+    assert main(["analyze", str(run_dir), "--specific-fraction", "0.7", "--general-fraction", "0.7"]) == 2
+    assert "add up to more than 1" in capsys.readouterr().err
+
+    # A mask that does not fit the model is refused before any forward pass.
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": model_dir, "domain": ["eng=a.txt", "deu=b.txt"]}))
+    BinaryMask([torch.ones(8, dtype=torch.bool)] * 3, [torch.ones(2, dtype=torch.bool)] * 3).save(run_dir / "mask.safetensors")
+    assert main(["analyze", str(run_dir)]) == 2
+    assert "has 3 layers of [8] FFN neurons" in capsys.readouterr().err
