@@ -1,0 +1,27 @@
+"""Analyses of a decomposition run (which neurons the shared mask removes, and why it matters)."""
+
+from koff.analysis.lape import (
+    NeuronClasses,
+    activation_probabilities,
+    activity_strata,
+    adjusted_enrichment,
+    classify,
+    fire_counts,
+    language_rates,
+    lape_scores,
+    removal_rates,
+    spread_blocks,
+)
+
+__all__ = [
+    "NeuronClasses",
+    "activation_probabilities",
+    "activity_strata",
+    "adjusted_enrichment",
+    "classify",
+    "fire_counts",
+    "language_rates",
+    "lape_scores",
+    "removal_rates",
+    "spread_blocks",
+]
