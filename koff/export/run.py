@@ -29,12 +29,9 @@ class Run:
 
     def koff_model(self):
         """The run's masked model with its memories (wraps ``self.model`` in place)."""
-        from koff.memories.memory import MemoryConfig
         from koff.model import KoffModel
 
-        cfg = self.config
-        memory_config = MemoryConfig(cfg.memory, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_targets), cfg.kv_slots)
-        model = KoffModel(self.model, memory_config, self.mask)
+        model = KoffModel(self.model, self.config.memory_config(), self.mask)
         for memory in self.memories.values():
             model.add_memory(memory)
         return model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from koff.masks.oneshot import IMPORTANCES
-from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS
+from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 
 
 @dataclass
@@ -76,6 +76,9 @@ class DecomposeConfig:
     @property
     def importance(self) -> str:
         return self.mask.partition(":")[2]
+
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig(self.memory, self.lora_rank, self.lora_alpha, list(self.lora_targets), self.kv_slots)
 
     def to_dict(self) -> dict:
         return asdict(self)

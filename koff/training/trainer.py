@@ -23,7 +23,6 @@ from koff.evaluation import evaluate
 from koff.io import write_json, write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule
 from koff.memories.files import save_memory
-from koff.memories.memory import MemoryConfig
 from koff.model import KoffModel
 from koff.models import load_model
 from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
@@ -50,7 +49,7 @@ class Decomposer:
             parse_domains(cfg.domain), tokenizer, block_len=cfg.block_len, val_fraction=cfg.val_fraction, seed=cfg.seed
         )
         torch.manual_seed(cfg.seed)
-        memory_config = MemoryConfig(cfg.memory, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_targets), cfg.kv_slots)
+        memory_config = cfg.memory_config()
         self.model = KoffModel(base, memory_config)
         self.model.set_mask(self._initial_mask())
         if memory_config.kind != "none":
