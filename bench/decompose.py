@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--out", default="bench/out/decompose")
     parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--constraint", default="projected", choices=["projected", "lagrangian"])
+    parser.add_argument("--final-fraction", type=float, default=0.2)
+    parser.add_argument("--tag", default="", help="suffix for the result files (decompose<tag>.json)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
     args = parser.parse_args()
@@ -78,7 +81,7 @@ def main() -> None:
     config = DecomposeConfig(
         model=args.model, domain=DOMAINS, out=args.out, sparsity=args.sparsity, steps=args.steps,
         batch_size=args.batch_size, eval_max_blocks=2 if args.quick else args.eval_max_blocks,
-        checkpoint_every=20,
+        checkpoint_every=20, constraint=args.constraint, final_fraction=args.final_fraction,
     )
     loaded = load_model(args.model)
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
@@ -127,7 +130,7 @@ def main() -> None:
         "goals_met": goals,
     }
     results = Path(args.results)
-    write_json(results / "decompose.json", result)
+    write_json(results / f"decompose{args.tag}.json", result)
     rows = [[k, *[f"{ev[k]['domains'][d]['perplexity']:.2f} ({ratio[k][d]:.3f})" for d in names], f"{mean_ratio[k]:.3f}"] for k in ev]
     table = markdown_table(["configuration", *names, "mean ratio"], rows)
     text = "\n".join([
@@ -141,7 +144,7 @@ def main() -> None:
         f"koff loop with LoRA only {koff_lora_step:.2f} s (ratio {koff_step / koff_lora_step:.2f}).", "",
         "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()), "",
     ])
-    write_text(results / "decompose.md", text)
+    write_text(results / f"decompose{args.tag}.md", text)
     print(text)
 
 

@@ -35,7 +35,7 @@ def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, token
     # A random tiny model gives its gates almost no LM signal, so they move as one block: slow gate
     # and lambda rates keep the constraint from oscillating (the defaults are tuned on SmolLM2).
     dec = make(tmp_path, tokenizer, domains, sparsity=0.3, steps=400, checkpoint_every=400, prune_attention=False,
-               lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3)
+               constraint="lagrangian", lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3, final_fraction=0.0)
     dec.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert records[0]["expected_sparsity"] < 0.02
@@ -47,6 +47,21 @@ def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, token
     assert all(m.all() for m in mask.attn)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_projected_constraint_holds_the_target_at_every_step(tmp_path, tokenizer, domains, kind):
+    dec = make(tmp_path, tokenizer, domains, kind, sparsity=0.3, steps=30, checkpoint_every=30, target_warmup=0.5,
+               final_fraction=0.2)
+    dec.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    ramp = [r for r in records if "expected_sparsity" in r]
+    assert len(ramp) == 24  # the last 20% of steps train the memories on the frozen mask
+    for r in ramp:
+        assert abs(r["expected_sparsity"] - r["target"]) < 1e-3, r
+    assert "lambda1" not in records[0]
+    mask = BinaryMask.load(tmp_path / "run" / "mask.safetensors")
+    assert abs(mask.sparsity(dec.model.costs) - 0.3) * dec.model.costs.block_params <= max(dec.model.costs.attn_cost)
+
+
 def test_loss_goes_down(tmp_path, tokenizer, domains):
     dec = make(tmp_path, tokenizer, domains, sparsity=0.0, steps=40, checkpoint_every=40, lr_lora=1e-2)
     dec.train()
@@ -54,11 +69,12 @@ def test_loss_goes_down(tmp_path, tokenizer, domains):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
-def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, domains):
+@pytest.mark.parametrize("kill_at", [7, 11])  # before and after the mask is frozen (step 10)
+def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, domains, kill_at):
     whole = make(tmp_path / "a", tokenizer, domains, sparsity=0.2)
     whole.train()
     killed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
-    assert killed.train(stop_after=7) == {"stopped_at": 7}  # dies after step 7; last checkpoint is step 5
+    assert killed.train(stop_after=kill_at) == {"stopped_at": kill_at}  # dies; last checkpoint at 5 or 10
     resumed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
     resumed.train(resume=True)
     assert resumed.step == whole.step == 12
@@ -70,7 +86,24 @@ def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, doma
     files = [p.suffix for p in (tmp_path / "b" / "run" / "checkpoints").rglob("*") if p.is_file()]
     assert set(files) <= {".safetensors", ".json"}  # no pickles
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))  # steps 6-7 of the killed run were dropped from the log on resume
+    assert steps == list(range(1, 13))  # steps after the checkpoint were dropped from the log on resume
+    assert resumed.mask_frozen and torch.equal(whole.final_mask().ffn[0], resumed.final_mask().ffn[0])
+
+
+def test_final_phase_trains_memories_on_the_fixed_binary_mask(tmp_path, tokenizer, domains):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.2, steps=10, final_fraction=0.3, checkpoint_every=10)
+    for _ in range(7):
+        dec.train_step()
+    assert not dec.mask_frozen and dec.model.mask is dec.learned_mask
+    gates = [g.log_alpha.detach().clone() for g in dec.learned_mask.ffn]
+    memory = dec.model.memories["eng"].lora_B["0_q_proj"].detach().clone()
+    for _ in range(3):
+        info = dec.train_step()
+    assert dec.mask_frozen and isinstance(dec.model.mask, BinaryMask)
+    assert "expected_sparsity" not in info  # no constraint once the mask is fixed
+    assert all(torch.equal(a, g.log_alpha) for a, g in zip(gates, dec.learned_mask.ffn))
+    assert not torch.equal(memory, dec.model.memories["eng"].lora_B["0_q_proj"])
+    assert abs(dec.model.mask.sparsity(dec.model.costs) - 0.2) * dec.model.costs.block_params <= max(dec.model.costs.attn_cost)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ _HELP = {
     "kv_slots": "learned key/value slots per layer",
     "distill_weight": "weight of KL(dense teacher || student); 0 = LM loss only",
     "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
+    "final_fraction": "last fraction of steps trained with the final binary mask fixed (memories adapt to it)",
     "eval": "evaluate dense / mask+memories / mask alone at the end",
 }
 

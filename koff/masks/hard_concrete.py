@@ -26,20 +26,20 @@ class HardConcreteGates(nn.Module):
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full((n,), float(init_log_alpha)))
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
         u = torch.rand_like(self.log_alpha).clamp(EPS, 1 - EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / BETA)
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha + offset) / BETA)
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
-    def deterministic(self) -> torch.Tensor:
-        return (torch.sigmoid(self.log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+    def deterministic(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
+        return (torch.sigmoid(self.log_alpha + offset) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
-    def prob_nonzero(self) -> torch.Tensor:
+    def prob_nonzero(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
         """P(z > 0) for each gate; differentiable in ``log_alpha``."""
-        return torch.sigmoid(self.log_alpha - BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
+        return torch.sigmoid(self.log_alpha + offset - BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
 
-    def forward(self) -> torch.Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
+        return self.sample(offset) if self.training else self.deterministic(offset)
 
     @torch.no_grad()
     def clamp_(self) -> None:

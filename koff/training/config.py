@@ -8,6 +8,9 @@ from koff.masks.oneshot import IMPORTANCES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 
 
+CONSTRAINTS = ("projected", "lagrangian")
+
+
 @dataclass
 class DecomposeConfig:
     model: str = "smollm2-135m"
@@ -24,6 +27,7 @@ class DecomposeConfig:
     mask: str = "learned"  # learned | oneshot:<importance> | none
     prune_ffn: bool = True
     prune_attention: bool = True
+    constraint: str = "projected"  # projected | lagrangian (how the sparsity target is enforced)
     memory: str = "lora+kv"  # lora+kv | lora | kv | none
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -40,6 +44,7 @@ class DecomposeConfig:
     init_log_alpha: float = 3.0  # eval gate is still exactly 1; ~20% of samples < 1 gives early signal
     target_warmup: float = 0.3  # fraction of steps over which the sparsity target ramps from 0
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
+    final_fraction: float = 0.2  # last fraction of steps: binary mask fixed, memories adapt to it
     distill_weight: float = 0.0  # weight of KL(dense teacher || student); 0 = LM loss only
     max_grad_norm: float = 1.0
     calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
@@ -63,8 +68,12 @@ class DecomposeConfig:
             raise ValueError(f"--mask must be learned, none or oneshot:<{'|'.join(IMPORTANCES)}>, got {self.mask!r}")
         if kind == "oneshot" and importance not in IMPORTANCES:
             raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):
             raise ValueError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
+        if not 0.0 <= self.final_fraction < 1.0:
+            raise ValueError(f"final_fraction must be in [0, 1), got {self.final_fraction}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

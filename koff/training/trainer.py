@@ -52,6 +52,10 @@ class Decomposer:
         memory_config = cfg.memory_config()
         self.model = KoffModel(base, memory_config)
         self.model.set_mask(self._initial_mask())
+        # The learned gates, kept here too: once the mask is frozen (the last ``final_fraction`` of
+        # steps) the model holds the binary mask instead, but checkpoints still carry the gates.
+        self.learned_mask = self.model.mask if isinstance(self.model.mask, LearnedMask) else None
+        self.mask_frozen = False
         if memory_config.kind != "none":
             for d in self.domains:
                 self.model.new_memory(d.name, d.train[0])
@@ -70,6 +74,10 @@ class Decomposer:
     @property
     def learned(self) -> bool:
         return self.config.mask_kind == "learned" and self.config.sparsity > 0
+
+    @property
+    def lagrangian(self) -> bool:
+        return self.learned and self.config.constraint == "lagrangian"
 
     def _initial_mask(self):
         cfg = self.config
@@ -93,14 +101,14 @@ class Decomposer:
             {"params": [p for m in memories for p in m.prefix_parameters()], "lr": cfg.lr_kv, "name": "kv"},
         ]
         if self.learned:
-            groups.append({"params": list(self.model.mask.parameters()), "lr": cfg.lr_mask, "name": "mask"})
+            groups.append({"params": list(self.learned_mask.parameters()), "lr": cfg.lr_mask, "name": "mask"})
         groups = [g for g in groups if g["params"]]
         if not groups:
             return None, None
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.95))
         # Plain SGD ascent: each lambda moves in proportion to the constraint gap (integral control),
         # which settles at the target; Adam would move it by +-lr whatever the gap and overshoot.
-        lambdas = torch.optim.SGD(self.constraint.parameters(), lr=cfg.lr_lambda, maximize=True) if self.learned else None
+        lambdas = torch.optim.SGD(self.constraint.parameters(), lr=cfg.lr_lambda, maximize=True) if self.lagrangian else None
         return optimizer, lambdas
 
     def _schedule(self):
@@ -122,6 +130,8 @@ class Decomposer:
     def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         domains = names if self.model.memory_config.kind != "none" else None
+        if self.learned and not self.lagrangian and not self.mask_frozen:
+            self.learned_mask.project_(target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup))
         logits = self.forward_model(batch, domains)
         targets = batch[:, 1:]
         token_loss = F.cross_entropy(
@@ -139,16 +149,30 @@ class Decomposer:
             kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
             loss = loss + cfg.distill_weight * kl
             info["kl"] = kl.item()
-        if self.learned:
-            expected = self.model.mask.expected_sparsity()
+        if self.learned and not self.mask_frozen:
             target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
-            lagrangian = self.constraint(expected, target)
-            loss = loss + lagrangian
-            info |= {"expected_sparsity": expected.item(), "target": target, "lagrangian": lagrangian.item()}
+            expected = self.learned_mask.expected_sparsity()
+            info |= {"expected_sparsity": expected.item(), "target": target}
+            if self.lagrangian:
+                lagrangian = self.constraint(expected, target)
+                loss = loss + lagrangian
+                info |= {"lagrangian": lagrangian.item()}
         return loss, info
+
+    @property
+    def freeze_step(self) -> int:
+        """From this step on, the final binary mask is fixed and only the memories train."""
+        return round(self.config.steps * (1 - self.config.final_fraction))
+
+    def _freeze_mask_if_due(self) -> None:
+        if self.learned and not self.mask_frozen and self.step >= self.freeze_step:
+            self.model.set_mask(self.final_mask())
+            self.mask_frozen = True
+            log.info("step %d: mask frozen at sparsity %.4f; memories adapt to it", self.step, self.config.sparsity)
 
     def train_step(self) -> dict:
         cfg = self.config
+        self._freeze_mask_if_due()
         self.model.train()
         self.model.base.eval()  # the base stays in eval mode (no dropout); only the gates sample
         totals: dict = {}
@@ -167,10 +191,11 @@ class Decomposer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.lambda_optimizer is not None:
+        if self.learned and not self.mask_frozen:
+            self.learned_mask.clamp_()
+        if self.lambda_optimizer is not None and not self.mask_frozen:
             self.lambda_optimizer.step()
             self.lambda_optimizer.zero_grad(set_to_none=True)
-            self.model.mask.clamp_()
             totals |= {"lambda1": self.constraint.lambda1.item(), "lambda2": self.constraint.lambda2.item()}
         self.step += 1
         return totals
@@ -225,9 +250,9 @@ class Decomposer:
         return self.finish(summary) if main else summary
 
     def final_mask(self) -> BinaryMask:
+        if self.learned_mask is not None:
+            return self.learned_mask.binarize(self.config.sparsity)
         mask = self.model.mask
-        if isinstance(mask, LearnedMask):
-            return mask.binarize(self.config.sparsity)
         return mask if mask is not None else BinaryMask.dense(self.model.costs)
 
     def finish(self, summary: dict) -> dict:
@@ -271,7 +296,9 @@ class Decomposer:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.Tensor]:
-        named = {f"model.{k}": p for k, p in self.model.named_parameters() if p.requires_grad}
+        named = {f"memories.{k}": p for k, p in self.model.memories.named_parameters()}
+        if self.learned_mask is not None:
+            named |= {f"mask.{k}": p for k, p in self.learned_mask.named_parameters()}
         named |= {f"constraint.{k}": p for k, p in self.constraint.named_parameters()}
         return named
 
@@ -304,6 +331,7 @@ class Decomposer:
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = state["step"]
+        self._freeze_mask_if_due()
         return True
 
 
