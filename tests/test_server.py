@@ -105,6 +105,8 @@ def test_errors_are_openai_shaped_and_leave_the_server_up(server, client):
     assert err.value.body["param"] == "temperature"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="eng", messages=[], max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError):  # koff answers one choice per prompt
+        client.completions.create(model="eng", prompt="x", max_tokens=2, n=2)
     with pytest.raises(openai.BadRequestError) as err:  # 512 positions; the prompt alone takes more
         client.completions.create(model="eng", prompt="the cat sat on the mat " * 150, max_tokens=4)
     assert err.value.body["code"] == "context_length_exceeded"

@@ -57,7 +57,8 @@ def create_app(
     # ----- information --------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "fingerprint": runtime.fingerprint, "models": batcher.models(), "batcher": batcher.stats}
+        # open without a key (for probes): counts only, no model names
+        return {"status": "ok", "memories": len(batcher.memory_names), "batcher": batcher.stats}
 
     def card(model: str) -> dict:
         kind = "backbone" if model == backbone_id else "memory"

@@ -281,7 +281,7 @@ class Batcher:
         slots = runtime.model.memories[job.memory].slots if job.memory is not None else 0
         room = self.context - slots - prompt_tokens
         max_tokens = job.max_tokens if job.max_tokens is not None else min(self.default_max_tokens, room)
-        if prompt_tokens + max_tokens > self.context - slots:
+        if max_tokens < 1 or prompt_tokens + max_tokens > self.context - slots:
             raise APIError(
                 400, f"This model's maximum context length is {self.context - slots} tokens"
                 f"{f' (with the {slots} memory slots of {job.memory!r})' if slots else ''}; the prompt has "
