@@ -156,3 +156,23 @@ def test_cli_export_info_generate(tmp_path, corpus, capsys):
     assert capsys.readouterr().out.strip() == load(out).generate("the cat", memory="eng", max_new_tokens=5).strip()
     assert main(["generate", str(out), "x", "--memory", "nope"]) == 2
     assert "unknown memory 'nope'" in capsys.readouterr().err
+
+
+def test_text_stream_never_half_sends_a_stop_string(tokenizer):
+    from koff.runtime import TextStream
+
+    ids = tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stop=["fox jumps"])
+    pieces = []
+    for token in ids:
+        pieces.append(stream.push(token))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == "the quick brown " and not any("fox" in p for p in pieces)
+    assert stream.flush() == ""
+
+    # A tail that only looks like a stop string is held back, then released.
+    stream = TextStream(tokenizer, stop=["over the top"])
+    pieces = [stream.push(token) for token in ids]
+    assert not stream.stopped
+    assert "".join(pieces) + stream.flush() == "the quick brown fox jumps over the lazy dog"

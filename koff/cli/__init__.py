@@ -6,19 +6,20 @@ import argparse
 import sys
 
 from koff import __version__
-from koff.cli import analyze_cmd, decompose_cmd, eval_cmd, export_cmd, runtime_cmd
+from koff.cli import add_domain_cmd, analyze_cmd, decompose_cmd, eval_cmd, export_cmd, runtime_cmd, serve_cmd
 from koff.cli.common import UsageError, resolve_args, setup_logging
 from koff.data import DomainDataError
 from koff.export import BackboneError, ExportError, RunFolderError
+from koff.export.add_domain import AddDomainError
 from koff.model import UnknownMemoryError
 from koff.models import ModelLoadError, UnsupportedArchitectureError
 from koff.runtime import MemoryLoadError
 
-COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, analyze_cmd]
+COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, add_domain_cmd, serve_cmd, analyze_cmd]
 # Errors that are the user's input, not koff's bug: one line, no traceback.
 USER_ERRORS = (
     UsageError, DomainDataError, ModelLoadError, UnsupportedArchitectureError, FileNotFoundError,
-    BackboneError, ExportError, RunFolderError, MemoryLoadError, UnknownMemoryError,
+    BackboneError, ExportError, RunFolderError, MemoryLoadError, UnknownMemoryError, AddDomainError,
 )
 
 

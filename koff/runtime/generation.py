@@ -119,23 +119,47 @@ class BatchGeneration:
 
 
 class TextStream:
-    """Turns one sample's tokens into text deltas; holds back incomplete characters; finds stop strings."""
+    """Turns one sample's tokens into text deltas.
+
+    Holds back an incomplete multi-byte character, and any tail that may be the start of a stop
+    string, so a stop string split over tokens is never half-sent; ``flush()`` releases what was
+    held back once the sample ends without hitting a stop string."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer, self.stop_strings = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # emitted so far
-        self.stopped = False
+        self.stopped = False  # a stop string was found
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
+        at = min((i for i in (full.find(s) for s in self.stop_strings) if i != -1), default=-1)
+        if at != -1:
+            full, self.stopped = full[:at], True
+        else:
+            full = full[: len(full) - self._partial_stop(full)]
+        return self._advance(full)
+
+    def flush(self) -> str:
+        """At the end of the sample: the text held back as a possible stop-string start."""
+        if self.stopped:
+            return ""
+        return self._advance(self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd"))
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        best = 0
         for stop in self.stop_strings:
-            at = full.find(stop)
-            if at != -1:
-                full, self.stopped = full[:at], True
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if stop.startswith(text[-n:]):
+                    best = n
+                    break
+        return best
+
+    def _advance(self, full: str) -> str:
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text += delta
         return delta

@@ -149,9 +149,12 @@ class KoffRuntime:
         for step in generation:
             deltas = []
             for i, token in step:
-                deltas.append((i, streams[i].push(token)))
+                delta = streams[i].push(token)
                 if streams[i].stopped:
                     generation.stop(i)
+                if generation.done[i]:
+                    delta += streams[i].flush()
+                deltas.append((i, delta))
             yield deltas
 
     @torch.no_grad()

@@ -1,0 +1,99 @@
+"""``add_domain``: train one more memory on an exported (frozen, already pruned) backbone.
+
+The same training loop as ``koff decompose`` runs with ``mask="none"`` and only the new domain; the
+memory keeps the settings of the export's other memories (kind, LoRA rank/alpha/targets, KV slots),
+so every memory of a folder looks alike. Because the backbone is the exported one, the memory
+needs no slicing: its flat state is written as-is (every unit kept) in the export format, with the
+backbone's fingerprint, beside the others.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from koff.data.sources import parse_domain
+from koff.export.backbone import load_backbone
+from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, write_memory
+from koff.io import read_json
+from koff.memories.memory import DEFAULT_LORA_TARGETS
+
+
+class AddDomainError(ValueError):
+    """The new memory cannot be added (name taken, folder is not an export)."""
+
+
+def memory_settings(export_dir: Path, meta: dict) -> dict:
+    """Kind, LoRA rank/alpha/targets, KV slots and block length shared by the export's memories."""
+    settings = {"memory": "lora+kv", "lora_rank": 8, "lora_alpha": 16.0, "kv_slots": 16, "block_len": 256,
+                "lora_targets": list(meta.get("lora_targets") or DEFAULT_LORA_TARGETS)}
+    manifests = sorted((export_dir / "memories").glob(f"*/{MANIFEST}"))
+    if manifests:
+        first = read_json(manifests[0])
+        rank, slots = int(first.get("lora_rank") or 0), int(first.get("kv_slots") or 0)
+        kind = first.get("memory_kind") or ("lora+kv" if rank and slots else "lora" if rank else "kv")
+        settings |= {"memory": kind, "lora_alpha": float(first.get("lora_alpha", 16.0))}
+        settings |= {"lora_rank": rank} if rank else {}
+        settings |= {"kv_slots": slots} if slots else {}
+        block_len = (first.get("data") or {}).get("block_len")
+        settings |= {"block_len": int(block_len)} if block_len else {}
+    return settings
+
+
+def add_domain(
+    export_dir: str | Path,
+    domain: str,
+    steps: int = 200,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> dict:
+    """Train ``NAME=SOURCE`` on the exported backbone and write ``memories/NAME``; returns its summary.
+
+    ``overrides`` are ``DecomposeConfig`` fields (``block_len``, ``batch_size``, ``lr_lora``,
+    ``lr_kv``, ``kv_slots``, ``lora_rank``, ``seed``, ...) that replace the export's settings.
+    """
+    from koff.training import DecomposeConfig, Decomposer
+
+    out = Path(export_dir)
+    spec = parse_domain(domain)
+    target = out / "memories" / spec.name
+    if target.exists():
+        raise AddDomainError(f"{target} exists: a memory named {spec.name!r} is already in this export; choose another name")
+    base, tokenizer, meta = load_backbone(out / "backbone", dtype, device)
+    module_names = peft_module_names(base)  # before the LoRA swap wraps the projections
+    settings = memory_settings(out, meta) | {k: v for k, v in overrides.items() if v is not None}
+    if settings["memory"] == "none":
+        raise AddDomainError("this export's memories hold nothing to train (memory kind 'none')")
+    (out / "memories").mkdir(exist_ok=True)
+    # Work beside memories/ (never inside it: a half-written folder there would be loaded as a memory),
+    # on the same file system, so the finished memory moves into place with one rename.
+    with tempfile.TemporaryDirectory(prefix=".add-domain-", dir=out) as tmp:
+        config = DecomposeConfig(
+            model=str(out / "backbone"), domain=[str(spec)], out=str(Path(tmp) / "run"), device=device,
+            dtype=str(dtype).removeprefix("torch."), mask="none", sparsity=0.0, steps=steps, eval=False,
+            checkpoint_every=max(1, steps), **settings,
+        )
+        trainer = Decomposer(config, base=base, tokenizer=tokenizer)
+        summary = trainer.train()
+        memory = trainer.model.memories[spec.name]
+        state = memory.flat_state()
+        data = next(d.summary() for d in trainer.domains if d.name == spec.name)
+        manifest = {
+            "backbone_fingerprint": meta["fingerprint"],
+            "memory_kind": config.memory,
+            "parameters": sum(t.numel() for t in state.values()),
+            "data": data,
+            "training": {"on": "exported backbone (koff add-domain)", "steps": summary["steps"],
+                         "seconds_per_step": summary.get("seconds_per_step")},
+        }
+        staged = Path(tmp) / spec.name
+        write_memory(staged, spec.name, state, memory, module_names, manifest)
+        if target.exists():  # someone else took the name while we trained
+            raise AddDomainError(f"{target} appeared while training; nothing was written")
+        os.replace(staged, target)
+    return {"name": spec.name, "folder": str(target), "parameters": manifest["parameters"],
+            "bytes": memory_size_bytes(target), "steps": summary["steps"], "settings": settings}

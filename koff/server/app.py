@@ -1,0 +1,159 @@
+"""``create_app``: the OpenAI-compatible HTTP API over one ``KoffRuntime``.
+
+Routes: ``GET /health``, ``GET /v1/models[/{id}]``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``model`` names a memory, or the bare backbone), and the admin
+routes ``GET /v1/memories``, ``POST /v1/memories/load``, ``DELETE /v1/memories/{name}``.
+Generation and memory changes all go through the :class:`~koff.server.batcher.Batcher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from koff.runtime import KoffRuntime
+from koff.server.admin import install_admin_routes
+from koff.server.batcher import Batcher, Delta, Failed, Finished, Job, JobHandle, Started, request_id
+from koff.server.errors import install_error_handlers, not_found
+from koff.server.guard import Guard
+from koff.server.responses import DONE, Shape, sse
+from koff.server.schemas import ChatRequest, CompletionRequest, SamplingFields
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def create_app(
+    runtime: KoffRuntime,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_batch: int = 8,
+    batch_wait_ms: float = 5.0,
+    backbone_id: str = "backbone",
+    default_max_tokens: int = 256,
+) -> FastAPI:
+    """An app serving ``runtime``; ``api_key`` (if set) is required as ``Authorization: Bearer``."""
+    batcher = Batcher(runtime, max_batch=max_batch, batch_wait_ms=batch_wait_ms, backbone_id=backbone_id,
+                      default_max_tokens=default_max_tokens)
+    if backbone_id in batcher.memory_names:
+        raise ValueError(f"a memory is named {backbone_id!r}, the id of the bare backbone; pass another backbone_id")
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="koff", summary="OpenAI-compatible API over a koff backbone and its memories", lifespan=lifespan)
+    app.state.runtime, app.state.batcher = runtime, batcher
+    install_error_handlers(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    # ----- information --------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict:
+        # open without a key (for probes): counts only, no model names
+        return {"status": "ok", "memories": len(batcher.memory_names), "batcher": batcher.stats}
+
+    def card(model: str) -> dict:
+        kind = "backbone" if model == backbone_id else "memory"
+        return {"id": model, "object": "model", "created": batcher.loaded_at.get(model, started), "owned_by": "koff",
+                "koff_kind": kind}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [card(m) for m in batcher.models()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict:
+        return card(_check_model(model))
+
+    @app.get("/v1/memories")
+    async def list_memories() -> dict:
+        return {"object": "list", "backbone": backbone_id, "memories": await batcher.call(lambda: runtime.info()["memories"])}
+
+    # ----- generation ---------------------------------------------------------------------------
+    def _check_model(model: str) -> str:
+        if not batcher.known(model):
+            raise not_found(model, batcher.models())
+        return model
+
+    def _job(prompt: str | list[dict], body: SamplingFields, max_tokens: int | None) -> Job:
+        memory = None if _check_model(body.model) == backbone_id else body.model
+        return Job(prompt, memory, max_tokens, body.temperature, body.top_p, body.seed, body.stop)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        jobs = [_job(prompt, body, body.max_tokens) for prompt in body.prompts]
+        return await _respond(jobs, body, Shape(request_id("cmpl"), body.model, chat=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        job = _job([m.plain() for m in body.messages], body, body.limit)
+        return await _respond([job], body, Shape(request_id("chatcmpl"), body.model, chat=True))
+
+    async def _respond(jobs: list[Job], body: SamplingFields, shape: Shape):
+        handles = [batcher.submit(job) for job in jobs]
+        try:
+            if body.stream:
+                first = await _started(handles[0])  # errors found before generation keep their HTTP status
+                return StreamingResponse(_stream(handles[0], first, shape, body.include_usage),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            results = await asyncio.gather(*(_collect(h) for h in handles))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        prompt_tokens = sum(r[2] for r in results)
+        completion_tokens = sum(r[3] for r in results)
+        return shape.answer([(r[0], r[1]) for r in results], prompt_tokens, completion_tokens)
+
+    install_admin_routes(app)
+    return app
+
+
+async def _started(handle: JobHandle) -> Started:
+    event = await handle.next()
+    if isinstance(event, Failed):
+        raise event.error
+    assert isinstance(event, Started), event
+    return event
+
+
+async def _collect(handle: JobHandle) -> tuple[str, str, int, int]:
+    """(text, finish_reason, prompt tokens, completion tokens) of one job run to its end."""
+    parts: list[str] = []
+    while True:
+        event = await handle.next()
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            return "".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens
+
+
+async def _stream(handle: JobHandle, first: Started, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        if shape.chat:
+            yield shape.chunk(first=True)
+        while True:
+            event = await handle.next()
+            if isinstance(event, Delta):
+                yield shape.chunk(event.text)
+            elif isinstance(event, Finished):
+                yield shape.chunk(finish_reason=event.finish_reason)
+                if include_usage:
+                    yield shape.usage_chunk(event.prompt_tokens, event.completion_tokens)
+                break
+            elif isinstance(event, Failed):  # the status line is sent already: report in-band
+                yield sse(event.error.body())
+                break
+        yield DONE
+    finally:
+        handle.cancel()  # a client that went away stops its sample at the next token
