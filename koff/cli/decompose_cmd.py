@@ -22,6 +22,7 @@ _HELP = {
     "distill_weight": "weight of KL(dense teacher || student); 0 = LM loss only",
     "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
     "final_fraction": "last fraction of steps trained with the final binary mask fixed (memories adapt to it)",
+    "init_from": "one-shot importance that ranks the gates at the start (wanda | activation | none)",
     "eval": "evaluate dense / mask+memories / mask alone at the end",
 }
 

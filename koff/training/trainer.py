@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from koff.data import DomainData, load_domains, parse_domains
 from koff.evaluation import evaluate
 from koff.io import write_json, write_text, write_yaml
-from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule
+from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule, unit_importance
+from koff.masks.oneshot import standardise
 from koff.memories.files import save_memory
 from koff.model import KoffModel
 from koff.models import load_model
@@ -84,13 +85,31 @@ class Decomposer:
         if cfg.mask_kind == "none" or cfg.sparsity == 0:
             return None
         if cfg.mask_kind == "learned":
-            return LearnedMask(self.model.costs, cfg.prune_ffn, cfg.prune_attention, cfg.init_log_alpha)
-        per_domain = max(1, cfg.calib_blocks // len(self.domains))
-        batches = [d.train[:per_domain] for d in self.domains]
+            mask = LearnedMask(self.model.costs, cfg.prune_ffn, cfg.prune_attention, cfg.init_log_alpha)
+            if cfg.init_from != "none":
+                self._rank_gates(mask, cfg.init_from)
+            return mask
         return oneshot_mask(
-            self.model.base, self.model.layout, self.model.costs, batches, cfg.sparsity, cfg.importance,
-            cfg.prune_ffn, cfg.prune_attention,
+            self.model.base, self.model.layout, self.model.costs, self._calibration_batches(), cfg.sparsity,
+            cfg.importance, cfg.prune_ffn, cfg.prune_attention,
         )
+
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        per_domain = max(1, self.config.calib_blocks // len(self.domains))
+        return [d.train[:per_domain] for d in self.domains]
+
+    @torch.no_grad()
+    def _rank_gates(self, mask: LearnedMask, importance: str) -> None:
+        """Spread the initial log_alphas by one-shot importance: with identical gates, meeting a
+        sparsity target makes *every* unit equally noisy (on SmolLM2 the loss rose from 2.86 to 3.74
+        at 1.2% sparsity); ranked gates close the least important units first and learning refines it."""
+        ffn, attn = unit_importance(self.model.base, self.model.layout, self._calibration_batches(), importance)
+        for gates, scores in ((mask.ffn, ffn), (mask.attn, attn)):
+            if gates is None:
+                continue
+            for g, z in zip(gates, standardise(scores)):
+                g.log_alpha.add_(self.config.init_spread * z.to(g.log_alpha))
+        mask.clamp_()
 
     def _optimizers(self):
         """AdamW over LoRA, KV and gate parameters (each its own learning rate); SGD ascent on lambdas."""
