@@ -35,7 +35,8 @@ def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, token
     # A random tiny model gives its gates almost no LM signal, so they move as one block: slow gate
     # and lambda rates keep the constraint from oscillating (the defaults are tuned on SmolLM2).
     dec = make(tmp_path, tokenizer, domains, sparsity=0.3, steps=400, checkpoint_every=400, prune_attention=False,
-               constraint="lagrangian", lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3, final_fraction=0.0)
+               constraint="lagrangian", lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3, final_fraction=0.0,
+               init_from="none", init_log_alpha=3.0)  # the controller alone, from identical gates
     dec.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert records[0]["expected_sparsity"] < 0.02
