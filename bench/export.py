@@ -25,7 +25,6 @@ import torch
 
 from koff.export import export_run
 from koff.io import write_json, write_text
-from koff.memories.memory import MemoryConfig
 from koff.model import KoffModel
 from koff.models import load_model
 from koff.runtime import BatchGeneration, Sampling, load

@@ -87,6 +87,13 @@ class KoffModel(nn.Module):
         self._memory(name)
         del self.memories[name]
 
+    def adapt_projections(self, targets: list[str]) -> None:
+        """Give LoRA wrappers to more projections (a memory may adapt ones the others do not)."""
+        extra = [t for t in targets if t not in self.memory_config.lora_targets]
+        if extra:
+            self.memory_config.lora_targets += extra
+            self._lora_shapes |= install_lora(self.layout, extra, self.router)
+
     def _memory(self, name: str) -> DomainMemory:
         if name not in self.memories:
             known = ", ".join(self.memories) or "none"

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from koff.export.prune import LayerSelection, group_rows, head_rows
 from koff.io import atomic_path, write_json
 from koff.memories.memory import DomainMemory, lora_key, parse_lora_key
+from koff.models.architecture import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, decoder_layout
 
 FORMAT = "koff-memory-export-v1"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KV_WEIGHTS = "kv_prefix.safetensors"
 MANIFEST = "manifest.json"
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_per_group: int, head_dim: int) -> dict:
@@ -54,11 +53,9 @@ def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_p
 
 def peft_module_names(model) -> dict[tuple[int, str], str]:
     """(layer, projection) -> the module's dotted name in the backbone (e.g. model.layers.3.mlp.up_proj)."""
-    from koff.models.architecture import decoder_layout
-
     layout = decoder_layout(model)
     names = {id(m): n for n, m in model.named_modules()}
-    return {(p.index, proj): names[id(p.projection(proj))] for p in layout.layers for proj in (*ATTENTION, "gate_proj", "up_proj", "down_proj")}
+    return {(p.index, proj): names[id(p.projection(proj))] for p in layout.layers for proj in (*ATTENTION_PROJECTIONS, *MLP_PROJECTIONS)}
 
 
 def write_memory(folder: Path, name: str, state: dict, memory: DomainMemory, module_names: dict, manifest: dict) -> None:
@@ -88,8 +85,6 @@ def write_memory(folder: Path, name: str, state: dict, memory: DomainMemory, mod
 
 def read_exported_state(folder: Path, module_keys: dict[str, tuple[int, str]]) -> dict:
     """Inverse of ``write_memory``: flat state (lora_A.<layer>_<proj>, prefix.keys.<i>, ...)."""
-    from safetensors.torch import load_file
-
     state = {}
     if (folder / ADAPTER_WEIGHTS).is_file():
         for name, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():

@@ -73,7 +73,7 @@ def install_lora(layout: DecoderLayout, targets: list[str], router: MemoryRouter
     shapes = {}
     for parts in layout.layers:
         for name in targets:
-            owner = parts.mlp if name in ("gate_proj", "up_proj", "down_proj") else parts.attention
+            owner = parts.owner(name)
             module = getattr(owner, name)
             key = lora_key(parts.index, name)
             if not isinstance(module, RoutedLoRALinear):

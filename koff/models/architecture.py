@@ -32,9 +32,12 @@ class LayerParts:
     attention: nn.Module
     mlp: nn.Module
 
+    def owner(self, name: str) -> nn.Module:
+        """The module that holds projection ``name`` as an attribute (the MLP or the attention)."""
+        return self.mlp if name in MLP_PROJECTIONS else self.attention
+
     def projection(self, name: str) -> nn.Linear:
-        owner = self.mlp if name in MLP_PROJECTIONS else self.attention
-        return getattr(owner, name)
+        return getattr(self.owner(name), name)
 
 
 @dataclass(frozen=True)

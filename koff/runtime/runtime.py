@@ -17,7 +17,6 @@ from koff.export.backbone import BackboneError, load_backbone
 from koff.export.memories import FORMAT as MEMORY_FORMAT
 from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, read_exported_state
 from koff.io import read_json
-from koff.memories.lora import install_lora
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime.generation import BatchGeneration, Sampling, TextStream
@@ -52,10 +51,7 @@ class KoffRuntime:
     def add_memory(self, path: str | Path, name: str | None = None) -> str:
         """Load a memory folder; every check runs before the model sees it, so a refusal leaves nothing half-loaded."""
         memory = self._read_memory(Path(path), name)
-        extra = sorted({parse_lora_key(k)[1] for k in memory.lora_A} - set(self.model.memory_config.lora_targets))
-        if extra:  # a memory may adapt projections the others do not: wrap them too (idempotent)
-            self.model.memory_config.lora_targets += extra
-            self.model._lora_shapes |= install_lora(self.model.layout, extra, self.model.router)
+        self.model.adapt_projections(sorted({parse_lora_key(k)[1] for k in memory.lora_A}))
         self.model.add_memory(memory)
         self.sizes[memory.name] = memory_size_bytes(Path(path))
         return memory.name
