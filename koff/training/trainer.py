@@ -77,6 +77,11 @@ class Decomposer:
         return self.config.mask_kind == "learned" and self.config.sparsity > 0
 
     @property
+    def gates_training(self) -> bool:
+        """The learned gates are still moving (not yet frozen into the final binary mask)."""
+        return self.learned and not self.mask_frozen
+
+    @property
     def lagrangian(self) -> bool:
         return self.learned and self.config.constraint == "lagrangian"
 
@@ -149,8 +154,9 @@ class Decomposer:
     def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         domains = names if self.model.memory_config.kind != "none" else None
-        if self.learned and not self.lagrangian and not self.mask_frozen:
-            self.learned_mask.project_(target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup))
+        target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
+        if self.gates_training and not self.lagrangian:
+            self.learned_mask.project_(target)
         logits = self.forward_model(batch, domains)
         targets = batch[:, 1:]
         token_loss = F.cross_entropy(
@@ -168,8 +174,7 @@ class Decomposer:
             kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
             loss = loss + cfg.distill_weight * kl
             info["kl"] = kl.item()
-        if self.learned and not self.mask_frozen:
-            target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
+        if self.gates_training:
             expected = self.learned_mask.expected_sparsity()
             info |= {"expected_sparsity": expected.item(), "target": target}
             if self.lagrangian:
@@ -184,7 +189,7 @@ class Decomposer:
         return round(self.config.steps * (1 - self.config.final_fraction))
 
     def _freeze_mask_if_due(self) -> None:
-        if self.learned and not self.mask_frozen and self.step >= self.freeze_step:
+        if self.gates_training and self.step >= self.freeze_step:
             self.model.set_mask(self.final_mask())
             self.mask_frozen = True
             log.info("step %d: mask frozen at sparsity %.4f; memories adapt to it", self.step, self.config.sparsity)
@@ -210,9 +215,9 @@ class Decomposer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.learned and not self.mask_frozen:
+        if self.gates_training:
             self.learned_mask.clamp_()
-        if self.lambda_optimizer is not None and not self.mask_frozen:
+        if self.lambda_optimizer is not None and self.gates_training:
             self.lambda_optimizer.step()
             self.lambda_optimizer.zero_grad(set_to_none=True)
             totals |= {"lambda1": self.constraint.lambda1.item(), "lambda2": self.constraint.lambda2.item()}
