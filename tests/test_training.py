@@ -47,6 +47,16 @@ def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, token
     assert all(m.all() for m in mask.attn)
 
 
+def test_mask_shaped_init_starts_at_the_oneshot_mask(tmp_path, tokenizer, domains):
+    learned = make(tmp_path, tokenizer, domains, sparsity=0.3, init_shape="mask", init_log_alpha=4.0)
+    oneshot = make(tmp_path, tokenizer, domains, sparsity=0.3, mask="oneshot:wanda")
+    start = learned.learned_mask.binarize(0.3)
+    assert [m.tolist() for m in start.ffn] == [m.tolist() for m in oneshot.model.mask.ffn]
+    assert [m.tolist() for m in start.attn] == [m.tolist() for m in oneshot.model.mask.attn]
+    alphas = torch.cat([g.log_alpha for g in learned.learned_mask.ffn])
+    assert set(alphas.tolist()) == {-4.0, 4.0}
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_projected_constraint_holds_the_target_at_every_step(tmp_path, tokenizer, domains, kind):
     dec = make(tmp_path, tokenizer, domains, kind, sparsity=0.3, steps=30, checkpoint_every=30, target_warmup=0.5,

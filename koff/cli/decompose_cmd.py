@@ -23,6 +23,7 @@ _HELP = {
     "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
     "final_fraction": "last fraction of steps trained with the final binary mask fixed (memories adapt to it)",
     "init_from": "one-shot importance that ranks the gates at the start (wanda | activation | none)",
+    "init_shape": "ranked: gates spread by importance | mask: gates start at the one-shot mask itself",
     "eval": "evaluate dense / mask+memories / mask alone at the end",
 }
 

@@ -9,6 +9,7 @@ from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfi
 
 
 CONSTRAINTS = ("projected", "lagrangian")
+INIT_SHAPES = ("ranked", "mask")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class DecomposeConfig:
     lr_mask: float = 0.1
     lr_lambda: float = 20.0  # SGD ascent
     init_from: str = "wanda"  # learned gates start ranked by this one-shot importance (wanda | activation | none)
-    init_spread: float = 6.0  # log_alpha = init_log_alpha + init_spread * standardised importance
+    init_shape: str = "ranked"  # ranked: spread by importance | mask: start at the one-shot mask itself
+    init_spread: float = 6.0  # ranked: log_alpha = init_log_alpha + init_spread * standardised importance
     init_log_alpha: float = 5.0  # kept gates must sit far above the cut: at 3.0, 20% of samples are < 1 (loss 2.9 -> 4.9)
     target_warmup: float = 0.3  # fraction of steps over which the sparsity target ramps from 0
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
@@ -72,6 +74,8 @@ class DecomposeConfig:
             raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
         if self.init_from not in (*IMPORTANCES, "none"):
             raise ValueError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
+        if self.init_shape not in INIT_SHAPES:
+            raise ValueError(f"--init-shape must be one of {', '.join(INIT_SHAPES)}, got {self.init_shape!r}")
         if self.constraint not in CONSTRAINTS:
             raise ValueError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):
