@@ -126,7 +126,7 @@ class KoffModel(nn.Module):
             per_sample = [None] * len(per_sample)
         self.hooks.set_gates(*self.current_gates())
         try:
-            with self.router.route(per_sample, self.device):
+            with self.router.route(per_sample):
                 yield per_sample
         finally:
             self.hooks.clear()

@@ -48,7 +48,7 @@ def test_mixed_batch_equals_each_sample_alone(kind):
         perturb(koff.new_memory(name, torch.randint(0, 300, (8,))), seed=i)
     koff.eval()
     ids = torch.randint(0, 300, (4, 10))
-    for domains in (["a", "c", "b", "a"], ["a", None, "b", None]):  # batched path, then grouped path
+    for domains in (["a", "c", "b", "a"], ["a", None, "b", None]):  # batched path, then segmented path (bare backbone in the mix)
         mixed = koff(ids, domains)
         for i, d in enumerate(domains):
             assert torch.allclose(mixed[i : i + 1], koff(ids[i : i + 1], d), atol=1e-5)
@@ -65,6 +65,23 @@ def test_mixed_batch_with_different_ranks_and_slot_counts():
     mixed = koff(ids, ["a", "b"])
     assert torch.allclose(mixed[:1], koff(ids[:1], "a"), atol=1e-5)
     assert torch.allclose(mixed[1:], koff(ids[1:], "b"), atol=1e-5)
+
+
+def test_mixed_batch_sees_memories_updated_in_place_between_calls():
+    # Inference keeps the concatenated LoRA factors of a mixed batch between calls; a memory trained
+    # (updated in place) in between must not be served stale.
+    koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora"))
+    perturb(koff.new_memory("a"))
+    koff.eval()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        before = koff(ids, ["a", None])
+        for b in koff.memories["a"].lora_B.values():
+            b.mul_(3.0)
+        after = koff(ids, ["a", None])
+        assert not torch.allclose(before[:1], after[:1], atol=1e-4)
+        assert torch.allclose(after[:1], koff(ids[:1], "a"), atol=1e-5)
+        assert torch.allclose(after[1:], koff(ids[1:], None), atol=1e-5)
 
 
 def test_memory_kinds_hold_what_they_say():

@@ -20,6 +20,7 @@ class RoutedLoRALinear(nn.Module):
         self.base = base
         self.key = key
         self._router = [router]  # a list keeps the router out of the module tree
+        self._cache = None  # concatenated factors of the last mixed batch (inference only)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -47,10 +48,7 @@ class RoutedLoRALinear(nn.Module):
             return y + self._delta(memory, x)
         if self._batchable(router.per_sample):
             return y + self._batched_delta(router.per_sample, x)
-        for memory, rows in router.groups:
-            if self.key in memory.lora_A:
-                y = y.index_add(0, rows, self._delta(memory, x.index_select(0, rows)))
-        return y
+        return y + self._segmented_delta(router, x)
 
     def _batchable(self, per_sample) -> bool:
         ranks = {m.rank if m is not None and self.key in m.lora_A else -1 for m in per_sample}
@@ -62,6 +60,41 @@ class RoutedLoRALinear(nn.Module):
         b = torch.stack([m.lora_B[self.key] for m in per_sample]).to(x.dtype)
         scale = torch.tensor([m.scaling for m in per_sample], dtype=x.dtype, device=x.device)
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale.view(-1, *[1] * (x.dim() - 1))
+
+    def _segmented_delta(self, router, x: torch.Tensor) -> torch.Tensor:
+        """A batch where some samples have no update here (the bare backbone, a memory without this
+        projection) or ranks differ: project on the concatenated A of the distinct memories present,
+        keep each sample's own columns (scaled), and map back with the concatenated B. Two plain
+        matmuls for the whole batch, whatever the mix; samples without an update get exactly zero."""
+        present = [m for m in router.distinct if self.key in m.lora_A]
+        if not present:
+            return torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
+        a, b, select = self._segments(present, router.per_sample, x)
+        low = F.linear(x, a) * select.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        return F.linear(low, b)
+
+    def _segments(self, present, per_sample, x: torch.Tensor):
+        """Concatenated factors, (sum of ranks, in) and (out, sum of ranks), and the (batch, sum of
+        ranks) column selection. Kept between calls when no gradient is recorded and neither the
+        batch's memories nor their factors changed (``_version`` counts in-place updates): decode
+        steps of one batch build them once."""
+        signature = (
+            x.dtype, x.device, tuple(id(m) for m in per_sample),
+            tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present),
+        )
+        if self._cache is not None and self._cache[0] == signature:
+            return self._cache[1]
+        a = torch.cat([m.lora_A[self.key] for m in present]).to(x.dtype)
+        b = torch.cat([m.lora_B[self.key] for m in present], dim=1).to(x.dtype)
+        select = torch.zeros(len(per_sample), a.shape[0], dtype=x.dtype, device=x.device)
+        start = 0
+        for memory in present:
+            rows = [i for i, m in enumerate(per_sample) if m is memory]
+            select[rows, start : start + memory.rank] = memory.scaling
+            start += memory.rank
+        if not torch.is_grad_enabled():
+            self._cache = (signature, (a, b, select))
+        return a, b, select
 
     def _delta(self, memory, x: torch.Tensor) -> torch.Tensor:
         a, b = memory.lora_A[self.key], memory.lora_B[self.key]
