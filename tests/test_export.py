@@ -9,7 +9,7 @@ from koff.cli import main
 from koff.export import ExportError, export_run, load_run
 from koff.masks import BinaryMask
 from koff.model import UnknownMemoryError
-from koff.runtime import MemoryLoadError, load
+from koff.runtime import DecodeBatch, MemoryLoadError, Sampling, load
 from koff.training import DecomposeConfig, Decomposer
 from tiny import save_tiny
 
@@ -76,6 +76,55 @@ def test_mixed_memory_batched_generation_equals_one_by_one(tmp_path, corpus):
     assert "".join(runtime.generate(prompts[0], memory="eng", max_new_tokens=8, stream=True)) == alone[0]
     sampled = [runtime.generate(prompts[0], memory="eng", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3) for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
+
+
+class RecordingBatch(DecodeBatch):
+    """Keeps the logits each sample's tokens were drawn from (greedy tokens of a tiny random model
+    hardly depend on the context; its logits do)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.logits: dict[int, list[torch.Tensor]] = {}
+
+    def _sample(self, rows, logits):
+        for i, row in enumerate(rows):
+            if not row.done:
+                self.logits.setdefault(row.key, []).append(logits[i].clone())
+        return super()._sample(rows, logits)
+
+
+def test_samples_joining_and_leaving_a_running_batch_get_the_same_logits(tmp_path, corpus):
+    # Continuous batching: prompts join a running batch between steps (their caches merged with
+    # left padding) and finished ones leave it; each sample sees what it would see alone.
+    export_run(make_run(tmp_path, corpus, "llama"), tmp_path / "export")
+    runtime = load(tmp_path / "export")
+    pad = runtime.tokenizer.pad_token_id
+    requests = [("the cat sat", "eng", 9), ("def f(x):", "code", 3), ("the dog ran over the hill", None, 6),
+                ("a", "code", 5), ("import os", "eng", 4)]
+    joins = {0: [0, 1], 2: [2], 3: [3, 4]}  # step -> requests that join before it
+
+    def alone(prompt, memory, n):
+        batch = RecordingBatch(runtime.model, pad, set())
+        batch.add(runtime.encode(prompt), memory, Sampling(n))
+        while len(batch):
+            batch.step()
+        return batch.logits[0]
+
+    batch = RecordingBatch(runtime.model, pad, set())
+    keys, step, widths = {}, 0, []
+    while step in joins or len(batch):
+        for r in joins.get(step, []):
+            prompt, memory, n = requests[r]
+            keys[r] = batch.add(runtime.encode(prompt), memory, Sampling(n))
+        batch.step()
+        widths.append(len(batch.rows))
+        step += 1
+    assert max(widths) == 4 and widths[-1] == 1  # request 1 left before 3 and 4 joined; the longest ends alone
+    for r, (prompt, memory, n) in enumerate(requests):
+        got, expected = batch.logits[keys[r]], alone(prompt, memory, n)
+        assert len(got) == len(expected) == n
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, atol=1e-4), r
 
 
 def test_stop_strings_and_perplexity(tmp_path, corpus):

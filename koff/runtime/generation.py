@@ -1,4 +1,5 @@
-"""Batched generation where every sample may use its own memory.
+"""Batched generation where every sample may use its own memory, and samples join and leave a
+running batch between steps.
 
 The prompts are left-padded; each sample's KV prefix sits in the cache before its prompt and its
 positions start right after its own prefix, so a sample's tokens are the same whether it runs
@@ -7,12 +8,14 @@ alone or in a mixed batch (up to float rounding).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from koff.memories.memory import DomainMemory
 from koff.memories.prefix import build_prefix_cache
 from koff.model import KoffModel
 
@@ -46,6 +49,158 @@ def sample_next(logits: torch.Tensor, params: Sampling, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class _Row:
+    """One sample of a running batch."""
+
+    key: int
+    memory: DomainMemory | None
+    params: Sampling
+    generator: torch.Generator | None
+    count: int = 0  # tokens generated
+    last: int = 0  # the token to feed next
+    done: bool = False
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros on the left of ``dim`` up to ``length`` (the padding is masked out by the caller)."""
+    pad = [0, 0] * (t.dim() - 1 - dim) + [length - t.shape[dim], 0]
+    return torch.nn.functional.pad(t, pad)
+
+
+class DecodeBatch:
+    """A running generation batch that prompts join and leave between steps (continuous batching).
+
+    ``add`` queues a prompt with its memory and sampling; each ``step`` feeds every running sample
+    its last token (one forward for all, each with its own LoRA and KV prefix), then prefills the
+    prompts that joined since (one forward for those) and merges their caches into the running one.
+    Caches are left-padded to one length with the padding masked out and positions are per sample,
+    so a sample's tokens do not depend on who else is in the batch (up to float rounding).
+    Finished samples leave the cache at the next step.
+    """
+
+    def __init__(self, model: KoffModel, pad_id: int, eos_ids: set[int]):
+        self.model, self.pad_id, self.eos_ids = model, pad_id, eos_ids
+        self.rows: list[_Row] = []
+        self.pending: list[tuple[_Row, list[int]]] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real prefix slot or token
+        self.next_position: torch.Tensor | None = None  # (rows, 1)
+        self._keys = itertools.count()
+        self._by_key: dict[int, _Row] = {}
+
+    def add(self, prompt: Sequence[int], memory: str | None, params: Sampling) -> int:
+        """Queue a prompt (token ids); it is prefilled on the next step. Returns its key."""
+        if len(prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        params.validate()
+        resolved = self.model.resolve([memory], 1)[0]
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        row = _Row(next(self._keys), resolved, params, generator)
+        self.pending.append((row, list(prompt)))
+        self._by_key[row.key] = row
+        return row.key
+
+    def stop(self, key: int) -> None:
+        self._by_key[key].done = True
+
+    def is_done(self, key: int) -> bool:
+        return self._by_key[key].done
+
+    def __len__(self) -> int:
+        """Samples still generating (running or waiting for their prefill)."""
+        return sum(not r.done for r in self.rows) + sum(not r.done for r, _ in self.pending)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, int]]:
+        """One token for every unfinished sample: (key, token id) pairs."""
+        self._drop_finished()
+        tokens = self._decode() if self.rows else []
+        self.pending = [(r, p) for r, p in self.pending if not r.done]
+        if self.pending:
+            tokens += self._prefill()
+        return tokens
+
+    def _decode(self) -> list[tuple[int, int]]:
+        rows, device = self.rows, self.model.device
+        ids = torch.tensor([r.last for r in rows], device=device)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=device)], dim=1)
+        with self.model.activate([r.memory for r in rows]):
+            out = self.model.base(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache,
+                                  position_ids=self.next_position, use_cache=True)
+        self.cache, self.next_position = out.past_key_values, self.next_position + 1
+        return self._sample(rows, out.logits[:, -1])
+
+    def _prefill(self) -> list[tuple[int, int]]:
+        model, device = self.model, self.model.device
+        rows, prompts = [r for r, _ in self.pending], [p for _, p in self.pending]
+        self.pending = []
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, device=device)
+            prompt_mask[i, longest - len(p):] = 1
+        with model.activate([r.memory for r in rows]) as active:
+            dtype = next(model.base.parameters()).dtype
+            cache, prefix_mask = build_prefix_cache(active, model.base.config, dtype, device)
+            if cache is None:
+                cache, prefix_mask = DynamicCache(config=model.base.config), prompt_mask[:, :0]
+            mask = torch.cat([prefix_mask, prompt_mask], dim=1)
+            positions = prefix_mask.sum(1, keepdim=True) + (prompt_mask.cumsum(1) - 1).clamp(min=0)
+            out = model.base(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions, use_cache=True)
+        tokens = self._sample(rows, out.logits[:, -1])
+        self._merge(rows, out.past_key_values, mask, positions[:, -1:] + 1)
+        return tokens
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, int]]:
+        tokens = []
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            row.last = sample_next(logits[i], row.params, row.generator)
+            row.count += 1
+            row.done = row.last in self.eos_ids or row.count >= row.params.max_new_tokens
+            tokens.append((row.key, row.last))
+        return tokens
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor) -> None:
+        """Append newly prefilled samples to the running batch, left-padding the shorter cache."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_position = rows, cache, mask, next_position
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        merged = DynamicCache(config=self.model.base.config)
+        for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
+            keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
+            values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
+            merged.update(keys, values, i)
+        self.cache = merged
+        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+        self.next_position = torch.cat([self.next_position, next_position])
+        self.rows = self.rows + rows
+
+    def _drop_finished(self) -> None:
+        """Remove finished samples, and cache columns that no remaining sample attends to."""
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        for r in self.rows:
+            if r.done:
+                del self._by_key[r.key]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_position = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        first = int(mask.any(0).long().argmax())  # columns before it are padding for every sample left
+        pruned = DynamicCache(config=self.model.base.config)
+        for i, layer in enumerate(self.cache.layers):
+            pruned.update(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:], i)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache, self.mask, self.next_position = pruned, mask[:, first:], self.next_position.index_select(0, index)
+
+
 class BatchGeneration:
     """Generate for several prompts at once; iterate to get, per step, (sample index, token id) pairs.
 
@@ -60,62 +215,24 @@ class BatchGeneration:
         pad_id: int,
         eos_ids: set[int],
     ):
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        for p in params:
-            p.validate()
-        self.model, self.prompts, self.params = model, [list(p) for p in prompts], list(params)
-        self.per_sample = model.resolve(list(memories), len(prompts))
-        self.pad_id, self.eos_ids = pad_id, eos_ids
+        if not prompts:
+            raise ValueError("no prompts to generate for")
+        self.batch = DecodeBatch(model, pad_id, eos_ids)
+        self.keys = [self.batch.add(p, m, s) for p, m, s in zip(prompts, memories, params, strict=True)]
+        self.index = {key: i for i, key in enumerate(self.keys)}
         self.done = [False] * len(prompts)
-        self.generators = [
-            torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in self.params
-        ]
 
     def stop(self, index: int) -> None:
+        self.batch.stop(self.keys[index])
         self.done[index] = True
 
-    @torch.no_grad()
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        model, device = self.model, self.model.device
-        batch, longest = len(self.prompts), max(len(p) for p in self.prompts)
-        ids = torch.full((batch, longest), self.pad_id, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        for i, p in enumerate(self.prompts):
-            ids[i, longest - len(p):] = torch.tensor(p, device=device)
-            prompt_mask[i, longest - len(p):] = 1
-        counts = [0] * batch
-        with model.activate(self.per_sample) as active:
-            dtype = next(model.base.parameters()).dtype
-            cache, prefix_mask = build_prefix_cache(active, model.base.config, dtype, device)
-            if cache is None:
-                cache, prefix_mask = DynamicCache(config=model.base.config), prompt_mask[:, :0]
-            mask = torch.cat([prefix_mask, prompt_mask], dim=1)
-            positions = prefix_mask.sum(1, keepdim=True) + (prompt_mask.cumsum(1) - 1).clamp(min=0)
-            out = model.base(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions, use_cache=True)
-            next_position = positions[:, -1:] + 1
-            while True:
-                logits = out.logits[:, -1]
-                step, tokens = [], []
-                for i in range(batch):
-                    token = self.pad_id
-                    if not self.done[i]:
-                        token = sample_next(logits[i], self.params[i], self.generators[i])
-                        step.append((i, token))
-                        counts[i] += 1
-                        if token in self.eos_ids or counts[i] >= self.params[i].max_new_tokens:
-                            self.done[i] = True
-                    tokens.append(token)
-                if step:
-                    yield step
-                if all(self.done):
-                    return
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-                out = model.base(
-                    input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                    past_key_values=out.past_key_values, position_ids=next_position, use_cache=True,
-                )
-                next_position = next_position + 1
+        while len(self.batch):
+            step = [(self.index[key], token) for key, token in self.batch.step()]
+            for i, _ in step:
+                self.done[i] = self.batch.is_done(self.keys[i])
+            if step:
+                yield step
 
 
 class TextStream:
