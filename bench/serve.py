@@ -145,15 +145,15 @@ def scenario(server: Server, models: list[str], requests: int, concurrency: int,
     errors = [r["error"] for r in results if "error" in r]
     latencies, ttfts = [r["latency"] for r in ok], [r["ttft"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
-    batches = after["batches"] - before["batches"]
+    steps = after["steps"] - before["steps"]
     return {
         "models": models, "requests": requests, "concurrency": concurrency, "errors": len(errors),
         "error_examples": sorted(set(errors))[:3], "wall_seconds": round(wall, 3),
         "requests_per_s": round(len(ok) / wall, 3), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
         "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
         "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
-        "batches": batches, "mean_batch": round((after["requests"] - before["requests"]) / batches, 2) if batches else None,
-        "mixed_batches": after["mixed_batches"] - before["mixed_batches"],
+        "decode_steps": steps, "mean_batch": round((after["step_rows"] - before["step_rows"]) / steps, 2) if steps else None,
+        "mixed_steps": after["mixed_steps"] - before["mixed_steps"],
     }
 
 
@@ -223,13 +223,13 @@ def report(summary: dict) -> str:
         f"# koff serve load benchmark ({summary['export']})", "", f"Command: `{summary['command']}`", "",
         f"Machine: {summary['machine']}. Server: {s['server']}, max batch {s['max_batch']}, batch wait {s['batch_wait_ms']} ms; "
         f"{s['requests']} streamed greedy completions of up to {s['max_tokens']} tokens per scenario.", "",
-        "| scenario | models | clients | errors | req/s | tokens/s | p50 latency ms | p95 latency ms | p50 TTFT ms | p95 TTFT ms | mean batch | mixed batches |",
+        "| scenario | models | clients | errors | req/s | tokens/s | p50 latency ms | p95 latency ms | p50 TTFT ms | p95 TTFT ms | mean batch | mixed steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["scenarios"].items():
         lines.append(f"| {name} | {', '.join(r['models'])} | {r['concurrency']} | {r['errors']} | {r['requests_per_s']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['ttft_p50_s'])} | "
-                     f"{ms(r['ttft_p95_s'])} | {r['mean_batch']} | {r['mixed_batches']} |")
+                     f"{ms(r['ttft_p95_s'])} | {r['mean_batch']} | {r['mixed_steps']} |")
     lines.append("")
     if "mixed_vs_single_throughput" in summary:
         lines.append(f"Mixed-memory traffic reaches {summary['mixed_vs_single_throughput']:.2f}x the throughput of single-memory traffic.")

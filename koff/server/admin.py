@@ -1,6 +1,6 @@
 """Admin routes: load a memory folder of the served export, or unload one, without a restart.
 
-Both run on the batcher's worker thread between batches, so they never race with generation. A
+Both run on the batcher's worker thread between decode steps, so they never race with generation. A
 folder must lie inside the export's ``memories/`` (after resolving ``..`` and symlinks), and
 only its JSON manifest and safetensors files are read.
 """

@@ -2,9 +2,10 @@
 
 Handlers ``submit`` a :class:`Job` and read its events (``Started``, ``Delta``..., then ``Finished``
 or ``Failed``) from an asyncio queue that the worker fills through ``loop.call_soon_threadsafe``.
-The worker takes the first waiting job, waits up to ``batch_wait_ms`` for more (up to
-``max_batch``), and runs them together even when they name different memories or sampling
-parameters: both are per sample in the runtime. Everything that touches the model or the
+The worker keeps one running batch (continuous batching): when idle it takes the first waiting
+job and waits up to ``batch_wait_ms`` for more; while generating, jobs that arrive join the
+running batch at the next step (up to ``max_batch`` samples) and finished ones leave it. Samples
+may name different memories and sampling parameters: both are per sample in the runtime. Everything that touches the model or the
 tokenizer (chat templates, encoding, memory loads and removals) runs on this one thread, so a
 memory change can never race with a running batch and the tokenizer is never shared across threads.
 """
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from koff.runtime import KoffRuntime, Sampling, TextStream
+from koff.runtime import DecodeBatch, KoffRuntime, Sampling, TextStream
 from koff.server.errors import APIError, not_found
 
 log = logging.getLogger("koff.server")
@@ -138,8 +139,10 @@ class Batcher:
         # touching the model; the worker replaces it after every memory change.
         self.memory_names: tuple[str, ...] = tuple(runtime.memories)
         self.loaded_at = {name: int(time.time()) for name in self.memory_names}
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "mixed_batches": 0, "completion_tokens": 0,
-                      "failed_batches": 0}
+        # steps: decode steps; step_rows: samples over all steps (mean batch = step_rows / steps);
+        # mixed_steps: steps whose samples named more than one memory (or the bare backbone and one).
+        self.stats = {"requests": 0, "steps": 0, "step_rows": 0, "largest_batch": 0, "mixed_steps": 0,
+                      "completion_tokens": 0, "failed_steps": 0}
 
     # ----- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,7 +188,7 @@ class Batcher:
         return handle
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread between batches (memory loads and removals)."""
+        """Run ``fn`` on the worker thread between decode steps (memory loads and removals)."""
         self.start()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Call(fn, future))
@@ -193,39 +196,65 @@ class Batcher:
 
     # ----- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        batch, live = self._new_batch(), {}
         while not self._stopping:
-            item = self._queue.get()
-            if item is None:
-                break
-            if isinstance(item, _Call):
-                self._run_call(item)
-                continue
-            jobs, call = self._gather(item)
-            try:
-                self._run_batch(jobs)
-            except Exception as err:  # never let one batch take the worker down; fail only its requests
-                log.exception("batch failed")
-                for job in jobs:  # a handler stops reading at its first Finished/Failed: extras are harmless
-                    job.emit(Failed(APIError(500, f"the batch failed: {type(err).__name__}: {err}")))
-            if call is not None:
-                self._run_call(call)
+            if live:
+                jobs = self._waiting(self.max_batch - len(live))
+            else:
+                item = self._queue.get()
+                if item is None:
+                    break
+                if isinstance(item, _Call):
+                    self._run_call(item)
+                    continue
+                jobs = self._gather(item)
+            for job in jobs:
+                self._admit(job, batch, live)
+            if live and not self._step(batch, live):
+                batch = self._new_batch()  # a failed step leaves the batch's state unknown
+        for entry in live.values():
+            entry.job.emit(Failed(APIError(503, "the server is shutting down")))
 
-    def _gather(self, first: Job) -> tuple[list[Job], _Call | None]:
-        """The first job plus whatever arrives within the wait window; a queued call ends the batch."""
-        jobs, deadline = [first], time.monotonic() + self.batch_wait
-        while len(jobs) < self.max_batch:
-            remaining = deadline - time.monotonic()
+    def _new_batch(self) -> DecodeBatch:
+        tokenizer = self.runtime.tokenizer
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        return DecodeBatch(self.runtime.model, tokenizer.pad_token_id, eos)
+
+    def _next_item(self, timeout: float | None) -> Job | None:
+        """The next queued job, running calls (memory loads) on the way; None when none is waiting."""
+        while True:
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
             except queue.Empty:
-                break
+                return None
             if item is None:
                 self._stopping = True
-                break
+                return None
             if isinstance(item, _Call):
-                return jobs, item
-            jobs.append(item)
-        return jobs, None
+                self._run_call(item)  # between steps: never during a forward pass
+                continue
+            return item
+
+    def _gather(self, first: Job) -> list[Job]:
+        """The first job plus whatever arrives within the wait window (the batch starts from idle)."""
+        jobs, deadline = [first], time.monotonic() + self.batch_wait
+        while len(jobs) < self.max_batch and not self._stopping:
+            remaining = deadline - time.monotonic()
+            job = self._next_item(remaining if remaining > 0 else None)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _waiting(self, room: int) -> list[Job]:
+        """Jobs already queued, to join the running batch at its next step."""
+        jobs = []
+        while len(jobs) < room and not self._stopping:
+            job = self._next_item(None)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
 
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
@@ -239,8 +268,8 @@ class Batcher:
             self.memory_names = tuple(self.runtime.memories)  # before the handler wakes up and answers
             call.future.set_result(result)
 
-    def _prepare(self, job: Job) -> tuple[str, Sampling, int]:
-        """Render and encode the prompt and check that it fits: (text, sampling, prompt tokens)."""
+    def _prepare(self, job: Job) -> tuple[list[int], Sampling]:
+        """Render and encode the prompt and check that it fits: (token ids, sampling)."""
         runtime = self.runtime
         if job.memory is not None and job.memory not in runtime.model.memories:
             raise not_found(job.memory, self.models())
@@ -250,7 +279,8 @@ class Batcher:
             text = runtime.tokenizer.apply_chat_template(job.prompt, tokenize=False, add_generation_prompt=True)
         else:
             text = job.prompt
-        prompt_tokens = len(runtime.encode(text)) if text else 0
+        ids = runtime.encode(text) if text else []
+        prompt_tokens = len(ids)
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         slots = runtime.model.memories[job.memory].slots if job.memory is not None else 0
@@ -263,75 +293,79 @@ class Batcher:
                 f"{prompt_tokens} tokens and {max_tokens} were asked for the completion.",
                 param="max_tokens" if prompt_tokens < self.context - slots else "prompt", code="context_length_exceeded",
             )
-        return text, Sampling(max_tokens, job.temperature, job.top_p, job.seed), prompt_tokens
+        return ids, Sampling(max_tokens, job.temperature, job.top_p, job.seed)
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        ready: list[tuple[Job, str, Sampling, int]] = []
-        for job in jobs:
-            if job.cancelled.is_set():
-                continue
-            try:
-                text, sampling, prompt_tokens = self._prepare(job)
-                sampling.validate()
-            except APIError as err:
-                job.emit(Failed(err))
-                continue
-            except ValueError as err:
-                job.emit(Failed(APIError(400, str(err))))
-                continue
-            except Exception as err:  # noqa: BLE001
-                log.exception("cannot prepare a request")
-                job.emit(Failed(APIError(500, f"cannot prepare the request: {err}")))
-                continue
-            job.emit(Started(prompt_tokens, sampling.max_new_tokens))
-            ready.append((job, text, sampling, prompt_tokens))
-        if not ready:
+    def _admit(self, job: Job, batch: DecodeBatch, live: dict) -> None:
+        """Check and encode a job and add it to the running batch, or fail it with its error."""
+        if job.cancelled.is_set():
             return
-        runtime = self.runtime
-        eos = runtime.tokenizer.eos_token_id
-        streams = [ServerStream(runtime.tokenizer, job.stop, job.cancelled) for job, *_ in ready]
-        finished = [False] * len(ready)
-        self._count(ready)
-
-        def finish(i: int) -> None:
-            job, _, sampling, prompt_tokens = ready[i]
-            stream = streams[i]
-            tail = stream.flush()
-            if tail:
-                job.emit(Delta(tail))
-            done_by_stop = stream.hit_stop or (eos is not None and stream.ids and stream.ids[-1] == eos)
-            reason = "stop" if done_by_stop or len(stream.ids) < sampling.max_new_tokens else "length"
-            job.emit(Finished(reason, prompt_tokens, len(stream.ids)))
-            self.stats["completion_tokens"] += len(stream.ids)
-            finished[i] = True
-
         try:
-            for step in runtime.run([r[1] for r in ready], [r[0].memory for r in ready], [r[2] for r in ready], streams):
-                for i, delta in step:
-                    if delta:
-                        ready[i][0].emit(Delta(delta))
-                    stream = streams[i]
-                    if stream.stopped or stream.ids[-1] == eos or len(stream.ids) >= ready[i][2].max_new_tokens:
-                        finish(i)
-        except Exception as err:  # noqa: BLE001 - fail this batch's requests, keep serving
-            log.exception("generation failed for a batch of %d", len(ready))
-            self.stats["failed_batches"] += 1
-            for i, (job, *_) in enumerate(ready):
-                if not finished[i]:
-                    finished[i] = True
-                    job.emit(Failed(APIError(500, f"generation failed: {type(err).__name__}: {err}")))
+            ids, sampling = self._prepare(job)
+            key = batch.add(ids, job.memory, sampling)
+        except APIError as err:
+            job.emit(Failed(err))
             return
-        for i in range(len(ready)):
-            if not finished[i]:
-                finish(i)
+        except ValueError as err:
+            job.emit(Failed(APIError(400, str(err))))
+            return
+        except Exception as err:  # noqa: BLE001
+            log.exception("cannot prepare a request")
+            job.emit(Failed(APIError(500, f"cannot prepare the request: {err}")))
+            return
+        job.emit(Started(len(ids), sampling.max_new_tokens))
+        live[key] = _Live(job, ServerStream(self.runtime.tokenizer, job.stop, job.cancelled), sampling, len(ids))
+        self.stats["requests"] += 1
 
-    def _count(self, ready: list) -> None:
+    def _step(self, batch: DecodeBatch, live: dict) -> bool:
+        """One token for every live job; False (and every live job failed) when the step raised."""
+        try:
+            step = batch.step()
+        except Exception as err:  # noqa: BLE001 - fail the batch's requests, keep serving
+            log.exception("generation failed for a batch of %d", len(live))
+            self.stats["failed_steps"] += 1
+            for entry in live.values():
+                entry.job.emit(Failed(APIError(500, f"generation failed: {type(err).__name__}: {err}")))
+            live.clear()
+            return False
+        self._count(step, live)
+        for key, token in step:
+            entry = live[key]
+            delta = entry.stream.push(token)
+            if entry.stream.stopped:
+                batch.stop(key)
+            if delta:
+                entry.job.emit(Delta(delta))
+            if batch.is_done(key):
+                self._finish(live.pop(key))
+        return True
+
+    def _finish(self, entry: "_Live") -> None:
+        stream, eos = entry.stream, self.runtime.tokenizer.eos_token_id
+        tail = stream.flush()
+        if tail:
+            entry.job.emit(Delta(tail))
+        done_by_stop = stream.hit_stop or (eos is not None and stream.ids and stream.ids[-1] == eos)
+        reason = "stop" if done_by_stop or len(stream.ids) < entry.sampling.max_new_tokens else "length"
+        entry.job.emit(Finished(reason, entry.prompt_tokens, len(stream.ids)))
+        self.stats["completion_tokens"] += len(stream.ids)
+
+    def _count(self, step: list[tuple[int, int]], live: dict) -> None:
         stats = self.stats
-        stats["requests"] += len(ready)
-        stats["batches"] += 1
-        stats["largest_batch"] = max(stats["largest_batch"], len(ready))
-        if len({r[0].memory for r in ready}) > 1:
-            stats["mixed_batches"] += 1
+        stats["steps"] += 1
+        stats["step_rows"] += len(step)
+        stats["largest_batch"] = max(stats["largest_batch"], len(step))
+        if len({live[key].job.memory for key, _ in step}) > 1:
+            stats["mixed_steps"] += 1
+
+
+@dataclass
+class _Live:
+    """A job in the running batch."""
+
+    job: Job
+    stream: ServerStream
+    sampling: Sampling
+    prompt_tokens: int
 
 
 _ids = itertools.count()
