@@ -57,6 +57,23 @@ def test_mask_shaped_init_starts_at_the_oneshot_mask(tmp_path, tokenizer, domain
     assert set(alphas.tolist()) == {-4.0, 4.0}
 
 
+def test_file_mask_trains_memories_on_another_runs_mask(tmp_path, tokenizer, domains):
+    first = make(tmp_path, tokenizer, domains, sparsity=0.3, steps=4, out=str(tmp_path / "first"))
+    first.train()
+    reused = make(tmp_path, tokenizer, domains, mask=f"file:{tmp_path / 'first'}", memory="lora", steps=3,
+                  out=str(tmp_path / "second"))
+    assert reused.learned_mask is None
+    reused.train()
+    masks = [BinaryMask.load(tmp_path / name / "mask.safetensors") for name in ("first", "second")]
+    assert [m.tolist() for m in masks[0].ffn] == [m.tolist() for m in masks[1].ffn]
+    assert [m.tolist() for m in masks[0].attn] == [m.tolist() for m in masks[1].attn]
+    with pytest.raises(FileNotFoundError, match="no such mask"):
+        make(tmp_path, tokenizer, domains, mask=f"file:{tmp_path / 'nowhere.safetensors'}")
+    config = DecomposeConfig(model="tiny", out=str(tmp_path / "third"), block_len=32, mask=f"file:{tmp_path / 'first'}")
+    with pytest.raises(ValueError, match="another model"):
+        Decomposer(config, base=tiny_model("llama", layers=3), tokenizer=tokenizer, domains=domains)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_projected_constraint_holds_the_target_at_every_step(tmp_path, tokenizer, domains, kind):
     dec = make(tmp_path, tokenizer, domains, kind, sparsity=0.3, steps=30, checkpoint_every=30, target_warmup=0.5,

@@ -15,7 +15,7 @@ _HELP = {
     "domain": "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, bundled:code/<lang>)",
     "out": "run folder (config, log, checkpoints, mask, memories)",
     "sparsity": "target fraction of transformer-block parameters removed",
-    "mask": "learned | oneshot:wanda | oneshot:activation | none",
+    "mask": "learned | oneshot:wanda | oneshot:activation | file:<mask.safetensors or run folder> (memories only) | none",
     "memory": "lora+kv | lora | kv | none",
     "lora_targets": "projections that get LoRA",
     "kv_slots": "learned key/value slots per layer",

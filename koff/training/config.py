@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from koff.masks.oneshot import IMPORTANCES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
@@ -25,7 +26,7 @@ class DecomposeConfig:
     seed: int = 0
     # what to learn
     sparsity: float = 0.12
-    mask: str = "learned"  # learned | oneshot:<importance> | none
+    mask: str = "learned"  # learned | oneshot:<importance> | file:<mask or run folder> | none
     prune_ffn: bool = True
     prune_attention: bool = True
     constraint: str = "projected"  # projected | lagrangian (how the sparsity target is enforced)
@@ -68,8 +69,11 @@ class DecomposeConfig:
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
         kind, _, importance = self.mask.partition(":")
-        if kind not in ("learned", "oneshot", "none") or (kind == "oneshot") != bool(importance):
-            raise ValueError(f"--mask must be learned, none or oneshot:<{'|'.join(IMPORTANCES)}>, got {self.mask!r}")
+        if kind not in ("learned", "oneshot", "none", "file") or (kind in ("oneshot", "file")) != bool(importance):
+            raise ValueError(
+                f"--mask must be learned, none, oneshot:<{'|'.join(IMPORTANCES)}> or file:<mask.safetensors or run folder>, "
+                f"got {self.mask!r}"
+            )
         if kind == "oneshot" and importance not in IMPORTANCES:
             raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
         if self.init_from not in (*IMPORTANCES, "none"):
@@ -92,7 +96,13 @@ class DecomposeConfig:
 
     @property
     def importance(self) -> str:
-        return self.mask.partition(":")[2]
+        return self.mask.partition(":")[2] if self.mask_kind == "oneshot" else ""
+
+    @property
+    def mask_file(self) -> str:
+        """``file:`` masks: a mask.safetensors, or a run folder holding one."""
+        path = self.mask.partition(":")[2] if self.mask_kind == "file" else ""
+        return str(Path(path) / "mask.safetensors") if path and Path(path).is_dir() else path
 
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(self.memory, self.lora_rank, self.lora_alpha, list(self.lora_targets), self.kv_slots)

@@ -89,6 +89,8 @@ class Decomposer:
 
     def _initial_mask(self):
         cfg = self.config
+        if cfg.mask_kind == "file":
+            return self._mask_from_file(cfg.mask_file)
         if cfg.mask_kind == "none" or cfg.sparsity == 0:
             return None
         if cfg.mask_kind == "learned":
@@ -100,6 +102,16 @@ class Decomposer:
             self.model.base, self.model.layout, self.model.costs, self._calibration_batches(), cfg.sparsity,
             cfg.importance, cfg.prune_ffn, cfg.prune_attention,
         )
+
+    def _mask_from_file(self, path: str) -> BinaryMask:
+        """A fixed mask (e.g. another run's): only memories train on it; its own sparsity holds."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--mask file:{path}: no such mask file")
+        mask = BinaryMask.load(path)
+        costs = self.model.costs
+        if [len(m) for m in mask.ffn] != list(costs.ffn_units) or [len(m) for m in mask.attn] != list(costs.attn_units):
+            raise ValueError(f"--mask file:{path} was made for another model (its layers or unit counts differ)")
+        return mask
 
     def _calibration_batches(self) -> list[torch.Tensor]:
         per_domain = max(1, self.config.calib_blocks // len(self.domains))
