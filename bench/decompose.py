@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--final-fraction", type=float, default=0.2)
     parser.add_argument("--target-warmup", type=float, default=0.3)
     parser.add_argument("--init-shape", default="ranked", choices=["ranked", "mask"])
+    parser.add_argument("--distill-weight", type=float, default=0.0, help="weight of KL(dense || student) in the loss")
     parser.add_argument("--tag", default="", help="suffix for the result files (decompose<tag>.json)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
@@ -84,7 +85,7 @@ def main() -> None:
         model=args.model, domain=DOMAINS, out=args.out, sparsity=args.sparsity, steps=args.steps,
         batch_size=args.batch_size, eval_max_blocks=2 if args.quick else args.eval_max_blocks,
         checkpoint_every=20, constraint=args.constraint, final_fraction=args.final_fraction,
-        target_warmup=args.target_warmup, init_shape=args.init_shape,
+        target_warmup=args.target_warmup, init_shape=args.init_shape, distill_weight=args.distill_weight,
     )
     loaded = load_model(args.model)
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
