@@ -1,10 +1,14 @@
+import json
 import math
 
 import torch
 
+from koff.cli import main
 from koff.data import DomainSpec, load_domain
 from koff.evaluation import evaluate, hf_scorer
-from tiny import tiny_model
+from koff.export import export_run
+from koff.training import DecomposeConfig, Decomposer
+from tiny import save_tiny, tiny_model
 
 
 def test_perplexity_matches_hand_computed_loss(tokenizer, corpus):
@@ -27,3 +31,56 @@ def test_evaluate_reports_means(tokenizer, corpus):
     assert result["domains"]["eng"]["tokens"] == 2 * 15
     assert math.isclose(result["mean_perplexity"], sum(ppls) / 2)
     assert math.isclose(result["geomean_perplexity"], math.sqrt(ppls[0] * ppls[1]))
+
+
+def decompose(model_dir, corpus, out, **overrides):
+    values = dict(model=model_dir, domain=[f"eng={corpus['eng']}", f"code={corpus['code']}"], out=str(out),
+                  block_len=32, batch_size=2, kv_slots=4, steps=3, sparsity=0.2, eval=False, lr_lora=0.05, lr_kv=0.1)
+    Decomposer(DecomposeConfig(**(values | overrides))).train()
+    return str(out)
+
+
+def test_eval_table_of_a_run_and_its_comparison_runs(tmp_path, corpus, capsys):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    koff = decompose(model_dir, corpus, tmp_path / "koff")
+    lora = decompose(model_dir, corpus, tmp_path / "lora", mask=f"file:{koff}", memory="lora")
+    pruned = decompose(model_dir, corpus, tmp_path / "oneshot", mask="oneshot:wanda", memory="lora")
+    assert main(["eval", koff, lora, f"prune-then-LoRA={pruned}", "--max-blocks", "2", "--out", str(tmp_path / "t")]) == 0
+    table = json.loads((tmp_path / "t" / "table.json").read_text())
+    names = [r["configuration"] for r in table["rows"]]
+    assert names == ["dense base", "dense base + memories (LoRA + KV)", "mask, no memories",
+                     "KOFF: learned mask + LoRA + KV", "fixed mask + LoRA only",
+                     "prune-then-LoRA, mask without memories", "prune-then-LoRA"]
+    rows = {r["configuration"]: r for r in table["rows"]}
+    assert all(r == 1.0 for r in rows["dense base"]["ratio_to_dense"].values())
+    assert table["domains"] == ["eng", "code"]
+    # the same mask with memories off is the bare-mask row; the parameter counts follow the mask
+    assert rows["mask, no memories"]["parameters"] < rows["dense base"]["parameters"]
+    assert rows["fixed mask + LoRA only"]["parameters"] == rows["KOFF: learned mask + LoRA + KV"]["parameters"]
+    assert 0 < rows["fixed mask + LoRA only"]["memory_parameters_per_domain"] < rows["KOFF: learned mask + LoRA + KV"]["memory_parameters_per_domain"]
+    csv_lines = (tmp_path / "t" / "table.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(names) and csv_lines[0].startswith("configuration,eng_perplexity")
+    assert "| dense base |" in (tmp_path / "t" / "table.md").read_text()
+    assert "KOFF: learned mask" in capsys.readouterr().out
+
+
+def test_eval_table_of_an_export_matches_the_run(tmp_path, corpus):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    run = decompose(model_dir, corpus, tmp_path / "koff")
+    export_run(run, tmp_path / "export")
+    assert main(["eval", run, "--max-blocks", "2", "--out", str(tmp_path / "run-table")]) == 0
+    assert main(["eval", str(tmp_path / "export"), "--max-blocks", "2", "--out", str(tmp_path / "export-table")]) == 0
+    by_run = {r["configuration"]: r["perplexity"] for r in json.loads((tmp_path / "run-table" / "table.json").read_text())["rows"]}
+    by_export = {r["configuration"]: r["perplexity"] for r in json.loads((tmp_path / "export-table" / "table.json").read_text())["rows"]}
+    for run_row, export_row in [("dense base", "dense base"), ("mask, no memories", "exported backbone, no memories"),
+                                ("KOFF: learned mask + LoRA + KV", "exported backbone + memories")]:
+        for domain, value in by_run[run_row].items():
+            assert math.isclose(by_export[export_row][domain], value, rel_tol=1e-4), (run_row, domain)
+
+
+def test_eval_table_refuses_runs_on_other_domains(tmp_path, corpus, capsys):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    koff = decompose(model_dir, corpus, tmp_path / "koff")
+    other = decompose(model_dir, corpus, tmp_path / "other", domain=[f"deu={corpus['deu']}"])
+    assert main(["eval", koff, other, "--max-blocks", "1", "--out", str(tmp_path / "t")]) == 2
+    assert "same data" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from koff.cli.common import UsageError, resolve_args, setup_logging
 from koff.data import DomainDataError
 from koff.export import BackboneError, ExportError, RunFolderError
 from koff.export.add_domain import AddDomainError
+from koff.evaluation.ablation import TableError
 from koff.model import UnknownMemoryError
 from koff.models import ModelLoadError, UnsupportedArchitectureError
 from koff.runtime import MemoryLoadError
@@ -19,7 +20,7 @@ COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, add_domain_cmd, se
 # Errors that are the user's input, not koff's bug: one line, no traceback.
 USER_ERRORS = (
     UsageError, DomainDataError, ModelLoadError, UnsupportedArchitectureError, FileNotFoundError,
-    BackboneError, ExportError, RunFolderError, MemoryLoadError, UnknownMemoryError, AddDomainError,
+    BackboneError, ExportError, RunFolderError, MemoryLoadError, UnknownMemoryError, AddDomainError, TableError,
 )
 
 

@@ -1,4 +1,4 @@
-"""``koff eval``: held-out perplexity per domain."""
+"""``koff eval``: held-out perplexity per domain, of a model, or of a run / export as one ablation table."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from koff.cli.common import (
+    UsageError,
     add_config_option,
     add_data_options,
     add_model_options,
@@ -17,6 +18,7 @@ from koff.cli.common import (
 )
 from koff.data import load_domains, parse_domains
 from koff.evaluation import evaluate, hf_scorer
+from koff.evaluation.ablation import ablation_table, export_table, markdown, run_label, to_csv
 from koff.io import write_json, write_text
 from koff.models import load_model
 
@@ -25,22 +27,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="held-out perplexity per domain",
-        description="Print and save held-out perplexity (token-weighted) of a model on each domain.",
+        description="Print and save held-out perplexity (token-weighted) per domain. With --model/--domain: one "
+        "model. With RUN_DIR (a `koff decompose` folder) and optional comparison runs ([LABEL=]RUN_DIR, trained "
+        "with other --mask/--memory settings on the same domains): one table of dense base, dense + memories, mask "
+        "alone, KOFF and every comparison row, with ratios to dense and parameter counts. With an export folder: "
+        "the dense base, the exported backbone alone and with its memories.",
     )
     add_config_option(parser)
+    parser.add_argument("runs", nargs="*", metavar="RUN_OR_EXPORT_DIR",
+                        help="a run or export folder, then comparison runs as [LABEL=]RUN_DIR")
     add_model_options(parser)
     add_data_options(parser)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many validation blocks per domain")
-    parser.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md and config.yaml")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: runs/eval, or RUN_OR_EXPORT_DIR/eval for a table)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.runs:
+        return run_table(args)
     specs = parse_domains(require(args.domain, "--domain"))
     loaded = load_model(require(args.model, "--model"), dtype=args.dtype, device=args.device)
     log.info("loaded %s (%s) in %.1f s", args.model, loaded.source, loaded.seconds)
-    out = Path(args.out)
+    out = Path(args.out or "runs/eval")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(args, out)
 
@@ -61,4 +72,29 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", table + "\n")
     log.info("wrote %s", out / "eval.json")
+    return 0
+
+
+def run_table(args: argparse.Namespace) -> int:
+    first = run_label(args.runs[0])[1]
+    if not first.is_dir():
+        raise UsageError(f"{first} is not a folder")
+    start = time.perf_counter()
+    kwargs = dict(batch_size=args.batch_size, max_blocks=args.max_blocks, device=args.device)
+    if (first / "export.json").is_file():
+        if len(args.runs) > 1:
+            raise UsageError("comparison runs go with a run folder, not with an export folder")
+        table = export_table(first, args.model, args.val_fraction, args.seed, **kwargs)
+    else:
+        table = ablation_table(args.runs, **kwargs)
+    table["eval_seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out or first / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(args, out)
+    text = markdown(table)
+    print(text)
+    write_json(out / "table.json", table)
+    write_text(out / "table.md", text + "\n")
+    write_text(out / "table.csv", to_csv(table))
+    log.info("wrote %s (table.md, table.json, table.csv)", out)
     return 0

@@ -1,0 +1,207 @@
+"""One table for the paper's evidence: configurations x domains, held-out perplexity and ratio to dense.
+
+The main run (a KOFF decomposition) gives four rows without further training: the dense base, the
+dense base with the run's memories (a reference: what the memories add without pruning), the mask
+alone, and the mask with the memories. Every comparison run (``koff decompose`` with another
+``--mask`` / ``--memory``: LoRA only or KV only on the same mask, a one-shot mask with LoRA trained
+after it, ...) adds its own row, and the row of its mask alone unless it trained on the main run's
+mask (``--mask file:``). All rows score the same validation blocks, so their numbers are comparable by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator
+
+import torch
+
+from koff.data import DomainData, load_domains, parse_domains
+from koff.evaluation.perplexity import Scorer, evaluate
+from koff.export.run import Run, load_run
+from koff.masks.binary import BinaryMask
+
+class TableError(ValueError):
+    """Runs that cannot share one table (other model, other domains, no recorded data)."""
+
+
+MEMORY_NAMES = {"lora+kv": "LoRA + KV", "lora": "LoRA only", "kv": "KV only", "none": "no memories"}
+
+
+@dataclass
+class Configuration:
+    """One row: how to score, and what it costs."""
+
+    name: str
+    scorer: Scorer
+    parameters: int  # backbone parameters in use (embeddings included)
+    memory_parameters: int = 0  # per domain
+    setting: Callable[[], ContextManager] = nullcontext  # entered while this row is scored
+
+
+def describe(run: Run) -> str:
+    """A readable name for a run's configuration, e.g. 'one-shot wanda mask + LoRA only'."""
+    cfg = run.config
+    mask = {"learned": "learned mask", "oneshot": f"one-shot {cfg.importance} mask", "file": "fixed mask",
+            "none": "dense"}[cfg.mask_kind]
+    return f"{mask} + {MEMORY_NAMES[cfg.memory]}"
+
+
+def _memory_parameters(model) -> int:
+    counts = [m.num_parameters() for m in model.memories.values()]
+    return round(sum(counts) / len(counts)) if counts else 0
+
+
+def run_configurations(run: Run, label: str | None, main: BinaryMask | None) -> Iterator[Configuration]:
+    """The rows one run contributes; ``main`` is the main run's mask (None for the main run itself)."""
+    model = run.koff_model()
+    dense_params = model.costs.total_params
+    masked = dense_params - run.mask.removed_params(model.costs)
+    memories = _memory_parameters(model)
+    bare = lambda ids, domain: model(ids, None)  # noqa: E731
+    if main is None:
+        yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense)
+        if memories:
+            yield Configuration(f"dense base + memories ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
+                                dense_params, memories, setting=lambda: _without_mask(model))
+        yield Configuration("mask, no memories", bare, masked)
+        if memories:
+            yield Configuration(f"KOFF: {label or describe(run)}", model.scorer(), masked, memories)
+        return
+    if run.config.mask_kind != "file" or not _same_mask(run.mask, main):  # its own mask: show it alone too
+        yield Configuration(f"{label or describe(run)}, mask without memories", bare, masked)
+    if memories:
+        yield Configuration(label or describe(run), model.scorer(), masked, memories)
+
+
+@contextmanager
+def _without_mask(model) -> Iterator[None]:
+    """Inside: the model's memories on the unpruned base."""
+    mask = model.mask
+    model.set_mask(None)
+    try:
+        yield
+    finally:
+        model.set_mask(mask)
+
+
+def _same_mask(a: BinaryMask, b: BinaryMask) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.ffn + a.attn, b.ffn + b.attn))
+
+
+def evaluate_table(configurations: Iterator[Configuration], domains: list[DomainData], **kwargs) -> dict:
+    """Score every configuration (one at a time, so a run's model can be freed before the next)."""
+    rows = []
+    for config in configurations:
+        with torch.no_grad(), config.setting():
+            result = evaluate(config.scorer, domains, **kwargs)
+        rows.append({
+            "configuration": config.name,
+            "perplexity": {d: r["perplexity"] for d, r in result["domains"].items()},
+            "parameters": config.parameters,
+            "memory_parameters_per_domain": config.memory_parameters,
+        })
+    dense = rows[0]["perplexity"]
+    for row in rows:
+        ratios = {d: p / dense[d] for d, p in row["perplexity"].items()}
+        row["ratio_to_dense"] = ratios
+        row["mean_ratio"] = sum(ratios.values()) / len(ratios)
+        row["geomean_ratio"] = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+    return {"domains": [d.name for d in domains], "rows": rows,
+            "tokens": {d.name: min(len(d.val), kwargs.get("max_blocks") or len(d.val)) * (d.val.shape[1] - 1) for d in domains}}
+
+
+def markdown(table: dict) -> str:
+    names = table["domains"]
+    header = ["configuration", *names, "mean ratio", "geomean ratio", "parameters", "memory params / domain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in table["rows"]:
+        cells = [f"{row['perplexity'][d]:.2f} ({row['ratio_to_dense'][d]:.3f})" for d in names]
+        memory = f"{row['memory_parameters_per_domain']:,}" if row["memory_parameters_per_domain"] else "-"
+        lines.append("| " + " | ".join([row["configuration"], *cells, f"{row['mean_ratio']:.3f}",
+                                        f"{row['geomean_ratio']:.3f}", f"{row['parameters']:,}", memory]) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(table: dict) -> str:
+    names = table["domains"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["configuration", *[f"{d}_perplexity" for d in names], *[f"{d}_ratio" for d in names],
+                     "mean_ratio", "geomean_ratio", "parameters", "memory_parameters_per_domain"])
+    for row in table["rows"]:
+        writer.writerow([row["configuration"], *[f"{row['perplexity'][d]:.4f}" for d in names],
+                         *[f"{row['ratio_to_dense'][d]:.4f}" for d in names], f"{row['mean_ratio']:.4f}",
+                         f"{row['geomean_ratio']:.4f}", row["parameters"], row["memory_parameters_per_domain"]])
+    return out.getvalue()
+
+
+def run_label(spec: str) -> tuple[str | None, Path]:
+    """``LABEL=PATH`` or ``PATH``."""
+    label, sep, path = spec.partition("=")
+    return (label, Path(path)) if sep and not Path(spec).exists() else (None, Path(spec))
+
+
+def export_configurations(runtime) -> Iterator[Configuration]:
+    """Rows of an exported folder: the physically pruned backbone with and without its memories."""
+    model = runtime.model
+    params = sum(p.numel() for p in model.base.parameters())
+    yield Configuration("exported backbone, no memories", lambda ids, domain: model(ids, None), params)
+    if model.memories:
+        yield Configuration("exported backbone + memories", model.scorer(), params, _memory_parameters(model))
+
+
+def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:
+    """The table for a main run (``specs[0]``) and comparison runs (``[LABEL=]RUN_DIR`` each)."""
+    label, path = run_label(specs[0])
+    main = load_run(path)
+    cfg = main.config
+    domains = load_domains(parse_domains(cfg.domain), main.tokenizer, block_len=cfg.block_len,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+    def configurations() -> Iterator[Configuration]:
+        yield from run_configurations(main, label, None)
+        for spec in specs[1:]:
+            other_label, other_path = run_label(spec)
+            other = load_run(other_path)
+            if other.config.model != cfg.model or sorted(other.config.domain) != sorted(cfg.domain):
+                raise TableError(f"{other_path} was trained on another model or other domains than {path}; "
+                                 "rows of one table must score the same data")
+            yield from run_configurations(other, other_label, main.mask)
+
+    table = evaluate_table(configurations(), domains, batch_size=batch_size, max_blocks=max_blocks, device=device)
+    table["runs"] = specs
+    return table
+
+
+def export_table(folder: str | Path, base_model: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+                 batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:
+    """The table for an exported folder: the dense base it came from, the backbone alone and with its
+    memories, on each memory's own data (source and block length from its manifest)."""
+    from koff.export.memories import MANIFEST
+    from koff.io import read_json
+    from koff.models import load_model
+    from koff.runtime import load
+
+    runtime = load(folder, device=device)
+    manifests = {name: read_json(Path(folder) / "memories" / name / MANIFEST) for name in runtime.memories}
+    sources = [m["data"] for m in manifests.values() if m.get("data", {}).get("source")]
+    if not sources:
+        raise TableError(f"{folder}: no memory records the data it was trained on; evaluate with --model/--domain instead")
+    block_len = sources[0]["block_len"]
+    specs = parse_domains([f"{d['name']}={d['source']}" for d in sources])
+    domains = load_domains(specs, runtime.tokenizer, block_len=block_len, val_fraction=val_fraction, seed=seed)
+    dense = load_model(base_model or runtime.meta["base_model"], device=device).model.eval()
+
+    def configurations() -> Iterator[Configuration]:
+        yield Configuration("dense base", lambda ids, domain: dense(input_ids=ids).logits,
+                            sum(p.numel() for p in dense.parameters()))
+        yield from export_configurations(runtime)
+
+    table = evaluate_table(configurations(), domains, batch_size=batch_size, max_blocks=max_blocks, device=device)
+    table["export"] = str(folder)
+    return table
