@@ -6,6 +6,7 @@ import torch
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
 from koff.evaluation import evaluate, hf_scorer
+from koff.evaluation.sweep import run_sweep
 from koff.export import export_run
 from koff.training import DecomposeConfig, Decomposer
 from tiny import save_tiny, tiny_model
@@ -84,3 +85,19 @@ def test_eval_table_refuses_runs_on_other_domains(tmp_path, corpus, capsys):
     other = decompose(model_dir, corpus, tmp_path / "other", domain=[f"deu={corpus['deu']}"])
     assert main(["eval", koff, other, "--max-blocks", "1", "--out", str(tmp_path / "t")]) == 2
     assert "same data" in capsys.readouterr().err
+
+
+def test_sparsity_sweep_writes_numbers_and_plot(tmp_path, corpus):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    base = DecomposeConfig(model=model_dir, domain=[f"eng={corpus['eng']}", f"code={corpus['code']}"], block_len=32,
+                           batch_size=2, kv_slots=4, steps=2, eval_max_blocks=1)
+    result = run_sweep(base, [0.0, 0.3], tmp_path / "sweep")
+    ratios = result["geomean_ratio_to_dense"]
+    assert set(ratios) == {"KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories"}
+    assert all(set(points) == {0.0, 0.3} for points in ratios.values())
+    assert ratios["mask, no memories"][0.0] == 1.0  # no mask at 0%: the bare row is the dense base
+    budget = result["trainable_budget"][0.3]
+    assert budget["prune_then_lora_parameters_per_domain"] >= budget["koff_memory_parameters_per_domain"]
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["sparsities"] == [0.0, 0.3]
+    assert "| KOFF |" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -43,3 +43,29 @@ def plot_removal_by_layer(rates: dict, path: str | Path, title: str = "") -> Non
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_sparsity_sweep(sweep: dict[str, dict[float, float]], path: str | Path, title: str = "") -> None:
+    """Write a PNG of perplexity ratio to dense (geometric mean over domains) against sparsity.
+
+    ``sweep`` maps a configuration name (e.g. "KOFF", "mask, no memories", "prune, then LoRA") to
+    {sparsity: ratio}. A log y axis, so that collapse and near-parity both stay readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sweep.items():
+        xs = sorted(points)
+        ax.plot([100 * x for x in xs], [points[x] for x in xs], "o-", label=name)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (% of transformer-block parameters removed)")
+    ax.set_ylabel("perplexity / dense (geometric mean over domains)")
+    ax.set_title(title or "Quality against sparsity")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""Sparsity sweep: KOFF, its mask without memories, and prune-then-LoRA at several sparsities.
+
+For each sparsity, two runs through the same decomposition loop: KOFF (learned mask + LoRA + KV)
+and "prune, then LoRA" (a one-shot mask, then LoRA trained on it) with a LoRA rank chosen so that
+its trainable parameters per domain are at least KOFF's (equal budget, never in KOFF's favour).
+Each run's own evaluation gives the rows; the sweep keeps the geometric mean over domains of the
+perplexity ratio to the dense base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from koff.analysis.plot import plot_sparsity_sweep
+from koff.io import write_json, write_text
+from koff.training import DecomposeConfig, Decomposer
+
+SERIES = ("KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories")
+
+
+def geomean_ratio(evaluation: dict, row: str) -> float:
+    dense = evaluation["dense"]["domains"]
+    ratios = [evaluation[row]["domains"][d]["perplexity"] / dense[d]["perplexity"] for d in dense]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def equal_budget_rank(dec: Decomposer) -> int:
+    """The smallest LoRA rank whose parameters per domain reach those of the run's memories."""
+    memory = next(iter(dec.model.memories.values()))
+    per_rank = sum(p.numel() for p in memory.lora_parameters()) / memory.rank
+    return math.ceil(memory.num_parameters() / per_rank)
+
+
+def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, **train_kwargs) -> dict:
+    """Run the sweep (resuming finished or killed runs under ``out``); write sweep.json and sweep.png."""
+    out = Path(out)
+    sweep: dict[str, dict[float, float]] = {name: {} for name in SERIES}
+    runs, budget = {}, {}
+    for sparsity in sparsities:
+        tag = f"s{round(sparsity * 100):02d}"
+        koff, ev_koff = _run(replace(base, sparsity=sparsity, mask="learned", memory="lora+kv", out=str(out / f"koff-{tag}")))
+        rank = equal_budget_rank(koff)
+        pruned, ev_pruned = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
+                              lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")))
+        sweep["KOFF"][sparsity] = geomean_ratio(ev_koff, "mask+memories")
+        sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff, "mask only")
+        sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned, "mask+memories")
+        sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned, "mask only")
+        runs[sparsity] = {"koff": koff.config.out, "prune_then_lora": pruned.config.out}
+        budget[sparsity] = {
+            "koff_memory_parameters_per_domain": _per_domain(koff), "prune_then_lora_rank": rank,
+            "prune_then_lora_parameters_per_domain": _per_domain(pruned),
+        }
+    result = {"sparsities": sparsities, "geomean_ratio_to_dense": sweep, "runs": runs, "trainable_budget": budget}
+    write_json(out / "sweep.json", result)
+    write_text(out / "sweep.md", sweep_markdown(result) + "\n")
+    plot_sparsity_sweep(sweep, out / "sweep.png", f"{base.model}: quality against sparsity")
+    return result
+
+
+def _run(config: DecomposeConfig) -> tuple[Decomposer, dict]:
+    """Train (or resume) one run; the decomposer and its final evaluation."""
+    dec = Decomposer(replace(config, eval=True))
+    summary = dec.train(resume=(Path(config.out) / "checkpoints").is_dir())
+    return dec, summary["eval"]
+
+
+def _per_domain(dec: Decomposer) -> int:
+    return next(iter(dec.model.memories.values())).num_parameters()
+
+
+def sweep_markdown(result: dict) -> str:
+    sparsities = result["sparsities"]
+    lines = ["| configuration | " + " | ".join(f"{100 * s:.0f}%" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    for name, points in result["geomean_ratio_to_dense"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{points[s]:.3f}" for s in sparsities) + " |")
+    return "\n".join(lines)
