@@ -44,13 +44,13 @@ class DecomposeConfig:
     lr_mask: float = 0.1
     lr_lambda: float = 20.0  # SGD ascent
     init_from: str = "wanda"  # learned gates start ranked by this one-shot importance (wanda | activation | none)
-    init_shape: str = "ranked"  # ranked: spread by importance | mask: start at the one-shot mask itself
+    init_shape: str = "mask"  # ranked: spread by importance | mask: start at the one-shot mask itself
     init_spread: float = 6.0  # ranked: log_alpha = init_log_alpha + init_spread * standardised importance
     init_log_alpha: float = 5.0  # kept gates must sit far above the cut: at 3.0, 20% of samples are < 1 (loss 2.9 -> 4.9)
-    target_warmup: float = 0.3  # fraction of steps over which the sparsity target ramps from 0
+    target_warmup: float = 0.25  # fraction of steps over which the sparsity target ramps from 0
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
-    final_fraction: float = 0.2  # last fraction of steps: binary mask fixed, memories adapt to it
-    distill_weight: float = 0.0  # weight of KL(dense teacher || student); 0 = LM loss only
+    final_fraction: float = 0.4  # last fraction of steps: binary mask fixed, memories adapt to it
+    distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only
     max_grad_norm: float = 1.0
     calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
     # bookkeeping

@@ -274,6 +274,10 @@ class Decomposer:
         log_file = (self.out / "log.jsonl").open("a") if main else None
         try:
             while self.step < cfg.steps and (self.optimizer is not None):
+                self._freeze_mask_if_due()
+                if self.mask_frozen and not self.model.memories:
+                    log.info("step %d: mask frozen and no memories: nothing left to train", self.step)
+                    break
                 t0 = time.perf_counter()
                 info = self.train_step()
                 dt = time.perf_counter() - t0
