@@ -3,6 +3,8 @@ adds the routed memory's low-rank update; the base weight stays frozen and share
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,11 @@ from torch import nn
 from koff.memories.memory import lora_key
 from koff.memories.router import MemoryRouter
 from koff.models.architecture import DecoderLayout
+
+
+# Sets of memories whose concatenated factors each wrapper keeps: the running batch's and the one
+# of the prompts being prefilled, so that they do not evict each other step after step.
+CACHED_SETS = 2
 
 
 class RoutedLoRALinear(nn.Module):
@@ -20,7 +27,7 @@ class RoutedLoRALinear(nn.Module):
         self.base = base
         self.key = key
         self._router = [router]  # a list keeps the router out of the module tree
-        self._cache = None  # concatenated factors of the last mixed batch (inference only)
+        self._cache: OrderedDict = OrderedDict()  # concatenated factors of recent memory sets (inference only)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -46,9 +53,9 @@ class RoutedLoRALinear(nn.Module):
             if memory is None or self.key not in memory.lora_A:
                 return y
             return y + self._delta(memory, x)
-        if self._batchable(router.per_sample):
-            return y + self._batched_delta(router.per_sample, x)
-        return y + self._segmented_delta(router, x)
+        if torch.is_grad_enabled() and self._batchable(router.per_sample):
+            return y + self._batched_delta(router.per_sample, x)  # training: per-sample factors, no repeat
+        return y + self._segmented_delta(router, x)  # inference: factors kept across decode steps
 
     def _batchable(self, per_sample) -> bool:
         ranks = {m.rank if m is not None and self.key in m.lora_A else -1 for m in per_sample}
@@ -69,32 +76,27 @@ class RoutedLoRALinear(nn.Module):
         present = [m for m in router.distinct if self.key in m.lora_A]
         if not present:
             return torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
-        a, b, select = self._segments(present, router.per_sample, x)
+        a, b = self._concatenated(present, x.dtype)
+        select = router.selection(present, x.dtype, x.device)
         low = F.linear(x, a) * select.view(x.shape[0], *[1] * (x.dim() - 2), -1)
         return F.linear(low, b)
 
-    def _segments(self, present, per_sample, x: torch.Tensor):
-        """Concatenated factors, (sum of ranks, in) and (out, sum of ranks), and the (batch, sum of
-        ranks) column selection. Kept between calls when no gradient is recorded and neither the
-        batch's memories nor their factors changed (``_version`` counts in-place updates): decode
-        steps of one batch build them once."""
-        signature = (
-            x.dtype, x.device, tuple(id(m) for m in per_sample),
-            tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present),
-        )
-        if self._cache is not None and self._cache[0] == signature:
-            return self._cache[1]
-        a = torch.cat([m.lora_A[self.key] for m in present]).to(x.dtype)
-        b = torch.cat([m.lora_B[self.key] for m in present], dim=1).to(x.dtype)
-        select = torch.zeros(len(per_sample), a.shape[0], dtype=x.dtype, device=x.device)
-        start = 0
-        for memory in present:
-            rows = [i for i, m in enumerate(per_sample) if m is memory]
-            select[rows, start : start + memory.rank] = memory.scaling
-            start += memory.rank
+    def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of ranks, in) and (out, sum of ranks) factors of the memories present. Kept between
+        calls when no gradient is recorded and neither the set of memories nor their factors changed
+        (``_version`` counts in-place updates): every step of a serving batch whose samples come and
+        go over the same memories reuses them."""
+        signature = (dtype, tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
+        if signature in self._cache:
+            self._cache.move_to_end(signature)
+            return self._cache[signature]
+        a = torch.cat([m.lora_A[self.key] for m in present]).to(dtype)
+        b = torch.cat([m.lora_B[self.key] for m in present], dim=1).to(dtype)
         if not torch.is_grad_enabled():
-            self._cache = (signature, (a, b, select))
-        return a, b, select
+            self._cache[signature] = (a, b)
+            if len(self._cache) > CACHED_SETS:
+                self._cache.popitem(last=False)
+        return a, b
 
     def _delta(self, memory, x: torch.Tensor) -> torch.Tensor:
         a, b = memory.lora_A[self.key], memory.lora_B[self.key]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import torch
+
 from koff.memories.memory import DomainMemory
 
 
@@ -12,13 +14,15 @@ class MemoryRouter:
     """Shared by every LoRA wrapper of a model; set once per forward pass.
 
     A batch that uses one memory (or none) takes ``single``. A mixed batch has ``per_sample``
-    (one entry per sample, ``None`` = no memory) and ``distinct`` (each memory present, once).
+    (one entry per sample, ``None`` = no memory) and ``distinct`` (each memory present, once, in
+    name order so that the same set of memories always concatenates the same way).
     """
 
     def __init__(self):
         self.single: DomainMemory | None = None
         self.per_sample: list[DomainMemory | None] = []
         self.distinct: list[DomainMemory] = []
+        self._selections: dict = {}
         self.mixed = False
 
     @contextmanager
@@ -28,8 +32,25 @@ class MemoryRouter:
         if not self.mixed:
             self.single = next(iter(distinct.values()), None)
         else:
-            self.per_sample, self.distinct = list(per_sample), list(distinct.values())
+            self.per_sample = list(per_sample)
+            self.distinct = sorted(distinct.values(), key=lambda m: m.name)
         try:
             yield
         finally:
             self.single, self.per_sample, self.distinct, self.mixed = None, [], [], False
+            self._selections = {}
+
+    def selection(self, present: list[DomainMemory], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(batch, sum of ranks of ``present``): each sample's own columns of the concatenated
+        factors, holding its memory's scaling; zero rows for samples whose memory is not present.
+        Built once per forward pass for each distinct ``present`` list."""
+        key = (tuple(id(m) for m in present), dtype, device)
+        if key not in self._selections:
+            select = torch.zeros(len(self.per_sample), sum(m.rank for m in present), dtype=dtype, device=device)
+            start = 0
+            for memory in present:
+                rows = [i for i, m in enumerate(self.per_sample) if m is memory]
+                select[rows, start : start + memory.rank] = memory.scaling
+                start += memory.rank
+            self._selections[key] = select
+        return self._selections[key]
