@@ -84,6 +84,19 @@ def test_mixed_batch_sees_memories_updated_in_place_between_calls():
         assert torch.allclose(after[1:], koff(ids[1:], None), atol=1e-5)
 
 
+def test_mixed_batch_after_a_memory_is_replaced_uses_the_new_one():
+    koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora"))
+    perturb(koff.new_memory("a"), seed=1)
+    koff.eval()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        koff(ids, ["a", None])
+        koff.remove_memory("a")
+        perturb(koff.new_memory("a"), seed=2)  # same name, fresh tensors (all at _version 0 again)
+        mixed = koff(ids, ["a", None])
+        assert torch.allclose(mixed[:1], koff(ids[:1], "a"), atol=1e-5)
+
+
 def test_memory_kinds_hold_what_they_say():
     for kind, lora, kv in [("lora+kv", True, True), ("lora", True, False), ("kv", False, True)]:
         koff = KoffModel(tiny_model("llama"), MemoryConfig(kind=kind, kv_slots=3))

@@ -89,11 +89,13 @@ class RoutedLoRALinear(nn.Module):
         signature = (dtype, tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
         if signature in self._cache:
             self._cache.move_to_end(signature)
-            return self._cache[signature]
+            return self._cache[signature][1:]
         a = torch.cat([m.lora_A[self.key] for m in present]).to(dtype)
         b = torch.cat([m.lora_B[self.key] for m in present], dim=1).to(dtype)
         if not torch.is_grad_enabled():
-            self._cache[signature] = (a, b)
+            # The entry holds the memories too: while it lives, their ids cannot be reused by a
+            # memory loaded later (whose fresh tensors would also be at _version 0).
+            self._cache[signature] = (list(present), a, b)
             if len(self._cache) > CACHED_SETS:
                 self._cache.popitem(last=False)
         return a, b
