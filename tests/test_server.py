@@ -155,6 +155,7 @@ def test_add_domain_then_load_while_serving(export, server, client, capsys):
     assert "loaded into" in capsys.readouterr().out
     manifest = json.loads((folder / "memories" / "deu" / "manifest.json").read_text())
     assert manifest["backbone_fingerprint"] == load(folder).fingerprint and manifest["kv_slots"] == 4
+    assert manifest["training"]["distill_weight"] == 0.0  # no teacher but the backbone itself: LM loss only
     assert main(args) == 2 and "already in this export" in capsys.readouterr().err
     assert "deu" in {m.id for m in client.models.list().data}
     assert client.completions.create(model="deu", prompt="der hund", max_tokens=4, temperature=0).usage.completion_tokens >= 1

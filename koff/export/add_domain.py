@@ -75,7 +75,10 @@ def add_domain(
         config = DecomposeConfig(
             model=str(out / "backbone"), domain=[str(spec)], out=str(Path(tmp) / "run"), device=device,
             dtype=str(dtype).removeprefix("torch."), mask="none", sparsity=0.0, steps=steps, eval=False,
-            checkpoint_every=max(1, steps), **settings,
+            checkpoint_every=max(1, steps),
+            # No teacher: "dense" here would be the exported backbone itself, and a KL to it would
+            # pull the new memory towards doing nothing.
+            distill_weight=0.0, **settings,
         )
         trainer = Decomposer(config, base=base, tokenizer=tokenizer)
         summary = trainer.train()
@@ -88,7 +91,7 @@ def add_domain(
             "parameters": sum(t.numel() for t in state.values()),
             "data": data,
             "training": {"on": "exported backbone (koff add-domain)", "steps": summary["steps"],
-                         "seconds_per_step": summary.get("seconds_per_step")},
+                         "seconds_per_step": summary.get("seconds_per_step"), "distill_weight": config.distill_weight},
         }
         staged = Path(tmp) / spec.name
         write_memory(staged, spec.name, state, memory, module_names, manifest)
