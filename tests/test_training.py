@@ -147,6 +147,8 @@ def test_every_variant_runs_through_the_same_loop(tmp_path, tokenizer, domains, 
     memories = sorted(p.name for p in (out / "memories").iterdir()) if (out / "memories").exists() else []
     assert memories == ([] if memory == "none" else ["code", "deu", "eng"])
     assert set(summary["eval"]) == ({"dense", "mask only"} if memory == "none" else {"dense", "mask+memories", "mask only"})
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(("kl" in r) == (mask != "none") for r in records)  # distillation only where something is pruned
 
 
 def test_bad_configs_are_refused():

@@ -50,7 +50,7 @@ class DecomposeConfig:
     target_warmup: float = 0.25  # fraction of steps over which the sparsity target ramps from 0
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
     final_fraction: float = 0.4  # last fraction of steps: binary mask fixed, memories adapt to it
-    distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only
+    distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask
     max_grad_norm: float = 1.0
     calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
     # bookkeeping

@@ -196,7 +196,7 @@ class Decomposer:
         for i, name in enumerate(names):
             per_domain.setdefault(name, []).append(token_loss[i].mean().item())
         info["domain_loss"] = {k: sum(v) / len(v) for k, v in per_domain.items()}
-        if cfg.distill_weight > 0:
+        if cfg.distill_weight > 0 and self.model.mask is not None:  # unpruned, the teacher is the student's own base
             with torch.no_grad(), self.model.dense():
                 teacher = self.model(batch).float().log_softmax(-1)
             kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
