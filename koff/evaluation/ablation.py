@@ -5,7 +5,8 @@ dense base with the run's memories (a reference: what the memories add without p
 alone, and the mask with the memories. Every comparison run (``koff decompose`` with another
 ``--mask`` / ``--memory``: LoRA only or KV only on the same mask, a one-shot mask with LoRA trained
 after it, ...) adds its own row, and the row of its mask alone unless it trained on the main run's
-mask (``--mask file:``). All rows score the same validation blocks, so their numbers are comparable by construction.
+mask (``--mask file:``). All rows score the same validation blocks, so their numbers are
+comparable by construction.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ import torch
 
 from koff.data import DomainData, load_domains, parse_domains
 from koff.evaluation.perplexity import Scorer, evaluate
+from koff.export.memories import MANIFEST
 from koff.export.run import Run, load_run
+from koff.io import read_json
+from koff.models import load_model
+from koff.runtime import load
 from koff.masks.binary import BinaryMask
+
 
 class TableError(ValueError):
     """Runs that cannot share one table (other model, other domains, no recorded data)."""
@@ -182,11 +188,6 @@ def export_table(folder: str | Path, base_model: str | None = None, val_fraction
                  batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:
     """The table for an exported folder: the dense base it came from, the backbone alone and with its
     memories, on each memory's own data (source and block length from its manifest)."""
-    from koff.export.memories import MANIFEST
-    from koff.io import read_json
-    from koff.models import load_model
-    from koff.runtime import load
-
     runtime = load(folder, device=device)
     manifests = {name: read_json(Path(folder) / "memories" / name / MANIFEST) for name in runtime.memories}
     sources = [m["data"] for m in manifests.values() if m.get("data", {}).get("source")]
