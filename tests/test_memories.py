@@ -5,6 +5,7 @@ from koff.masks import LearnedMask
 from koff.memories import DomainMemory, MemoryConfig
 from koff.memories.files import load_memory_state, save_memory
 from koff.model import KoffModel, UnknownMemoryError
+from koff.runtime import DecodeBatch, Sampling
 from tiny import tiny_model
 
 ARCHS = ["llama", "qwen2"]
@@ -130,3 +131,15 @@ def test_memory_files_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(memory.parameters(), fresh.parameters()))
     with pytest.raises(ValueError, match="do not match"):
         fresh.load_flat_state({k: v for k, v in tensors.items() if "prefix" not in k})
+
+
+def test_decode_batch_forgets_samples_that_left():
+    # A long-running server adds and stops samples forever: none may stay behind, even one stopped
+    # before its prefill.
+    koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora")).eval()
+    batch = DecodeBatch(koff, 0, set())
+    batch.stop(batch.add([1, 2, 3], None, Sampling(4)))  # the client left before the first step
+    batch.add([4, 5], None, Sampling(1))
+    batch.step()
+    batch.step()
+    assert len(batch) == 0 and batch._by_key == {} and batch.rows == []

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from koff.memories.memory import DomainMemory
-from koff.memories.prefix import build_prefix_cache
+from koff.memories.prefix import prefix_inputs
 from koff.model import KoffModel
 
 
@@ -116,6 +116,9 @@ class DecodeBatch:
         """One token for every unfinished sample: (key, token id) pairs."""
         self._drop_finished()
         tokens = self._decode() if self.rows else []
+        for row, _ in self.pending:
+            if row.done:  # stopped before its prefill
+                del self._by_key[row.key]
         self.pending = [(r, p) for r, p in self.pending if not r.done]
         if self.pending:
             tokens += self._prefill()
@@ -142,12 +145,8 @@ class DecodeBatch:
             ids[i, longest - len(p):] = torch.tensor(p, device=device)
             prompt_mask[i, longest - len(p):] = 1
         with model.activate([r.memory for r in rows]) as active:
-            dtype = next(model.base.parameters()).dtype
-            cache, prefix_mask = build_prefix_cache(active, model.base.config, dtype, device)
-            if cache is None:
-                cache, prefix_mask = DynamicCache(config=model.base.config), prompt_mask[:, :0]
-            mask = torch.cat([prefix_mask, prompt_mask], dim=1)
-            positions = prefix_mask.sum(1, keepdim=True) + (prompt_mask.cumsum(1) - 1).clamp(min=0)
+            cache, mask, positions = prefix_inputs(active, model.base.config, model.dtype, prompt_mask)
+            cache = cache if cache is not None else DynamicCache(config=model.base.config)
             out = model.base(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions, use_cache=True)
         tokens = self._sample(rows, out.logits[:, -1])
         self._merge(rows, out.past_key_values, mask, positions[:, -1:] + 1)
