@@ -19,7 +19,7 @@ from koff.masks.learned import LearnedMask
 from koff.masks.units import UnitCosts
 from koff.memories.lora import install_lora
 from koff.memories.memory import DomainMemory, MemoryConfig
-from koff.memories.prefix import build_prefix_cache, prefix_from_text, prefix_shapes
+from koff.memories.prefix import prefix_from_text, prefix_inputs, prefix_shapes
 from koff.memories.router import MemoryRouter
 from koff.models.architecture import decoder_layout
 
@@ -112,6 +112,10 @@ class KoffModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.parameters()).dtype
+
     def forward(self, input_ids: torch.Tensor, domains: Domains = None, attention_mask: torch.Tensor | None = None):
         """Logits for ``input_ids`` (batch, seq); ``domains`` names one memory per sample (or one for all)."""
         per_sample = self.resolve(domains, input_ids.shape[0])
@@ -121,7 +125,7 @@ class KoffModel(nn.Module):
     @contextmanager
     def activate(self, per_sample: list[DomainMemory | None]) -> Iterator[list[DomainMemory | None]]:
         """Inside, calls to ``self.base`` see the current gates and each sample's memory (LoRA);
-        the KV prefix is the caller's to pass (see ``memories.prefix.build_prefix_cache``)."""
+        the KV prefix is the caller's to pass (see ``memories.prefix.prefix_inputs``)."""
         if not self._gates_enabled:
             per_sample = [None] * len(per_sample)
         self.hooks.set_gates(*self.current_gates())
@@ -132,16 +136,11 @@ class KoffModel(nn.Module):
             self.hooks.clear()
 
     def _forward_with_prefix(self, input_ids, per_sample, attention_mask):
-        batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        dtype = next(self.base.parameters()).dtype
-        cache, prefix_mask = build_prefix_cache(per_sample, self.base.config, dtype, input_ids.device)
+        cache, full_mask, positions = prefix_inputs(per_sample, self.base.config, self.dtype, attention_mask)
         if cache is None:
             return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        start = prefix_mask.sum(1, keepdim=True)
-        positions = start + torch.arange(seq, device=input_ids.device)[None]
-        full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
         out = self.base(
             input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, position_ids=positions, use_cache=False
         )

@@ -46,6 +46,21 @@ def build_prefix_cache(
     return cache, valid
 
 
+def prefix_inputs(
+    per_sample: Sequence[DomainMemory | None], config, dtype: torch.dtype, attention_mask: torch.Tensor
+) -> tuple[DynamicCache | None, torch.Tensor, torch.Tensor]:
+    """What a forward pass over (possibly left-padded) tokens needs to see each sample's prefix.
+
+    Returns the prefix cache (None when no sample has a prefix), the attention mask over prefix
+    slots + tokens, and each token's position: right after its own prefix, padding not counted.
+    """
+    cache, prefix_mask = build_prefix_cache(per_sample, config, dtype, attention_mask.device)
+    if prefix_mask is None:
+        prefix_mask = attention_mask[:, :0]
+    positions = prefix_mask.sum(1, keepdim=True) + (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return cache, torch.cat([prefix_mask, attention_mask], dim=1), positions
+
+
 @torch.no_grad()
 def prefix_from_text(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The model's own keys and values over ``input_ids`` (1D): the initial value of a KV memory."""
