@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,8 @@ def describe(run: Run) -> str:
     return f"{mask} + {MEMORY_NAMES[cfg.memory]}"
 
 
-def _memory_parameters(model) -> int:
+def memory_parameters_per_domain(model) -> int:
+    """Trainable parameters of one memory (the mean over the model's memories; 0 without any)."""
     counts = [m.num_parameters() for m in model.memories.values()]
     return round(sum(counts) / len(counts)) if counts else 0
 
@@ -67,7 +67,7 @@ def run_configurations(run: Run, label: str | None, main: BinaryMask | None) -> 
     model = run.koff_model()
     dense_params = model.costs.total_params
     masked = dense_params - run.mask.removed_params(model.costs)
-    memories = _memory_parameters(model)
+    memories = memory_parameters_per_domain(model)
     bare = lambda ids, domain: model(ids, None)  # noqa: E731
     if main is None:
         yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense)
@@ -101,24 +101,28 @@ def _same_mask(a: BinaryMask, b: BinaryMask) -> bool:
 
 def evaluate_table(configurations: Iterator[Configuration], domains: list[DomainData], **kwargs) -> dict:
     """Score every configuration (one at a time, so a run's model can be freed before the next)."""
-    rows = []
+    rows, results = [], []
     for config in configurations:
         with torch.no_grad(), config.setting():
-            result = evaluate(config.scorer, domains, **kwargs)
+            results.append(evaluate(config.scorer, domains, **kwargs))
         rows.append({
             "configuration": config.name,
-            "perplexity": {d: r["perplexity"] for d, r in result["domains"].items()},
+            "perplexity": {d: r["perplexity"] for d, r in results[-1]["domains"].items()},
             "parameters": config.parameters,
             "memory_parameters_per_domain": config.memory_parameters,
         })
-    dense = rows[0]["perplexity"]
-    for row in rows:
-        ratios = {d: p / dense[d] for d, p in row["perplexity"].items()}
+    for row, result in zip(rows, results):
+        ratios = {d: p / rows[0]["perplexity"][d] for d, p in row["perplexity"].items()}
         row["ratio_to_dense"] = ratios
         row["mean_ratio"] = sum(ratios.values()) / len(ratios)
-        row["geomean_ratio"] = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+        row["geomean_ratio"] = geomean_ratio(result, results[0])
     return {"domains": [d.name for d in domains], "rows": rows,
-            "tokens": {d.name: min(len(d.val), kwargs.get("max_blocks") or len(d.val)) * (d.val.shape[1] - 1) for d in domains}}
+            "tokens": {d: r["tokens"] for d, r in results[0]["domains"].items()}}
+
+
+def geomean_ratio(result: dict, dense: dict) -> float:
+    """Geometric mean over domains of perplexity / dense perplexity, from two ``evaluate`` results."""
+    return result["geomean_perplexity"] / dense["geomean_perplexity"]
 
 
 def markdown(table: dict) -> str:
@@ -158,7 +162,7 @@ def export_configurations(runtime) -> Iterator[Configuration]:
     params = sum(p.numel() for p in model.base.parameters())
     yield Configuration("exported backbone, no memories", lambda ids, domain: model(ids, None), params)
     if model.memories:
-        yield Configuration("exported backbone + memories", model.scorer(), params, _memory_parameters(model))
+        yield Configuration("exported backbone + memories", model.scorer(), params, memory_parameters_per_domain(model))
 
 
 def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:

@@ -14,16 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from koff.analysis.plot import plot_sparsity_sweep
+from koff.evaluation.ablation import geomean_ratio, memory_parameters_per_domain
 from koff.io import write_json, write_text
 from koff.training import DecomposeConfig, Decomposer
 
 SERIES = ("KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories")
-
-
-def geomean_ratio(evaluation: dict, row: str) -> float:
-    dense = evaluation["dense"]["domains"]
-    ratios = [evaluation[row]["domains"][d]["perplexity"] / dense[d]["perplexity"] for d in dense]
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
 def equal_budget_rank(dec: Decomposer) -> int:
@@ -33,7 +28,7 @@ def equal_budget_rank(dec: Decomposer) -> int:
     return math.ceil(memory.num_parameters() / per_rank)
 
 
-def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, **train_kwargs) -> dict:
+def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -> dict:
     """Run the sweep (resuming finished or killed runs under ``out``); write sweep.json and sweep.png."""
     out = Path(out)
     sweep: dict[str, dict[float, float]] = {name: {} for name in SERIES}
@@ -44,14 +39,15 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, *
         rank = equal_budget_rank(koff)
         pruned, ev_pruned = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
                               lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")))
-        sweep["KOFF"][sparsity] = geomean_ratio(ev_koff, "mask+memories")
-        sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff, "mask only")
-        sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned, "mask+memories")
-        sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned, "mask only")
+        sweep["KOFF"][sparsity] = geomean_ratio(ev_koff["mask+memories"], ev_koff["dense"])
+        sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff["mask only"], ev_koff["dense"])
+        sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned["mask+memories"], ev_pruned["dense"])
+        sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned["mask only"], ev_pruned["dense"])
         runs[sparsity] = {"koff": koff.config.out, "prune_then_lora": pruned.config.out}
         budget[sparsity] = {
-            "koff_memory_parameters_per_domain": _per_domain(koff), "prune_then_lora_rank": rank,
-            "prune_then_lora_parameters_per_domain": _per_domain(pruned),
+            "koff_memory_parameters_per_domain": memory_parameters_per_domain(koff.model),
+            "prune_then_lora_rank": rank,
+            "prune_then_lora_parameters_per_domain": memory_parameters_per_domain(pruned.model),
         }
     result = {"sparsities": sparsities, "geomean_ratio_to_dense": sweep, "runs": runs, "trainable_budget": budget}
     write_json(out / "sweep.json", result)
@@ -65,10 +61,6 @@ def _run(config: DecomposeConfig) -> tuple[Decomposer, dict]:
     dec = Decomposer(replace(config, eval=True))
     summary = dec.train(resume=(Path(config.out) / "checkpoints").is_dir())
     return dec, summary["eval"]
-
-
-def _per_domain(dec: Decomposer) -> int:
-    return next(iter(dec.model.memories.values())).num_parameters()
 
 
 def sweep_markdown(result: dict) -> str:
