@@ -19,7 +19,7 @@ from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names,
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
-from koff.runtime.generation import BatchGeneration, Sampling, TextStream
+from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
 
 
 class MemoryLoadError(ValueError):
@@ -98,6 +98,16 @@ class KoffRuntime:
                 raise MemoryLoadError(f"{path}: KV prefix of layer {i} has {keys.shape[0]} heads, the backbone {expected}")
 
     # ----- text -----------------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> set[int]:
+        """Tokens that end a sample."""
+        eos = self.tokenizer.eos_token_id
+        return {eos} if eos is not None else set()
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty running batch over this backbone and its memories (continuous batching)."""
+        return DecodeBatch(self.model, self.tokenizer.pad_token_id, self.eos_ids)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -138,9 +148,8 @@ class KoffRuntime:
 
     def run(self, prompts, memories, params, streams: list[TextStream]) -> Iterator[list[tuple[int, str]]]:
         """The batched loop behind ``generate`` and the server: yields (index, text delta) per step."""
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         generation = BatchGeneration(
-            self.model, [self.encode(p) for p in prompts], memories, params, self.tokenizer.pad_token_id, eos
+            self.model, [self.encode(p) for p in prompts], memories, params, self.tokenizer.pad_token_id, self.eos_ids
         )
         for step in generation:
             deltas = []

@@ -196,7 +196,7 @@ class Batcher:
 
     # ----- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        batch, live = self._new_batch(), {}
+        batch, live = self.runtime.new_batch(), {}
         while not self._stopping:
             if live:
                 jobs = self._waiting(self.max_batch - len(live))
@@ -211,14 +211,9 @@ class Batcher:
             for job in jobs:
                 self._admit(job, batch, live)
             if live and not self._step(batch, live):
-                batch = self._new_batch()  # a failed step leaves the batch's state unknown
+                batch = self.runtime.new_batch()  # a failed step leaves the batch's state unknown
         for entry in live.values():
             entry.job.emit(Failed(APIError(503, "the server is shutting down")))
-
-    def _new_batch(self) -> DecodeBatch:
-        tokenizer = self.runtime.tokenizer
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        return DecodeBatch(self.runtime.model, tokenizer.pad_token_id, eos)
 
     def _next_item(self, timeout: float | None) -> Job | None:
         """The next queued job, running calls (memory loads) on the way; None when none is waiting."""
@@ -340,11 +335,11 @@ class Batcher:
         return True
 
     def _finish(self, entry: "_Live") -> None:
-        stream, eos = entry.stream, self.runtime.tokenizer.eos_token_id
+        stream = entry.stream
         tail = stream.flush()
         if tail:
             entry.job.emit(Delta(tail))
-        done_by_stop = stream.hit_stop or (eos is not None and stream.ids and stream.ids[-1] == eos)
+        done_by_stop = stream.hit_stop or bool(stream.ids and stream.ids[-1] in self.runtime.eos_ids)
         reason = "stop" if done_by_stop or len(stream.ids) < entry.sampling.max_new_tokens else "length"
         entry.job.emit(Finished(reason, entry.prompt_tokens, len(stream.ids)))
         self.stats["completion_tokens"] += len(stream.ids)
