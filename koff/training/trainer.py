@@ -21,9 +21,7 @@ from tqdm.auto import tqdm
 from koff.data import DomainData, load_domains, parse_domains
 from koff.evaluation import evaluate
 from koff.io import write_json, write_text, write_yaml
-from koff.masks import (
-    BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, select_units, target_schedule, unit_importance,
-)
+from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule, unit_importance
 from koff.masks.oneshot import standardise
 from koff.memories.files import save_memory
 from koff.model import KoffModel
@@ -126,22 +124,20 @@ class Decomposer:
         standardised importance, so the least important units close first; ``mask`` starts at the
         one-shot mask itself (units it cuts at -init_log_alpha, the rest at +init_log_alpha), so only
         the units on their way out are noisy and learning moves units across the cut."""
-        cfg = self.config
-        ffn, attn = unit_importance(self.model.base, self.model.layout, self._calibration_batches(), importance)
-        ffn, attn = standardise(ffn), standardise(attn)
+        cfg, model = self.config, self.model
+        batches = self._calibration_batches()
         if cfg.init_shape == "mask":
-            cut = select_units(ffn if mask.ffn is not None else None, attn if mask.attn is not None else None,
-                               self.model.costs, cfg.sparsity)
-            ffn = [keep.float() * 2 - 1 for keep in cut.ffn]
-            attn = [keep.float() * 2 - 1 for keep in cut.attn]
-        for gates, scores in ((mask.ffn, ffn), (mask.attn, attn)):
-            if gates is None:
-                continue
-            for g, z in zip(gates, scores):
-                if cfg.init_shape == "mask":
-                    g.log_alpha.copy_(cfg.init_log_alpha * z.to(g.log_alpha))
-                else:
-                    g.log_alpha.add_(cfg.init_spread * z.to(g.log_alpha))
+            cut = oneshot_mask(model.base, model.layout, model.costs, batches, cfg.sparsity, importance,
+                               mask.ffn is not None, mask.attn is not None)
+            ffn = [cfg.init_log_alpha * (keep.float() * 2 - 1) for keep in cut.ffn]
+            attn = [cfg.init_log_alpha * (keep.float() * 2 - 1) for keep in cut.attn]
+        else:
+            ffn, attn = (standardise(s) for s in unit_importance(model.base, model.layout, batches, importance))
+            ffn = [cfg.init_log_alpha + cfg.init_spread * z for z in ffn]
+            attn = [cfg.init_log_alpha + cfg.init_spread * z for z in attn]
+        for gates, values in ((mask.ffn, ffn), (mask.attn, attn)):
+            for g, value in zip(gates or [], values):
+                g.log_alpha.copy_(value)
         mask.clamp_()
 
     def _optimizers(self):
