@@ -30,16 +30,12 @@ from pathlib import Path
 import torch
 
 from koff.cli import main as koff_main
-from koff.evaluation.sweep import run_sweep, sweep_markdown
+from koff.evaluation.sweep import run_sweep, sweep_markdown, train_or_resume
 from koff.io import write_json, write_text
-from koff.training import DecomposeConfig, Decomposer
+from koff.training import DecomposeConfig
 
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "ita=bundled:ita",
            "por=bundled:por", "python=bundled:code/python"]
-
-
-def train(config: DecomposeConfig) -> None:
-    Decomposer(config).train(resume=(Path(config.out) / "checkpoints").is_dir())
 
 
 def goals(table: dict, sweep: dict, analysis: dict) -> dict:
@@ -93,7 +89,7 @@ def main() -> None:
     for memory in ("lora", "kv"):
         cfg = DecomposeConfig(**{**base.to_dict(), "mask": f"file:{koff_run}", "memory": memory,
                                  "out": str(out / f"same-mask-{memory}"), "eval": False})
-        train(cfg)
+        train_or_resume(cfg)
 
     table_dir, analysis_dir = out / "table", out / "analysis"
     code = koff_main(["eval", koff_run, f"LoRA only, same mask={out / 'same-mask-lora'}",

@@ -56,10 +56,15 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
     return result
 
 
+def train_or_resume(config: DecomposeConfig) -> tuple[Decomposer, dict]:
+    """Train one run, continuing from its checkpoints if a previous attempt left some."""
+    dec = Decomposer(config)
+    return dec, dec.train(resume=(Path(config.out) / "checkpoints").is_dir())
+
+
 def _run(config: DecomposeConfig) -> tuple[Decomposer, dict]:
     """Train (or resume) one run; the decomposer and its final evaluation."""
-    dec = Decomposer(replace(config, eval=True))
-    summary = dec.train(resume=(Path(config.out) / "checkpoints").is_dir())
+    dec, summary = train_or_resume(replace(config, eval=True))
     return dec, summary["eval"]
 
 
