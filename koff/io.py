@@ -50,3 +50,14 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
 
 def read_yaml(path: str | os.PathLike) -> Any:
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub Markdown table; floats get three decimals, anything else ``str``."""
+
+    def cell(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

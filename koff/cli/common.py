@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from koff.io import read_yaml, write_yaml
+from koff.io import markdown_table, read_yaml, write_yaml  # noqa: F401 - markdown_table: for the commands
 
 log = logging.getLogger("koff")
 
@@ -92,15 +92,6 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(x: Any) -> str:
-        return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from koff.data import DomainData, load_domains, parse_domains
 from koff.evaluation.perplexity import Scorer, evaluate
 from koff.export.memories import MANIFEST
 from koff.export.run import Run, load_run
-from koff.io import read_json
+from koff.io import markdown_table, read_json
 from koff.models import load_model
 from koff.runtime import load
 from koff.masks.binary import BinaryMask
@@ -128,13 +128,12 @@ def geomean_ratio(result: dict, dense: dict) -> float:
 def markdown(table: dict) -> str:
     names = table["domains"]
     header = ["configuration", *names, "mean ratio", "geomean ratio", "parameters", "memory params / domain"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    rows = []
     for row in table["rows"]:
         cells = [f"{row['perplexity'][d]:.2f} ({row['ratio_to_dense'][d]:.3f})" for d in names]
         memory = f"{row['memory_parameters_per_domain']:,}" if row["memory_parameters_per_domain"] else "-"
-        lines.append("| " + " | ".join([row["configuration"], *cells, f"{row['mean_ratio']:.3f}",
-                                        f"{row['geomean_ratio']:.3f}", f"{row['parameters']:,}", memory]) + " |")
-    return "\n".join(lines)
+        rows.append([row["configuration"], *cells, row["mean_ratio"], row["geomean_ratio"], f"{row['parameters']:,}", memory])
+    return markdown_table(header, rows)
 
 
 def to_csv(table: dict) -> str:

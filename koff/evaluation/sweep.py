@@ -15,7 +15,7 @@ from pathlib import Path
 
 from koff.analysis.plot import plot_sparsity_sweep
 from koff.evaluation.ablation import geomean_ratio, memory_parameters_per_domain
-from koff.io import write_json, write_text
+from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig, Decomposer
 
 SERIES = ("KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories")
@@ -70,8 +70,5 @@ def _run(config: DecomposeConfig) -> tuple[Decomposer, dict]:
 
 def sweep_markdown(result: dict) -> str:
     sparsities = result["sparsities"]
-    lines = ["| configuration | " + " | ".join(f"{100 * s:.0f}%" for s in sparsities) + " |",
-             "|---|" + "---|" * len(sparsities)]
-    for name, points in result["geomean_ratio_to_dense"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{points[s]:.3f}" for s in sparsities) + " |")
-    return "\n".join(lines)
+    rows = [[name, *(points[s] for s in sparsities)] for name, points in result["geomean_ratio_to_dense"].items()]
+    return markdown_table(["configuration", *(f"{100 * s:.0f}%" for s in sparsities)], rows)
