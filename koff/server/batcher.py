@@ -198,8 +198,8 @@ class Batcher:
     def _loop(self) -> None:
         batch, live = self.runtime.new_batch(), {}
         while not self._stopping:
-            if live:
-                jobs = self._waiting(self.max_batch - len(live))
+            if live:  # join the running batch at its next step
+                jobs = self._take([], self.max_batch - len(live))
             else:
                 item = self._queue.get()
                 if item is None:
@@ -207,7 +207,7 @@ class Batcher:
                 if isinstance(item, _Call):
                     self._run_call(item)
                     continue
-                jobs = self._gather(item)
+                jobs = self._take([item], self.max_batch, time.monotonic() + self.batch_wait)  # start from idle
             for job in jobs:
                 self._admit(job, batch, live)
             if live and not self._step(batch, live):
@@ -230,22 +230,12 @@ class Batcher:
                 continue
             return item
 
-    def _gather(self, first: Job) -> list[Job]:
-        """The first job plus whatever arrives within the wait window (the batch starts from idle)."""
-        jobs, deadline = [first], time.monotonic() + self.batch_wait
-        while len(jobs) < self.max_batch and not self._stopping:
-            remaining = deadline - time.monotonic()
+    def _take(self, jobs: list[Job], limit: int, deadline: float | None = None) -> list[Job]:
+        """Add queued jobs to ``jobs`` up to ``limit``: those already waiting, and until ``deadline``
+        (a ``time.monotonic()`` value) those that arrive."""
+        while len(jobs) < limit and not self._stopping:
+            remaining = deadline - time.monotonic() if deadline is not None else 0.0
             job = self._next_item(remaining if remaining > 0 else None)
-            if job is None:
-                break
-            jobs.append(job)
-        return jobs
-
-    def _waiting(self, room: int) -> list[Job]:
-        """Jobs already queued, to join the running batch at its next step."""
-        jobs = []
-        while len(jobs) < room and not self._stopping:
-            job = self._next_item(None)
             if job is None:
                 break
             jobs.append(job)
