@@ -58,11 +58,23 @@ class KoffModel(nn.Module):
             if "mask" in self._modules:
                 del self._modules["mask"]
             self.mask = mask
+        self._binary_gates = None
 
     def current_gates(self) -> tuple[list, list]:
         if self.mask is None or not self._gates_enabled:
             return [None] * self.layout.num_layers, [None] * self.layout.num_layers
+        if isinstance(self.mask, BinaryMask):
+            return self._constant_gates()
         return self.mask.gates()
+
+    def _constant_gates(self) -> tuple[list, list]:
+        """A binary mask's gates, built once on the model's device (its keep flags stay on the CPU)."""
+        device = self.device
+        if self._binary_gates is None or self._binary_gates[0] != device:
+            ffn, attn = self.mask.gates()
+            on_device = [[None if g is None else g.to(device) for g in gates] for gates in (ffn, attn)]
+            self._binary_gates = (device, tuple(on_device))
+        return self._binary_gates[1]
 
     # ----- memories -----------------------------------------------------------------------------
     def new_memory(self, name: str, init_ids: torch.Tensor | None = None) -> DomainMemory:

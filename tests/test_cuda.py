@@ -1,0 +1,39 @@
+"""The training loop and the masked model on a GPU. Skipped where there is none (as in CI); run
+with `pytest tests/test_cuda.py` on a machine that has one."""
+
+import pytest
+import torch
+
+from koff.training import DecomposeConfig, Decomposer
+from tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def domains(tokenizer, corpus):
+    from koff.data import DomainSpec, load_domain
+
+    return [load_domain(DomainSpec(n, str(p)), tokenizer, block_len=32, use_cache=False) for n, p in corpus.items()]
+
+
+@pytest.mark.parametrize("mask", ["learned", "oneshot:wanda"])
+def test_a_run_on_the_gpu_gives_the_logits_the_cpu_gives(tmp_path, tokenizer, domains, mask):
+    # 8 steps with the last 40% on the frozen binary mask: both gate kinds run on the device.
+    config = DecomposeConfig(model="tiny", out=str(tmp_path / "run"), block_len=32, batch_size=3, kv_slots=4, steps=8,
+                             sparsity=0.3, mask=mask, final_fraction=0.4, eval=True, eval_max_blocks=2, device="cuda")
+    dec = Decomposer(config, base=tiny_model("llama"), tokenizer=tokenizer, domains=domains)
+    summary = dec.train()
+    assert summary["eval"]["mask+memories"]["domains"]
+    model = dec.model.eval()
+    assert model.device.type == "cuda"
+    ids = torch.stack([d.val[0] for d in domains])
+    names = [d.name for d in domains]
+    with torch.no_grad():
+        on_gpu = model(input_ids=ids.cuda(), domains=names).cpu()
+        mixed_on_gpu = model(input_ids=ids.cuda(), domains=[names[0], None, names[2]]).cpu()
+        model.cpu()  # cached gates and LoRA factors must follow the model
+        on_cpu = model(input_ids=ids, domains=names)
+        mixed_on_cpu = model(input_ids=ids, domains=[names[0], None, names[2]])
+    torch.testing.assert_close(mixed_on_gpu, mixed_on_cpu, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(on_gpu, on_cpu, atol=2e-4, rtol=1e-4)
