@@ -167,7 +167,7 @@ def export_configurations(runtime) -> Iterator[Configuration]:
 def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:
     """The table for a main run (``specs[0]``) and comparison runs (``[LABEL=]RUN_DIR`` each)."""
     label, path = run_label(specs[0])
-    main = load_run(path)
+    main = load_run(path, device=device)
     cfg = main.config
     domains = load_domains(parse_domains(cfg.domain), main.tokenizer, block_len=cfg.block_len,
                            val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -176,7 +176,7 @@ def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None
         yield from run_configurations(main, label, None)
         for spec in specs[1:]:
             other_label, other_path = run_label(spec)
-            other = load_run(other_path)
+            other = load_run(other_path, device=device)
             if other.config.model != cfg.model or sorted(other.config.domain) != sorted(cfg.domain):
                 raise TableError(f"{other_path} was trained on another model or other domains than {path}; "
                                  "rows of one table must score the same data")

@@ -37,13 +37,13 @@ class Run:
         return model.eval()
 
 
-def load_run(folder: str | Path) -> Run:
+def load_run(folder: str | Path, device: str = "cpu") -> Run:
     folder = Path(folder)
     for name in ("config.yaml", "mask.safetensors"):
         if not (folder / name).is_file():
             raise RunFolderError(f"{folder} is not a finished koff run: {name} is missing")
     config = DecomposeConfig.from_dict(read_yaml(folder / "config.yaml"))
-    loaded = load_model(config.model, dtype=config.dtype)
+    loaded = load_model(config.model, dtype=config.dtype, device=device)
     run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / "mask.safetensors"))
     memories = folder / "memories"
     for path in sorted(memories.iterdir()) if memories.is_dir() else []:
