@@ -37,7 +37,8 @@ def peft_lora_step_seconds(model_spec: str, batch: torch.Tensor, steps: int, ran
     """Median seconds of one forward+backward+AdamW step of PEFT LoRA on the same model and batch."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_model(model_spec).model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    base = load_model(model_spec, device=str(batch.device)).model
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for _ in range(steps):
@@ -46,8 +47,15 @@ def peft_lora_step_seconds(model_spec: str, batch: torch.Tensor, steps: int, ran
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        _synchronize(batch.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that host clocks time what the device did."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: int) -> float:
@@ -56,8 +64,14 @@ def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: 
     for _ in range(steps):
         t0 = time.perf_counter()
         dec.train_step()
+        _synchronize(dec.accelerator.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
+
+
+def machine(device: str) -> str:
+    text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
 
 
 def main() -> None:
@@ -75,6 +89,8 @@ def main() -> None:
     parser.add_argument("--target-warmup", type=float, default=0.25)
     parser.add_argument("--init-shape", default="mask", choices=["ranked", "mask"])
     parser.add_argument("--distill-weight", type=float, default=1.0, help="weight of KL(dense || student) in the loss")
+    parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--tag", default="", help="suffix for the result files (decompose<tag>.json)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
@@ -86,8 +102,9 @@ def main() -> None:
         batch_size=args.batch_size, eval_max_blocks=2 if args.quick else args.eval_max_blocks,
         checkpoint_every=20, constraint=args.constraint, final_fraction=args.final_fraction,
         target_warmup=args.target_warmup, init_shape=args.init_shape, distill_weight=args.distill_weight,
+        lr_mask=args.lr_mask, device=args.device,
     )
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
                            val_fraction=config.val_fraction, seed=config.seed)
     wall = time.perf_counter()
@@ -97,11 +114,11 @@ def main() -> None:
     # Step cost: the KOFF step from the run's own log, plain LoRA steps measured here on the same batch shape.
     records = [json.loads(line) for line in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     koff_step = statistics.median(r["seconds"] for r in records[1:] or records)
-    batch = torch.stack([d.train[0] for d in domains][: args.batch_size])
+    batch = torch.stack([d.train[0] for d in domains][: args.batch_size]).to(args.device)
     targets = list(config.lora_targets)
     peft_step = peft_lora_step_seconds(args.model, batch, args.timing_steps, config.lora_rank, targets)
     lora_config = DecomposeConfig(**{**config.to_dict(), "mask": "none", "memory": "lora", "out": args.out + "-lora"})
-    fresh = load_model(args.model)
+    fresh = load_model(args.model, device=args.device)
     koff_lora_step = koff_step_seconds(lora_config, fresh.model, fresh.tokenizer, domains, args.timing_steps)
 
     ev = summary["eval"]
@@ -117,7 +134,7 @@ def main() -> None:
     }
     result = {
         "command": command,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(args.device),
         "config": config.to_dict(),
         "sparsity": summary["sparsity"],
         "whole_model_sparsity": summary["whole_model_sparsity"],

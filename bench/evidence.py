@@ -64,6 +64,11 @@ def goals(table: dict, sweep: dict, analysis: dict) -> dict:
     return result
 
 
+def machine(device: str) -> str:
+    text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -72,6 +77,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=7)
     parser.add_argument("--eval-max-blocks", type=int, default=40)
     parser.add_argument("--lape-max-blocks", type=int, default=64)
+    parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--out", default="bench/out/evidence")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
@@ -83,7 +90,8 @@ def main() -> None:
 
     base = DecomposeConfig(model=args.model, domain=DOMAINS, steps=args.steps, batch_size=args.batch_size,
                            eval_max_blocks=args.eval_max_blocks, checkpoint_every=20, init_shape="mask",
-                           final_fraction=0.4, target_warmup=0.25)
+                           final_fraction=0.4, target_warmup=0.25,
+                           lr_mask=args.lr_mask, device=args.device)
     sweep = run_sweep(base, args.sparsities, out / "sweep")
     koff_run = sweep["runs"][0.12]["koff"]
     for memory in ("lora", "kv"):
@@ -95,8 +103,9 @@ def main() -> None:
     code = koff_main(["eval", koff_run, f"LoRA only, same mask={out / 'same-mask-lora'}",
                       f"KV only, same mask={out / 'same-mask-kv'}",
                       f"prune, then LoRA (equal budget)={sweep['runs'][0.12]['prune_then_lora']}",
-                      "--max-blocks", str(args.eval_max_blocks), "--out", str(table_dir)])
-    code = code or koff_main(["analyze", koff_run, "--max-blocks", str(args.lape_max_blocks), "--out", str(analysis_dir)])
+                      "--max-blocks", str(args.eval_max_blocks), "--device", args.device, "--out", str(table_dir)])
+    code = code or koff_main(["analyze", koff_run, "--max-blocks", str(args.lape_max_blocks), "--device", args.device,
+                              "--out", str(analysis_dir)])
     if code:
         sys.exit(code)
     table = json.loads((table_dir / "table.json").read_text())
@@ -105,7 +114,7 @@ def main() -> None:
     met = goals(table, sweep, analysis)
     result = {
         "command": command,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(args.device),
         "config": base.to_dict(),
         "table": table,
         "sweep": sweep,
