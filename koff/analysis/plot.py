@@ -56,9 +56,13 @@ def plot_sparsity_sweep(sweep: dict[str, dict[float, float]], path: str | Path, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in sweep.items():
+    # Distinct line styles and shrinking markers: series that coincide (a learned mask equal to the
+    # one-shot mask) stay visible on top of each other.
+    styles = ["o-", "s--", "^-.", "x:"]
+    for i, (name, points) in enumerate(sweep.items()):
         xs = sorted(points)
-        ax.plot([100 * x for x in xs], [points[x] for x in xs], "o-", label=name)
+        ax.plot([100 * x for x in xs], [points[x] for x in xs], styles[i % len(styles)], label=name,
+                markersize=max(8 - 1.5 * i, 3))
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("sparsity (% of transformer-block parameters removed)")
