@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from koff.model import KoffModel
 from koff.models import load_model
 from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
 from koff.training.config import DecomposeConfig
+from koff.training.losses import distillation_kl, token_cross_entropy
 from koff.training.sampler import BalancedSampler
 
 log = logging.getLogger(__name__)
@@ -181,11 +181,8 @@ class Decomposer:
         target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
         if self.gates_training and not self.lagrangian:
             self.learned_mask.project_(target)
-        logits = self.forward_model(batch, domains)
-        targets = batch[:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
-        ).view(targets.shape)
+        log_probs = self.forward_model(batch, domains).float().log_softmax(-1)  # shared by both terms
+        token_loss = token_cross_entropy(log_probs, batch)
         lm = token_loss.mean()
         loss, info = lm, {"lm": lm.item()}
         per_domain = {}
@@ -195,7 +192,7 @@ class Decomposer:
         if cfg.distill_weight > 0 and self.model.mask is not None:  # unpruned, the teacher is the student's own base
             with torch.no_grad(), self.model.dense():
                 teacher = self.model(batch).float().log_softmax(-1)
-            kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
+            kl = distillation_kl(log_probs, teacher)
             loss = loss + cfg.distill_weight * kl
             info["kl"] = kl.item()
         if self.gates_training:
