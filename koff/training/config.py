@@ -41,7 +41,7 @@ class DecomposeConfig:
     grad_accum: int = 1
     lr_lora: float = 1e-3
     lr_kv: float = 1e-2
-    lr_mask: float = 0.1
+    lr_mask: float = 1.0  # as the spec suggests: at 0.1 no gate crossed the cut in 160 steps (the mask stayed the one-shot one)
     lr_lambda: float = 20.0  # SGD ascent
     init_from: str = "wanda"  # learned gates start ranked by this one-shot importance (wanda | activation | none)
     init_shape: str = "mask"  # ranked: spread by importance | mask: start at the one-shot mask itself
