@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--target-warmup", type=float, default=0.25)
     parser.add_argument("--init-shape", default="mask", choices=["ranked", "mask"])
     parser.add_argument("--distill-weight", type=float, default=1.0, help="weight of KL(dense || student) in the loss")
+    parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,
+                        help="distil on every k-th step only (weighted x k)")
     parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--tag", default="", help="suffix for the result files (decompose<tag>.json)")
@@ -102,7 +104,7 @@ def main() -> None:
         batch_size=args.batch_size, eval_max_blocks=2 if args.quick else args.eval_max_blocks,
         checkpoint_every=20, constraint=args.constraint, final_fraction=args.final_fraction,
         target_warmup=args.target_warmup, init_shape=args.init_shape, distill_weight=args.distill_weight,
-        lr_mask=args.lr_mask, device=args.device,
+        lr_mask=args.lr_mask, device=args.device, distill_every=args.distill_every,
     )
     loaded = load_model(args.model, device=args.device)
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
@@ -113,7 +115,8 @@ def main() -> None:
 
     # Step cost: the KOFF step from the run's own log, plain LoRA steps measured here on the same batch shape.
     records = [json.loads(line) for line in (Path(args.out) / "log.jsonl").read_text().splitlines()]
-    koff_step = statistics.median(r["seconds"] for r in records[1:] or records)
+    # The mean, not the median: with --distill-every k the steps alternate between two costs.
+    koff_step = statistics.mean(r["seconds"] for r in records[1:] or records)
     batch = torch.stack([d.train[0] for d in domains][: args.batch_size]).to(args.device)
     targets = list(config.lora_targets)
     peft_step = peft_lora_step_seconds(args.model, batch, args.timing_steps, config.lora_rank, targets)

@@ -151,6 +151,13 @@ def test_every_variant_runs_through_the_same_loop(tmp_path, tokenizer, domains, 
     assert all(("kl" in r) == (mask != "none") for r in records)  # distillation only where something is pruned
 
 
+def test_distill_every_k_steps_adds_the_teacher_on_those_steps_only(tmp_path, tokenizer, domains):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.15, steps=7, distill_every=3)
+    dec.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "kl" in r] == [1, 4, 7]  # steps 0, 3, 6 before they count
+
+
 def test_bad_configs_are_refused():
     for bad, message in [
         (dict(mask="oneshot:nope"), "unknown one-shot importance"),
@@ -158,6 +165,7 @@ def test_bad_configs_are_refused():
         (dict(memory="prefix"), "--memory must be"),
         (dict(sparsity=1.5), "sparsity"),
         (dict(prune_ffn=False, prune_attention=False), "nothing to prune"),
+        (dict(distill_every=0), "distill_every"),
     ]:
         with pytest.raises(ValueError, match=message):
             DecomposeConfig(**bad)

@@ -51,6 +51,7 @@ class DecomposeConfig:
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
     final_fraction: float = 0.4  # last fraction of steps: binary mask fixed, memories adapt to it
     distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask
+    distill_every: int = 1  # distil on every k-th step, weighted x k: the same objective in expectation, 1/k of the teacher's forwards
     max_grad_norm: float = 1.0
     calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
     # bookkeeping
@@ -86,7 +87,7 @@ class DecomposeConfig:
             raise ValueError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
         if not 0.0 <= self.final_fraction < 1.0:
             raise ValueError(f"final_fraction must be in [0, 1), got {self.final_fraction}")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "distill_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -189,11 +189,11 @@ class Decomposer:
         for i, name in enumerate(names):
             per_domain.setdefault(name, []).append(token_loss[i].mean().item())
         info["domain_loss"] = {k: sum(v) / len(v) for k, v in per_domain.items()}
-        if cfg.distill_weight > 0 and self.model.mask is not None:  # unpruned, the teacher is the student's own base
+        if self._distilling():
             with torch.no_grad(), self.model.dense():
                 teacher = self.model(batch).float().log_softmax(-1)
             kl = distillation_kl(log_probs, teacher)
-            loss = loss + cfg.distill_weight * kl
+            loss = loss + cfg.distill_weight * cfg.distill_every * kl
             info["kl"] = kl.item()
         if self.gates_training:
             expected = self.learned_mask.expected_sparsity()
@@ -203,6 +203,12 @@ class Decomposer:
                 loss = loss + lagrangian
                 info |= {"lagrangian": lagrangian.item()}
         return loss, info
+
+    def _distilling(self) -> bool:
+        """Whether this step adds the KL to the dense teacher. Never unpruned: the teacher would be
+        the student's own base, pulling the memories towards doing nothing."""
+        cfg = self.config
+        return cfg.distill_weight > 0 and self.model.mask is not None and self.step % cfg.distill_every == 0
 
     @property
     def freeze_step(self) -> int:
