@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from common import machine
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.io import write_json, write_text
@@ -67,11 +67,6 @@ def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: 
         _synchronize(dec.accelerator.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
-
-
-def machine(device: str) -> str:
-    text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
 
 
 def main() -> None:

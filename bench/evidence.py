@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from common import machine
 from koff.cli import main as koff_main
 from koff.evaluation.sweep import run_sweep, sweep_markdown, train_or_resume
 from koff.io import write_json, write_text
@@ -62,11 +60,6 @@ def goals(table: dict, sweep: dict, analysis: dict) -> dict:
         if s in ratios["KOFF"]:
             result[f"koff_beats_prune_then_lora_at_{round(100 * s)}pct"] = ratios["KOFF"][s] < ratios["prune, then LoRA"][s]
     return result
-
-
-def machine(device: str) -> str:
-    text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ Writes bench/results/export.json and export.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import statistics
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common import machine
 from koff.export import export_run
 from koff.io import write_json, write_text
 from koff.model import KoffModel
@@ -126,7 +126,7 @@ def main() -> None:
 
     result = {
         "command": command,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "run": args.run,
         "parameters": {"dense": exports[False]["dense_parameters"], "exported": exports[False]["parameters"],
                        "exported_uniform": exports[True]["parameters"]},
