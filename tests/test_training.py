@@ -138,7 +138,7 @@ def test_final_phase_trains_memories_on_the_fixed_binary_mask(tmp_path, tokenize
     [("learned", "none"), ("oneshot:wanda", "lora"), ("oneshot:activation", "kv"), ("none", "lora+kv"), ("none", "none")],
 )
 def test_every_variant_runs_through_the_same_loop(tmp_path, tokenizer, domains, mask, memory):
-    dec = make(tmp_path, tokenizer, domains, mask=mask, memory=memory, sparsity=0.15, steps=2, eval=True)
+    dec = make(tmp_path, tokenizer, domains, mask=mask, memory=memory, sparsity=0.15, steps=2, eval=True, distill_every=1)
     summary = dec.train()
     out = tmp_path / "run"
     assert (out / "mask.safetensors").is_file()

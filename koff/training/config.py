@@ -51,7 +51,7 @@ class DecomposeConfig:
     lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
     final_fraction: float = 0.4  # last fraction of steps: binary mask fixed, memories adapt to it
     distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask
-    distill_every: int = 1  # distil on every k-th step, weighted x k: the same objective in expectation, 1/k of the teacher's forwards
+    distill_every: int = 2  # distil on every k-th step, weighted x k: the same objective in expectation, 1/k of the teacher's forwards (2: step 1.33x PEFT LoRA instead of 1.71x, mean 1.013x dense instead of 0.991x)
     max_grad_norm: float = 1.0
     calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
     # bookkeeping
