@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=7)
     parser.add_argument("--eval-max-blocks", type=int, default=40)
     parser.add_argument("--lape-max-blocks", type=int, default=64)
+    parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,
+                        help="distil on every k-th step only (weighted x k)")
     parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--out", default="bench/out/evidence")
@@ -84,7 +86,7 @@ def main() -> None:
     base = DecomposeConfig(model=args.model, domain=DOMAINS, steps=args.steps, batch_size=args.batch_size,
                            eval_max_blocks=args.eval_max_blocks, checkpoint_every=20, init_shape="mask",
                            final_fraction=0.4, target_warmup=0.25,
-                           lr_mask=args.lr_mask, device=args.device)
+                           lr_mask=args.lr_mask, distill_every=args.distill_every, device=args.device)
     sweep = run_sweep(base, args.sparsities, out / "sweep")
     koff_run = sweep["runs"][0.12]["koff"]
     for memory in ("lora", "kv"):
