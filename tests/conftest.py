@@ -42,3 +42,11 @@ def corpus(tmp_path):
         path.write_text(text * 60)
         paths[name] = path
     return paths
+
+
+@pytest.fixture
+def domains(tokenizer, corpus):
+    """The three corpus domains as 32-token blocks."""
+    from koff.data import DomainSpec, load_domain
+
+    return [load_domain(DomainSpec(n, str(p)), tokenizer, block_len=32, use_cache=False) for n, p in corpus.items()]

@@ -10,13 +10,6 @@ from tiny import tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture
-def domains(tokenizer, corpus):
-    from koff.data import DomainSpec, load_domain
-
-    return [load_domain(DomainSpec(n, str(p)), tokenizer, block_len=32, use_cache=False) for n, p in corpus.items()]
-
-
 @pytest.mark.parametrize("mask", ["learned", "oneshot:wanda"])
 def test_a_run_on_the_gpu_gives_the_logits_the_cpu_gives(tmp_path, tokenizer, domains, mask):
     # 8 steps with the last 40% on the frozen binary mask: both gate kinds run on the device.

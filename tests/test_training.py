@@ -5,15 +5,9 @@ import torch
 import yaml
 
 from koff.cli import main
-from koff.data import DomainSpec, load_domain
 from koff.masks import BinaryMask
 from koff.training import DecomposeConfig, Decomposer
 from tiny import tiny_model
-
-
-@pytest.fixture
-def domains(tokenizer, corpus):
-    return [load_domain(DomainSpec(n, str(p)), tokenizer, block_len=32, use_cache=False) for n, p in corpus.items()]
 
 
 def make(tmp_path, tokenizer, domains, kind="llama", **overrides) -> Decomposer:
