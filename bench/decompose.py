@@ -33,6 +33,19 @@ from koff.training import DecomposeConfig, Decomposer
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
 
 
+def median_step_seconds(step, steps: int, device: torch.device) -> float:
+    """Median wall time of ``step()`` over ``steps`` calls, the first (warm-up) left out; on a GPU
+    each call waits for the device, so that host clocks time what it did."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def peft_lora_step_seconds(model_spec: str, batch: torch.Tensor, steps: int, rank: int, targets: list[str]) -> float:
     """Median seconds of one forward+backward+AdamW step of PEFT LoRA on the same model and batch."""
     from peft import LoraConfig, get_peft_model
@@ -40,33 +53,18 @@ def peft_lora_step_seconds(model_spec: str, batch: torch.Tensor, steps: int, ran
     base = load_model(model_spec, device=str(batch.device)).model
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+
+    def step() -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        _synchronize(batch.device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
 
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that host clocks time what the device did."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return median_step_seconds(step, steps, batch.device)
 
 
 def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: int) -> float:
     dec = Decomposer(config, base=base, tokenizer=tokenizer, domains=domains)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        dec.train_step()
-        _synchronize(dec.accelerator.device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return median_step_seconds(dec.train_step, steps, dec.accelerator.device)
 
 
 def main() -> None:
