@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import add_run_options, machine
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.io import write_json, write_text
@@ -82,10 +82,7 @@ def main() -> None:
     parser.add_argument("--target-warmup", type=float, default=0.25)
     parser.add_argument("--init-shape", default="mask", choices=["ranked", "mask"])
     parser.add_argument("--distill-weight", type=float, default=1.0, help="weight of KL(dense || student) in the loss")
-    parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,
-                        help="distil on every k-th step only (weighted x k)")
-    parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_run_options(parser)
     parser.add_argument("--tag", default="", help="suffix for the result files (decompose<tag>.json)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")

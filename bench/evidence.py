@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine
+from common import add_run_options, machine
 from koff.cli import main as koff_main
 from koff.evaluation.sweep import run_sweep, sweep_markdown, train_or_resume
 from koff.io import write_json, write_text
@@ -70,10 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=7)
     parser.add_argument("--eval-max-blocks", type=int, default=40)
     parser.add_argument("--lape-max-blocks", type=int, default=64)
-    parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,
-                        help="distil on every k-th step only (weighted x k)")
-    parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_run_options(parser)
     parser.add_argument("--out", default="bench/out/evidence")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
