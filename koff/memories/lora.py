@@ -83,9 +83,9 @@ class RoutedLoRALinear(nn.Module):
 
     def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of ranks, in) and (out, sum of ranks) factors of the memories present. Kept between
-        calls when no gradient is recorded and neither the set of memories nor their factors changed
-        (``_version`` counts in-place updates) nor their device: every step of a serving batch whose samples come and
-        go over the same memories reuses them."""
+        calls when no gradient is recorded and neither the set of memories, their factors
+        (``_version`` counts in-place updates) nor their device changed: every step of a serving
+        batch whose samples come and go over the same memories reuses them."""
         signature = (dtype, present[0].lora_A[self.key].device,
                      tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
         if signature in self._cache:
