@@ -90,13 +90,14 @@ def test_loss_goes_down(tmp_path, tokenizer, domains):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
-@pytest.mark.parametrize("kill_at", [7, 11])  # before and after the mask is frozen (step 10)
-def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, domains, kill_at):
-    whole = make(tmp_path / "a", tokenizer, domains, sparsity=0.2)
+@pytest.mark.parametrize(("kill_at", "sampling"), [(7, "balanced"), (11, "balanced"), (7, "size:1")])
+def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, domains, kill_at, sampling):
+    # killed before (7) and after (11) the mask is frozen at step 10
+    whole = make(tmp_path / "a", tokenizer, domains, sparsity=0.2, sampling=sampling)
     whole.train()
-    killed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
+    killed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2, sampling=sampling)
     assert killed.train(stop_after=kill_at) == {"stopped_at": kill_at}  # dies; last checkpoint at 5 or 10
-    resumed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2)
+    resumed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2, sampling=sampling)
     resumed.train(resume=True)
     assert resumed.step == whole.step == 12
     a, b = trained_state(whole), trained_state(resumed)
@@ -160,6 +161,9 @@ def test_bad_configs_are_refused():
         (dict(sparsity=1.5), "sparsity"),
         (dict(prune_ffn=False, prune_attention=False), "nothing to prune"),
         (dict(distill_every=0), "distill_every"),
+        (dict(sampling="size:big"), "--sampling must be"),
+        (dict(sampling="size:-1"), "--sampling must be"),
+        (dict(sampling="proportional"), "--sampling must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             DecomposeConfig(**bad)

@@ -21,6 +21,8 @@ _HELP = {
     "kv_slots": "learned key/value slots per layer",
     "distill_weight": "weight of KL(dense teacher || student); 0 = LM loss only",
     "distill_every": "distil on every k-th step only, weighted x k (same objective in expectation, 1/k of the teacher's cost)",
+    "sampling": "balanced: one sample of each domain in turn | size:<alpha>: domain drawn with "
+    "probability ~ train blocks ** alpha (more of a large corpus, fewer repeats of a small one)",
     "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
     "final_fraction": "last fraction of steps trained with the final binary mask fixed (memories adapt to it)",
     "init_from": "one-shot importance that ranks the gates at the start (wanda | activation | none)",

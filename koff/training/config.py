@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from koff.masks.oneshot import IMPORTANCES
+from koff.training.sampler import parse_sampling
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 
 
@@ -24,6 +25,7 @@ class DecomposeConfig:
     block_len: int = 256
     val_fraction: float = 0.1
     seed: int = 0
+    sampling: str = "balanced"  # balanced | size:<alpha> (domain probability ~ train blocks ** alpha)
     # what to learn
     sparsity: float = 0.12
     mask: str = "learned"  # learned | oneshot:<importance> | file:<mask or run folder> | none
@@ -79,6 +81,7 @@ class DecomposeConfig:
             )
         if kind == "oneshot" and importance not in IMPORTANCES:
             raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        parse_sampling(self.sampling)
         if self.init_from not in (*IMPORTANCES, "none"):
             raise ValueError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
         if self.init_shape not in INIT_SHAPES:

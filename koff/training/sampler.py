@@ -1,7 +1,10 @@
-"""Balanced sampling over domains, with a state small enough to checkpoint and resume exactly."""
+"""Sampling over domains (balanced, or by corpus size), with a state small enough to checkpoint and
+resume exactly."""
 
 from __future__ import annotations
 
+import bisect
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -16,14 +19,35 @@ class SamplerState:
     position: list[int] = field(default_factory=list)  # per domain, within the epoch's permutation
 
 
-class BalancedSampler:
-    """Sample ``k`` of a batch comes from domain ``(samples + k) % D``: every batch of D samples
-    holds one of each domain. Within a domain, blocks are visited in a seeded permutation per epoch.
-    With ``world_size`` processes, each takes every ``world_size``-th sample."""
+def parse_sampling(spec: str) -> float | None:
+    """``balanced`` -> None; ``size:<alpha>`` -> alpha (domain probability ~ train blocks ** alpha)."""
+    if spec == "balanced":
+        return None
+    kind, _, alpha = spec.partition(":")
+    try:
+        value = float(alpha) if kind == "size" else None
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
+    return value
 
-    def __init__(self, domains: list[DomainData], seed: int, rank: int = 0, world_size: int = 1):
+
+class DomainSampler:
+    """Balanced (``size_alpha=None``, the default): sample ``n`` comes from domain ``n % D``, so every batch of D
+    samples holds one of each domain. By size: sample ``n``'s domain is drawn with probability
+    ~ (train blocks) ** ``size_alpha`` from a generator seeded by ``n`` alone, so resuming needs only
+    the count. Within a domain, blocks are visited in a seeded permutation per epoch. With
+    ``world_size`` processes, each takes every ``world_size``-th sample."""
+
+    def __init__(self, domains: list[DomainData], seed: int, rank: int = 0, world_size: int = 1,
+                 size_alpha: float | None = None):
         self.domains = domains
         self.seed = seed
+        self.cumulative = None
+        if size_alpha is not None:
+            sizes = [float(d.train.shape[0]) ** size_alpha for d in domains]
+            self.cumulative = [sum(sizes[: i + 1]) / sum(sizes) for i in range(len(sizes))]
         self.rank, self.world_size = rank, world_size
         self.state = SamplerState(0, [0] * len(domains), [0] * len(domains))
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
@@ -44,11 +68,16 @@ class BalancedSampler:
             st.epoch[d], st.position[d] = st.epoch[d] + 1, 0
         return block
 
+    def _domain(self, sample: int) -> int:
+        if self.cumulative is None:
+            return sample % len(self.domains)
+        u = random.Random(self.seed * 1_000_003 + sample).random()
+        return min(bisect.bisect_right(self.cumulative, u), len(self.domains) - 1)
+
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         blocks, names = [], []
-        n_domains = len(self.domains)
         for _ in range(batch_size * self.world_size):
-            d = self.state.samples % n_domains
+            d = self._domain(self.state.samples)
             block = self._take(d)
             if self.state.samples % self.world_size == self.rank:
                 blocks.append(block)

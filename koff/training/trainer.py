@@ -28,7 +28,7 @@ from koff.models import load_model
 from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
 from koff.training.config import DecomposeConfig
 from koff.training.losses import distillation_kl, token_cross_entropy
-from koff.training.sampler import BalancedSampler
+from koff.training.sampler import DomainSampler, parse_sampling
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ class Decomposer:
         # all-reduced in backward); in one process it is the model itself.
         self.forward_model = self.accelerator.prepare_model(self.model)
         self.constraint = SparsityConstraint()
-        self.sampler = BalancedSampler(
-            self.domains, cfg.seed, self.accelerator.process_index, self.accelerator.num_processes
+        self.sampler = DomainSampler(
+            self.domains, cfg.seed, self.accelerator.process_index, self.accelerator.num_processes,
+            parse_sampling(cfg.sampling),
         )
         self.optimizer, self.lambda_optimizer = self._optimizers()
         self.scheduler = self._schedule()
