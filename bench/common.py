@@ -6,6 +6,7 @@ import argparse
 import platform
 
 import torch
+import yaml
 
 from koff.training import DecomposeConfig
 
@@ -22,3 +23,23 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="distil on every k-th step only (weighted x k)")
     parser.add_argument("--lr-mask", type=float, default=DecomposeConfig.lr_mask, help="learning rate of the gates")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other decompose setting, e.g. --set lr_lora=3e-3 (repeatable)")
+
+
+def with_settings(config: DecomposeConfig, settings: list[str]) -> DecomposeConfig:
+    """``config`` with ``--set NAME=VALUE`` settings applied, each value cast to the setting's type
+    (lists: comma-separated)."""
+    values = config.to_dict()
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or name not in values:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a decompose setting")
+        current = values[name]
+        if isinstance(current, bool):
+            values[name] = text.lower() in ("1", "true", "yes")
+        elif isinstance(current, list):
+            values[name] = [v for v in text.split(",") if v]
+        else:
+            values[name] = type(current)(text) if current is not None else yaml.safe_load(text)
+    return DecomposeConfig.from_dict(values)

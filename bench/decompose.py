@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_run_options, machine
+from common import add_run_options, machine, with_settings
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.io import write_json, write_text
@@ -96,6 +96,7 @@ def main() -> None:
         target_warmup=args.target_warmup, init_shape=args.init_shape, distill_weight=args.distill_weight,
         lr_mask=args.lr_mask, device=args.device, distill_every=args.distill_every,
     )
+    config = with_settings(config, args.set)
     loaded = load_model(args.model, device=args.device)
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
                            val_fraction=config.val_fraction, seed=config.seed)

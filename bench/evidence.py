@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_run_options, machine
+from common import add_run_options, machine, with_settings
 from koff.cli import main as koff_main
 from koff.evaluation.sweep import run_sweep, sweep_markdown, train_or_resume
 from koff.io import write_json, write_text
@@ -84,6 +84,7 @@ def main() -> None:
                            eval_max_blocks=args.eval_max_blocks, checkpoint_every=20, init_shape="mask",
                            final_fraction=0.4, target_warmup=0.25,
                            lr_mask=args.lr_mask, distill_every=args.distill_every, device=args.device)
+    base = with_settings(base, args.set)
     sweep = run_sweep(base, args.sparsities, out / "sweep")
     koff_run = sweep["runs"][0.12]["koff"]
     for memory in ("lora", "kv"):
