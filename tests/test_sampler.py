@@ -54,5 +54,6 @@ def test_small_domains_repeat_less_under_size_sampling():
 def test_sampling_spec_parses():
     assert parse_sampling("balanced") is None
     assert parse_sampling("size:0.5") == 0.5
-    with pytest.raises(ValueError, match="--sampling must be"):
-        parse_sampling("size:")
+    for bad in ("size:", "size:nan", "size:inf", "uniform"):
+        with pytest.raises(ValueError, match="--sampling must be"):
+            parse_sampling(bad)

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from koff.masks.oneshot import IMPORTANCES
-from koff.training.sampler import parse_sampling
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
+from koff.training.sampler import parse_sampling
 
 
 CONSTRAINTS = ("projected", "lagrangian")

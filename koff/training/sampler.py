@@ -4,6 +4,7 @@ resume exactly."""
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -28,16 +29,16 @@ def parse_sampling(spec: str) -> float | None:
         value = float(alpha) if kind == "size" else None
     except ValueError:
         value = None
-    if value is None or value < 0:
+    if value is None or not 0 <= value < math.inf:
         raise ValueError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
     return value
 
 
 class DomainSampler:
-    """Balanced (``size_alpha=None``, the default): sample ``n`` comes from domain ``n % D``, so every batch of D
-    samples holds one of each domain. By size: sample ``n``'s domain is drawn with probability
-    ~ (train blocks) ** ``size_alpha`` from a generator seeded by ``n`` alone, so resuming needs only
-    the count. Within a domain, blocks are visited in a seeded permutation per epoch. With
+    """Balanced (``size_alpha=None``, the default): sample ``n`` comes from domain ``n % D``, so
+    every batch of D samples holds one of each domain. By size: sample ``n``'s domain is drawn with
+    probability ~ (train blocks) ** ``size_alpha`` from a generator seeded by ``n`` alone, so
+    resuming needs only the count. Within a domain, blocks are visited in a seeded permutation per epoch. With
     ``world_size`` processes, each takes every ``world_size``-th sample."""
 
     def __init__(self, domains: list[DomainData], seed: int, rank: int = 0, world_size: int = 1,
