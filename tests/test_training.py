@@ -188,3 +188,17 @@ def test_cli_decompose_writes_the_run_folder_and_resumes(tmp_path, corpus, capsy
     assert "--resume" in capsys.readouterr().err
     assert main(["decompose", "--resume", "--out", str(out)]) == 0  # finished: resumes to the end at once
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_small_domain_seen_many_times_is_warned_about(tmp_path, tokenizer, domains, caplog):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.15, steps=2, batch_size=3)
+    blocks = {d.name: d.train.shape[0] for d in domains}
+    with caplog.at_level("INFO", logger="koff.training.trainer"):
+        dec._report_epochs()
+    assert all(f"{name}: {n} training blocks, seen {2 / n:.1f} times" in caplog.text for name, n in blocks.items())
+    assert "may overfit" not in caplog.text
+    caplog.clear()
+    dec.config.steps = 40 * max(blocks.values())
+    with caplog.at_level("INFO", logger="koff.training.trainer"):
+        dec._report_epochs()
+    assert caplog.text.count("may overfit") == len(blocks)

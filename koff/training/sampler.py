@@ -69,6 +69,12 @@ class DomainSampler:
             st.epoch[d], st.position[d] = st.epoch[d] + 1, 0
         return block
 
+    def shares(self) -> list[float]:
+        """The expected fraction of samples each domain gets."""
+        if self.cumulative is None:
+            return [1 / len(self.domains)] * len(self.domains)
+        return [c - p for c, p in zip(self.cumulative, [0.0, *self.cumulative[:-1]])]
+
     def _domain(self, sample: int) -> int:
         if self.cumulative is None:
             return sample % len(self.domains)

@@ -32,6 +32,10 @@ from koff.training.sampler import DomainSampler, parse_sampling
 
 log = logging.getLogger(__name__)
 
+# Past this many passes over a domain's corpus, its memory overfits: on SmolLM2, Python's 23 blocks
+# seen 87 times each gave a training loss of 0.5 and held-out perplexity 1.10x dense.
+MANY_EPOCHS = 30
+
 
 class Decomposer:
     """Builds the model, data and optimisers of one run; ``train()`` runs (or resumes) it."""
@@ -266,6 +270,8 @@ class Decomposer:
         resumed = resume and self._resume()
         if resumed:
             log.info("resumed %s at step %d", self.out, self.step)
+        if main and not resumed:
+            self._report_epochs()
         if main:
             self._trim_log(self.step if resumed else 0)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_len * self.accelerator.num_processes
@@ -304,6 +310,18 @@ class Decomposer:
             "tokens_per_s": round(tokens_per_step * steps_run / trained_seconds, 1) if steps_run else None,
         }
         return self.finish(summary) if main else summary
+
+    def _report_epochs(self) -> None:
+        """How often the run will show each domain its corpus; warn where a memory may overfit."""
+        cfg = self.config
+        samples = cfg.steps * cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes
+        for domain, share in zip(self.domains, self.sampler.shares()):
+            epochs = samples * share / domain.train.shape[0]
+            log.info("%s: %d training blocks, seen %.1f times each over the run", domain.name, domain.train.shape[0], epochs)
+            if epochs > MANY_EPOCHS:
+                log.warning("%s: its %d blocks will be seen %.0f times each; its memory may overfit. A larger "
+                            "corpus, fewer steps or --sampling size:0.5 (fewer samples of small domains) helps",
+                            domain.name, domain.train.shape[0], epochs)
 
     def final_mask(self) -> BinaryMask:
         if self.learned_mask is not None:
