@@ -22,7 +22,7 @@ def draw(sampler: DomainSampler, batches: int, batch_size: int = 5) -> list[tupl
 def test_balanced_sampling_takes_each_domain_in_turn():
     (names, _), = draw(DomainSampler(corpus(SIZES), seed=0), 1, batch_size=6)
     assert names == ["big", "mid", "small"] * 2
-    assert DomainSampler(corpus(SIZES), seed=0).shares() == [1 / 3] * 3
+    assert DomainSampler(corpus(SIZES), seed=0).shares == [1 / 3] * 3
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
@@ -30,7 +30,7 @@ def test_size_sampling_draws_domains_in_proportion_to_size_to_the_alpha(alpha):
     sampler = DomainSampler(corpus(SIZES), seed=0, size_alpha=alpha)
     counts = Counter(n for names, _ in draw(sampler, 800) for n in names)
     weights = {name: n**alpha for name, n in SIZES.items()}
-    assert sampler.shares() == pytest.approx([w / sum(weights.values()) for w in weights.values()])
+    assert sampler.shares == pytest.approx([w / sum(weights.values()) for w in weights.values()])
     for name, weight in weights.items():
         expected = 4000 * weight / sum(weights.values())
         assert abs(counts[name] - expected) < 4 * expected**0.5 + 1, (name, counts)

@@ -4,6 +4,7 @@ resume exactly."""
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -38,17 +39,18 @@ class DomainSampler:
     """Balanced (``size_alpha=None``, the default): sample ``n`` comes from domain ``n % D``, so
     every batch of D samples holds one of each domain. By size: sample ``n``'s domain is drawn with
     probability ~ (train blocks) ** ``size_alpha`` from a generator seeded by ``n`` alone, so
-    resuming needs only the count. Within a domain, blocks are visited in a seeded permutation per epoch. With
-    ``world_size`` processes, each takes every ``world_size``-th sample."""
+    resuming needs only the count. Within a domain, blocks are visited in a seeded permutation per
+    epoch. With ``world_size`` processes, each takes every ``world_size``-th sample."""
 
     def __init__(self, domains: list[DomainData], seed: int, rank: int = 0, world_size: int = 1,
                  size_alpha: float | None = None):
         self.domains = domains
         self.seed = seed
-        self.cumulative = None
-        if size_alpha is not None:
-            sizes = [float(d.train.shape[0]) ** size_alpha for d in domains]
-            self.cumulative = [sum(sizes[: i + 1]) / sum(sizes) for i in range(len(sizes))]
+        self.size_alpha = size_alpha
+        sizes = [float(d.train.shape[0]) for d in domains]
+        weights = [1.0] * len(sizes) if size_alpha is None else [n**size_alpha for n in sizes]
+        self.shares = [w / sum(weights) for w in weights]  # the expected fraction of samples of each domain
+        self._cumulative = list(itertools.accumulate(self.shares))
         self.rank, self.world_size = rank, world_size
         self.state = SamplerState(0, [0] * len(domains), [0] * len(domains))
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
@@ -69,17 +71,11 @@ class DomainSampler:
             st.epoch[d], st.position[d] = st.epoch[d] + 1, 0
         return block
 
-    def shares(self) -> list[float]:
-        """The expected fraction of samples each domain gets."""
-        if self.cumulative is None:
-            return [1 / len(self.domains)] * len(self.domains)
-        return [c - p for c, p in zip(self.cumulative, [0.0, *self.cumulative[:-1]])]
-
     def _domain(self, sample: int) -> int:
-        if self.cumulative is None:
+        if self.size_alpha is None:
             return sample % len(self.domains)
         u = random.Random(self.seed * 1_000_003 + sample).random()
-        return min(bisect.bisect_right(self.cumulative, u), len(self.domains) - 1)
+        return min(bisect.bisect_right(self._cumulative, u), len(self.domains) - 1)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         blocks, names = [], []

@@ -315,7 +315,7 @@ class Decomposer:
         """How often the run will show each domain its corpus; warn where a memory may overfit."""
         cfg = self.config
         samples = cfg.steps * cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes
-        for domain, share in zip(self.domains, self.sampler.shares()):
+        for domain, share in zip(self.domains, self.sampler.shares):
             epochs = samples * share / domain.train.shape[0]
             log.info("%s: %d training blocks, seen %.1f times each over the run", domain.name, domain.train.shape[0], epochs)
             if epochs > MANY_EPOCHS:
