@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from koff.errors import KoffError, UserInputError
 from koff.masks.binary import BinaryMask
 from koff.masks.hooks import GateHooks
 from koff.masks.learned import LearnedMask
@@ -26,7 +27,7 @@ from koff.models.architecture import decoder_layout
 Domains = str | None | Sequence[str | None]
 
 
-class UnknownMemoryError(KeyError):
+class UnknownMemoryError(KoffError, KeyError):
     """A memory name that the model does not hold."""
 
     def __str__(self) -> str:
@@ -85,7 +86,7 @@ class KoffModel(nn.Module):
         memory = DomainMemory(name, self._lora_shapes, cfg.lora_rank, cfg.lora_alpha, shapes, cfg.kv_slots)
         if cfg.use_kv:
             if init_ids is None or init_ids.numel() < cfg.kv_slots:
-                raise ValueError(f"memory {name!r}: the KV prefix needs {cfg.kv_slots} tokens of text to start from")
+                raise UserInputError(f"memory {name!r}: the KV prefix needs {cfg.kv_slots} tokens of text to start from")
             with self.dense():
                 keys, values = prefix_from_text(self.base, init_ids[: cfg.kv_slots].to(self.device))
             memory.set_prefix(keys, values)
@@ -116,7 +117,7 @@ class KoffModel(nn.Module):
         if domains is None or isinstance(domains, str):
             domains = [domains] * batch
         if len(domains) != batch:
-            raise ValueError(f"{len(domains)} domains given for a batch of {batch}")
+            raise UserInputError(f"{len(domains)} domains given for a batch of {batch}")
         return [None if d is None else self._memory(d) for d in domains]
 
     # ----- forward ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from koff.data.blocks import DomainData
+from koff.errors import UserInputError
 from koff.masks.binary import BinaryMask
 from koff.models.architecture import DecoderLayout
 
@@ -38,7 +39,7 @@ def spread_blocks(blocks: torch.Tensor, max_blocks: int | None) -> torch.Tensor:
     if max_blocks is None or max_blocks >= len(blocks):
         return blocks
     if max_blocks < 1:
-        raise ValueError(f"max_blocks must be at least 1, got {max_blocks}")
+        raise UserInputError(f"max_blocks must be at least 1, got {max_blocks}")
     return blocks[torch.linspace(0, len(blocks) - 1, max_blocks).round().long()]
 
 
@@ -93,10 +94,10 @@ def activation_probabilities(
     ``mlp.act_fn``; the model runs unchanged (no mask, no memory).
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise UserInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     widths = {parts.projection("gate_proj").out_features for parts in layout.layers}
     if len(widths) != 1:
-        raise ValueError(f"LAPE needs one FFN width in every layer (the dense base model); got {sorted(widths)}")
+        raise UserInputError(f"LAPE needs one FFN width in every layer (the dense base model); got {sorted(widths)}")
     probs = []
     for data in domains:
         blocks = spread_blocks(getattr(data, split), max_blocks)
@@ -141,9 +142,9 @@ class NeuronClasses:
 def check_fractions(specific_fraction: float, general_fraction: float) -> None:
     for name, value in (("specific fraction", specific_fraction), ("general fraction", general_fraction)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"the {name} must be in [0, 1], got {value}")
+            raise UserInputError(f"the {name} must be in [0, 1], got {value}")
     if specific_fraction + general_fraction > 1.0:
-        raise ValueError("the specific and general fractions must not add up to more than 1 (the sets would overlap)")
+        raise UserInputError("the specific and general fractions must not add up to more than 1 (the sets would overlap)")
 
 
 def classify(
@@ -238,7 +239,7 @@ def removal_rates(
     rarely-firing neurons first whatever their language profile.
     """
     if len(mask.ffn) != specific.shape[0] or any(len(m) != specific.shape[1] for m in mask.ffn):
-        raise ValueError(
+        raise UserInputError(
             f"mask has {len(mask.ffn)} layers of {[len(m) for m in mask.ffn]} FFN neurons; "
             f"the neuron sets are {tuple(specific.shape)}"
         )

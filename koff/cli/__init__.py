@@ -7,21 +7,11 @@ import sys
 
 from koff import __version__
 from koff.cli import add_domain_cmd, analyze_cmd, decompose_cmd, eval_cmd, export_cmd, runtime_cmd, serve_cmd
-from koff.cli.common import UsageError, resolve_args, setup_logging
-from koff.data import DomainDataError
-from koff.export import BackboneError, ExportError, RunFolderError
-from koff.export.add_domain import AddDomainError
-from koff.evaluation.ablation import TableError
-from koff.model import UnknownMemoryError
-from koff.models import ModelLoadError, UnsupportedArchitectureError
-from koff.runtime import MemoryLoadError
+from koff.cli.common import resolve_args, setup_logging
+from koff.errors import KoffError
 
 COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, add_domain_cmd, serve_cmd, analyze_cmd]
-# Errors that are the user's input, not koff's bug: one line, no traceback.
-USER_ERRORS = (
-    UsageError, DomainDataError, ModelLoadError, UnsupportedArchitectureError, FileNotFoundError,
-    BackboneError, ExportError, RunFolderError, MemoryLoadError, UnknownMemoryError, AddDomainError, TableError,
-)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except KoffError as err:  # every refusal: one line, no traceback
+        print(f"koff: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the user named cannot be read or written (missing, no permission, disk full)
         print(f"koff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,11 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from koff.errors import UserInputError
+
 BUNDLED_PREFIX = "bundled:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
-class DomainDataError(ValueError):
+class DomainDataError(UserInputError):
     """A domain's corpus is missing, unreadable, empty or too small."""
 
 

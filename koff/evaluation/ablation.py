@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from koff.data import DomainData, load_domains, parse_domains
+from koff.errors import UserInputError
 from koff.evaluation.perplexity import Scorer, evaluate
 from koff.export.memories import MANIFEST
 from koff.export.run import Run, load_run
@@ -30,7 +31,7 @@ from koff.runtime import load
 from koff.masks.binary import BinaryMask
 
 
-class TableError(ValueError):
+class TableError(UserInputError):
     """Runs that cannot share one table (other model, other domains, no recorded data)."""
 
 

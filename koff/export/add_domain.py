@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from koff.data.sources import parse_domain
+from koff.errors import UserInputError
 from koff.export.backbone import load_backbone
 from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, write_memory
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS
 
 
-class AddDomainError(ValueError):
+class AddDomainError(UserInputError):
     """The new memory cannot be added (name taken, folder is not an export)."""
 
 

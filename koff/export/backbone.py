@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from koff.errors import KoffError
 from koff.io import read_json, write_json
 from koff.models.architecture import decoder_layout
 
@@ -25,7 +26,7 @@ META_FILE = "koff_backbone.json"
 FORMAT = "koff-backbone-v1"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(KoffError, RuntimeError):
     """A backbone folder that is missing, incomplete or corrupt."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from koff.errors import UserInputError
 from koff.export.prune import LayerSelection, group_rows, head_rows
 from koff.io import atomic_path, write_json
 from koff.memories.memory import DomainMemory, lora_key, parse_lora_key
@@ -90,7 +91,7 @@ def read_exported_state(folder: Path, module_keys: dict[str, tuple[int, str]]) -
         for name, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():
             module, factor, _ = name[len("base_model.model."):].rsplit(".", 2)
             if module not in module_keys:
-                raise ValueError(f"{folder / ADAPTER_WEIGHTS}: {module} is not a projection of this backbone")
+                raise UserInputError(f"{folder / ADAPTER_WEIGHTS}: {module} is not a projection of this backbone")
             state[f"{factor}.{lora_key(*module_keys[module])}"] = tensor
     if (folder / KV_WEIGHTS).is_file():
         for name, tensor in load_file(str(folder / KV_WEIGHTS)).items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from koff.errors import KoffError
 from koff.io import read_yaml
 from koff.masks.binary import BinaryMask
 from koff.memories.files import load_memory_state
@@ -13,7 +14,7 @@ from koff.models import load_model
 from koff.training.config import DecomposeConfig
 
 
-class RunFolderError(FileNotFoundError):
+class RunFolderError(KoffError, FileNotFoundError):
     """Not a (finished) koff run folder."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from koff.errors import UserInputError
 from koff.io import atomic_path
 from koff.masks.units import UnitCosts
 
@@ -67,9 +68,15 @@ class BinaryMask:
 
     @classmethod
     def load(cls, path: str | Path) -> "BinaryMask":
-        tensors = load_file(str(path))
-        n = len([k for k in tensors if k.startswith("ffn.")])
-        return cls([tensors[f"ffn.{i}"].bool() for i in range(n)], [tensors[f"attn.{i}"].bool() for i in range(n)])
+        try:
+            tensors = load_file(str(path))
+            n = len([k for k in tensors if k.startswith("ffn.")])
+            mask = cls([tensors[f"ffn.{i}"].bool() for i in range(n)], [tensors[f"attn.{i}"].bool() for i in range(n)])
+        except Exception as err:  # not safetensors, truncated, or other tensors than a mask's
+            raise UserInputError(f"{path} is not a readable koff mask ({type(err).__name__}: {err})") from err
+        if n == 0:
+            raise UserInputError(f"{path} is not a koff mask (it holds no ffn.* tensors)")
+        return mask
 
 
 def select_units(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from koff.errors import UserInputError
 from koff.masks.binary import BinaryMask, select_units
 from koff.masks.hard_concrete import HardConcreteGates
 from koff.masks.units import UnitCosts
@@ -21,7 +22,7 @@ class LearnedMask(nn.Module):
     def __init__(self, costs: UnitCosts, prune_ffn: bool = True, prune_attention: bool = True, init_log_alpha: float = 5.0):
         super().__init__()
         if not (prune_ffn or prune_attention):
-            raise ValueError("a learned mask needs at least one unit type (FFN neurons or attention groups)")
+            raise UserInputError("a learned mask needs at least one unit type (FFN neurons or attention groups)")
         self.costs = costs
         self.ffn = nn.ModuleList(HardConcreteGates(n, init_log_alpha) for n in costs.ffn_units) if prune_ffn else None
         self.attn = nn.ModuleList(HardConcreteGates(n, init_log_alpha) for n in costs.attn_units) if prune_attention else None

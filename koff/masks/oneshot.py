@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from koff.errors import UserInputError
 from koff.masks.binary import BinaryMask, select_units
 from koff.masks.units import UnitCosts
 from koff.models.architecture import DecoderLayout
@@ -26,7 +27,7 @@ IMPORTANCES = ("wanda", "activation")
 def unit_importance(model, layout: DecoderLayout, batches: list[torch.Tensor], importance: str = "wanda"):
     """Per-layer importance of every FFN neuron and every KV group, from forward passes over ``batches``."""
     if importance not in IMPORTANCES:
-        raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        raise UserInputError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
     n_layers = layout.num_layers
     sq = {("ffn", i): 0.0 for i in range(n_layers)} | {("attn", i): 0.0 for i in range(n_layers)}
     ab = dict(sq)

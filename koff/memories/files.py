@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from koff.errors import UserInputError
 from koff.io import atomic_path, read_json, write_json
 from koff.memories.memory import DomainMemory, parse_lora_key
 
@@ -40,5 +41,5 @@ def load_memory_state(folder: Path) -> tuple[dict, dict]:
     """(manifest, tensors) of a saved memory."""
     manifest = read_json(folder / "memory.json")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not a koff memory (format {manifest.get('format')!r})")
+        raise UserInputError(f"{folder} is not a koff memory (format {manifest.get('format')!r})")
     return manifest, load_file(str(folder / "memory.safetensors"))

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from koff.errors import UserInputError
+
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEMORY_KINDS = ("lora+kv", "lora", "kv", "none")
 
@@ -24,14 +26,14 @@ class MemoryConfig:
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
-            raise ValueError(f"unknown memory kind {self.kind!r}; choose one of {', '.join(MEMORY_KINDS)}")
+            raise UserInputError(f"unknown memory kind {self.kind!r}; choose one of {', '.join(MEMORY_KINDS)}")
         unknown = sorted(set(self.lora_targets) - set(DEFAULT_LORA_TARGETS))
         if unknown:
-            raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(DEFAULT_LORA_TARGETS)}")
+            raise UserInputError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(DEFAULT_LORA_TARGETS)}")
         if self.use_lora and self.lora_rank < 1:
-            raise ValueError("lora_rank must be at least 1")
+            raise UserInputError("lora_rank must be at least 1")
         if self.use_kv and self.kv_slots < 1:
-            raise ValueError("kv_slots must be at least 1")
+            raise UserInputError("kv_slots must be at least 1")
 
     @property
     def use_lora(self) -> bool:
@@ -92,11 +94,11 @@ class DomainMemory(nn.Module):
                        for k, v in state.items() if k.startswith("lora_A.")}
         ranks = {v.shape[0] for k, v in state.items() if k.startswith("lora_A.")}
         if len(ranks) > 1:
-            raise ValueError(f"memory {name!r}: LoRA factors of different ranks {sorted(ranks)}")
+            raise UserInputError(f"memory {name!r}: LoRA factors of different ranks {sorted(ranks)}")
         n_layers = len([k for k in state if k.startswith("prefix.keys.")])
         keys = [state[f"prefix.keys.{i}"] for i in range(n_layers)]
         if len({k.shape[1] for k in keys}) > 1:
-            raise ValueError(f"memory {name!r}: KV prefix layers hold different slot counts")
+            raise UserInputError(f"memory {name!r}: KV prefix layers hold different slot counts")
         memory = cls(name, lora_shapes, ranks.pop() if ranks else 0, alpha,
                      [(k.shape[0], k.shape[2]) for k in keys], keys[0].shape[1] if keys else 0)
         memory.load_flat_state(state)
@@ -139,8 +141,8 @@ class DomainMemory(nn.Module):
         own = self.flat_state()
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
-            raise ValueError(f"memory {self.name!r}: tensors do not match (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise UserInputError(f"memory {self.name!r}: tensors do not match (missing {missing[:3]}, unexpected {extra[:3]})")
         for key, target in own.items():
             if state[key].shape != target.shape:
-                raise ValueError(f"memory {self.name!r}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
+                raise UserInputError(f"memory {self.name!r}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
             target.copy_(state[key])

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from koff.errors import UserInputError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserInputError):
     """The model's architecture is not one koff knows how to decompose."""
 
 

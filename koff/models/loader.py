@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from koff.errors import KoffError
 from koff.models.architecture import decoder_layout
 from koff.paths import cache_dir
 
@@ -36,7 +37,7 @@ EMBEDDED_MODELS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(KoffError, RuntimeError):
     """The model spec could not be resolved or loaded."""
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from koff.errors import UserInputError
 from koff.masks.oneshot import IMPORTANCES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 from koff.training.sampler import parse_sampling
@@ -70,31 +72,43 @@ class DecomposeConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            raise UserInputError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.memory not in MEMORY_KINDS:
-            raise ValueError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
+            raise UserInputError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
         kind, _, importance = self.mask.partition(":")
         if kind not in ("learned", "oneshot", "none", "file") or (kind in ("oneshot", "file")) != bool(importance):
-            raise ValueError(
+            raise UserInputError(
                 f"--mask must be learned, none, oneshot:<{'|'.join(IMPORTANCES)}> or file:<mask.safetensors or run folder>, "
                 f"got {self.mask!r}"
             )
         if kind == "oneshot" and importance not in IMPORTANCES:
-            raise ValueError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+            raise UserInputError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
         parse_sampling(self.sampling)
         if self.init_from not in (*IMPORTANCES, "none"):
-            raise ValueError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
+            raise UserInputError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
         if self.init_shape not in INIT_SHAPES:
-            raise ValueError(f"--init-shape must be one of {', '.join(INIT_SHAPES)}, got {self.init_shape!r}")
+            raise UserInputError(f"--init-shape must be one of {', '.join(INIT_SHAPES)}, got {self.init_shape!r}")
         if self.constraint not in CONSTRAINTS:
-            raise ValueError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+            raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):
-            raise ValueError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
+            raise UserInputError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
         if not 0.0 <= self.final_fraction < 1.0:
-            raise ValueError(f"final_fraction must be in [0, 1), got {self.final_fraction}")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "distill_every"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            raise UserInputError(f"final_fraction must be in [0, 1), got {self.final_fraction}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "distill_every",
+                     "block_len", "lora_rank", "kv_slots", "calib_blocks", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
+        if self.eval_max_blocks is not None and self.eval_max_blocks < 1:
+            raise UserInputError(f"--eval-max-blocks must be at least 1, got {self.eval_max_blocks}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("lr_lora", "lr_kv", "lr_mask", "lr_lambda", "lora_alpha", "distill_weight", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        for name in ("target_warmup", "lr_warmup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def mask_kind(self) -> str:
@@ -121,5 +135,5 @@ class DecomposeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown decompose option(s): {', '.join(unknown)}")
+            raise UserInputError(f"unknown decompose option(s): {', '.join(unknown)}")
         return cls(**values)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from koff.data.blocks import DomainData
+from koff.errors import UserInputError
 
 
 @dataclass
@@ -31,7 +32,7 @@ def parse_sampling(spec: str) -> float | None:
     except ValueError:
         value = None
     if value is None or not 0 <= value < math.inf:
-        raise ValueError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
+        raise UserInputError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
     return value
 
 
