@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from koff.errors import UserInputError
 from koff.io import markdown_table, read_yaml, write_yaml  # noqa: F401 - markdown_table: for the commands
 
 log = logging.getLogger("koff")
 
 # Options that describe how to run, not what to compute: never stored in a resolved config.
-_NOT_CONFIG = {"func", "config", "command", "resume", "verbose", "quiet"}
+_NOT_CONFIG = {"func", "config", "command", "resume", "verbose", "quiet", "explicit"}
+_UNSET = object()
 
 
-class UsageError(Exception):
+class UsageError(UserInputError):
     """A bad command-line value; reported without a traceback."""
 
 
@@ -51,24 +53,46 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; where ``--config`` is given, its values fill every flag not set on the command line."""
+    """Parse ``argv``; where ``--config`` is given, its values fill every flag not given on the command line.
+
+    A flag given on the command line always wins, even when its value equals the default.
+    ``args.explicit`` names the options given on the command line."""
     args = parser.parse_args(argv)
+    sub = _subparser(parser, args.command)
+    args.explicit = _explicit_options(parser, sub, argv)
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
             parser.exit(2, f"koff: error: config file not found: {path}\n")
         stored = read_yaml(path) or {}
-        sub = _subparser(parser, args.command)
+        if not isinstance(stored, dict):
+            parser.exit(2, f"koff: error: {path} is not a koff config (a YAML mapping of option: value)\n")
         known = {a.dest for a in sub._actions}
         unknown = sorted(set(stored) - known - _NOT_CONFIG)
         if unknown:
             parser.exit(2, f"koff: error: {path} has keys that `koff {args.command}` does not know: {', '.join(unknown)}\n")
         for key, value in stored.items():
-            if key in _NOT_CONFIG:
-                continue
-            if getattr(args, key, None) == sub.get_default(key):
+            if key not in _NOT_CONFIG and key not in args.explicit:
                 setattr(args, key, value)
     return args
+
+
+def _explicit_options(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of ``sub``'s options that ``argv`` sets: parse once more with every default
+    replaced by a marker, and keep what the marker no longer holds."""
+    saved = {action: action.default for action in sub._actions}
+    try:
+        for action in sub._actions:
+            # append actions extend their default, so theirs must stay a list-like None
+            action.default = None if isinstance(action, argparse._AppendAction) else _UNSET
+        again = parser.parse_args(argv)
+    finally:
+        for action, default in saved.items():
+            action.default = default
+    return {
+        a.dest for a in sub._actions
+        if a.dest != argparse.SUPPRESS and getattr(again, a.dest, _UNSET) not in (_UNSET, None)
+    }
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -56,28 +56,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+# How to run, not what to compute: a resumed run may change these.
+_RESUME_MAY_CHANGE = {"out", "device"}
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.resume:
-        stored = out / "config.yaml"
-        if not stored.is_file():
-            raise UsageError(f"--resume: {stored} not found (is {out} a koff run folder?)")
-        config = DecomposeConfig.from_dict(read_yaml(stored))
-    else:
-        if (out / "checkpoints").exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        values = {f.name: getattr(args, f.name) for f in fields(DecomposeConfig)}
-        values = {k: v for k, v in values.items() if v is not None}
-        require(values.get("domain"), "--domain")
-        try:
-            config = DecomposeConfig.from_dict(values)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
+    config = _resumed_config(args, out) if args.resume else _new_config(args, out)
     summary = Decomposer(config).train(resume=args.resume)
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
     if "eval" in summary:
         print(_eval_table(summary["eval"]))
     return 0
+
+
+def _new_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
+    if (out / "checkpoints").exists() or (out / "mask.safetensors").exists():
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    values = {f.name: getattr(args, f.name) for f in fields(DecomposeConfig)}
+    values = {k: v for k, v in values.items() if v is not None}
+    require(values.get("domain"), "--domain")
+    return DecomposeConfig.from_dict(values)
+
+
+def _resumed_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
+    """The run's own config.yaml, continued in ``out``: the folder named by --out is the one resumed
+    and written (a copied run folder resumes in the copy), and any other flag given must agree with
+    the stored run, since changing what is computed half-way would not be the same run."""
+    stored = out / "config.yaml"
+    if not stored.is_file():
+        raise UsageError(f"--resume: {stored} not found (is {out} a koff run folder?)")
+    values = read_yaml(stored)
+    if not isinstance(values, dict):
+        raise UsageError(f"--resume: {stored} is not a koff run config")
+    values["out"] = str(out)
+    if "device" in args.explicit:
+        values["device"] = args.device
+    config = DecomposeConfig.from_dict(values)
+    for name in sorted(args.explicit - _RESUME_MAY_CHANGE - {"resume", "config"}):
+        given, kept = getattr(args, name), getattr(config, name, None)
+        if name in values and given != kept:
+            raise UsageError(f"--resume continues {out} as configured: --{name.replace('_', '-')} {given} differs from the "
+                             f"run's {kept!r}; start a new run (another --out) to change it")
+    return config
 
 
 def _eval_table(results: dict) -> str:

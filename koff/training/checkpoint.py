@@ -2,13 +2,16 @@
 
 Each checkpoint is a folder ``checkpoints/step-NNNNNN`` holding ``tensors.safetensors`` (trainable
 parameters, optimiser moments, RNG state) and ``state.json`` (step, sampler position, optimiser
-hyper-parameters). ``checkpoints/latest.json`` names the newest complete one; it is replaced
-atomically only after the folder is fully written, so a run killed at any moment resumes from the
-last complete checkpoint.
+hyper-parameters). ``checkpoints/latest.json`` names the newest complete one, for readers. A folder
+gets its final name only once fully written (it is written as ``.step-NNNNNN.*`` and renamed), so
+a run killed at any moment leaves complete checkpoints and at most one stray temporary folder.
+Resuming takes the newest checkpoint that loads; one that does not (a disk fault, a hand-edited
+file) is skipped with a warning, and the one before it is used.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from koff.errors import KoffError
 from koff.io import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 
@@ -48,6 +54,8 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    for stray in folder.glob(".step-*"):  # left by a run killed while writing
+        shutil.rmtree(stray, ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
@@ -56,14 +64,32 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], s
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_json(folder / LATEST, {"checkpoint": name, "step": step})
-    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
+    for old in checkpoint_folders(folder)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """Complete checkpoint folders, newest first."""
+    return sorted((p for p in folder.glob("step-*") if p.is_dir()), reverse=True)
+
+
 def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    pointer = folder / LATEST
-    if not pointer.is_file():
-        return None
-    path = folder / read_json(pointer)["checkpoint"]
-    return load_file(str(path / "tensors.safetensors")), read_json(path / "state.json")
+    """(tensors, state) of the newest checkpoint that loads; None where there is none at all."""
+    candidates = checkpoint_folders(folder)
+    for path in candidates:
+        try:
+            state = read_json(path / "state.json")
+            tensors = load_file(str(path / "tensors.safetensors"))
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("state.json names no step")
+        except Exception as err:  # noqa: BLE001 - truncated or corrupt: try the one before
+            log.warning("checkpoint %s cannot be read (%s: %s); trying an older one", path, type(err).__name__, err)
+            continue
+        if path != candidates[0]:
+            log.warning("resuming from the older checkpoint %s", path.name)
+        return tensors, state
+    if candidates:
+        raise KoffError(f"none of the {len(candidates)} checkpoints in {folder} can be read; move the folder away "
+                        "to start the run again from step 0")
+    return None

@@ -18,6 +18,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from koff.data import DomainData, load_domains, parse_domains
+from koff.errors import KoffError, MissingFileError, UserInputError
 from koff.evaluation import evaluate
 from koff.io import write_json, write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule, unit_importance
@@ -109,11 +110,11 @@ class Decomposer:
     def _mask_from_file(self, path: str) -> BinaryMask:
         """A fixed mask (e.g. another run's): only memories train on it; its own sparsity holds."""
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--mask file:{path}: no such mask file")
+            raise MissingFileError(f"--mask file:{path}: no such mask file")
         mask = BinaryMask.load(path)
         costs = self.model.costs
         if [len(m) for m in mask.ffn] != list(costs.ffn_units) or [len(m) for m in mask.attn] != list(costs.attn_units):
-            raise ValueError(f"--mask file:{path} was made for another model (its layers or unit counts differ)")
+            raise UserInputError(f"--mask file:{path} was made for another model (its layers or unit counts differ)")
         return mask
 
     def _calibration_batches(self) -> list[torch.Tensor]:
@@ -386,6 +387,8 @@ class Decomposer:
                 opt_tensors, state[prefix] = flatten_optimizer(prefix, opt.state_dict())
                 tensors |= opt_tensors
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.accelerator.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
         save_checkpoint(self.out / "checkpoints", self.step, tensors, state)
 
     def _resume(self) -> bool:
@@ -394,6 +397,10 @@ class Decomposer:
             log.warning("no checkpoint in %s; starting from step 0", self.out)
             return False
         tensors, state = found
+        missing = sorted(set(self._trainable()) - set(tensors))
+        if missing:
+            raise KoffError(f"the checkpoint in {self.out / 'checkpoints'} does not belong to this run's configuration "
+                            f"(it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         with torch.no_grad():
             for name, param in self._trainable().items():
                 param.copy_(tensors[name])
@@ -404,6 +411,8 @@ class Decomposer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.accelerator.device)
         self.step = state["step"]
         self._freeze_mask_if_due()
         return True
