@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from koff.errors import KoffError
 from koff.export.backbone import save_backbone
 from koff.export.memories import memory_size_bytes, peft_module_names, slice_memory, write_memory
 from koff.export.prune import layer_widths, prune_model, select_layers
 from koff.export.run import load_run
-from koff.io import write_json
+from koff.io import staged_folder, write_json
 from koff.masks.units import UnitCosts
 from koff.models.architecture import decoder_layout
 
 
-class ExportError(RuntimeError):
+class ExportError(KoffError, RuntimeError):
     pass
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, force: bool = False) -> dict:
+    """Write ``out_dir``. Everything is checked before anything is written, and the export is
+    written to a temporary folder renamed into place, so a refused or failed export leaves an
+    existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ExportError(f"{out} is not empty; pass --force to replace it")
-        shutil.rmtree(out)
+    check_target(Path(run_dir), out, force)
     run = load_run(run_dir)
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
         if not ffn.any() or not attn.any():
             kind = "FFN neuron" if not ffn.any() else "attention group"
             raise ExportError(f"the mask is not exportable: layer {i} keeps no {kind} (a stock layer needs at least one)")
+    with staged_folder(out) as staged:
+        return _write_export(run, Path(run_dir), staged, uniform)
+
+
+def check_target(run_dir: Path, out: Path, force: bool) -> None:
+    """Refuse a target that would overwrite something the user did not ask to replace."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or run.is_relative_to(target):
+        raise ExportError(f"{out} is (or holds) the run folder {run_dir}; export to another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"{out} is not empty; pass --force to replace it")
+        if not (out / "export.json").is_file():
+            raise ExportError(f"{out} is not a koff export (no export.json); --force replaces only an earlier export")
+
+
+def _write_export(run, run_dir: Path, out: Path, uniform: bool) -> dict:
     model, layout = run.model, decoder_layout(run.model)
     dense_costs = UnitCosts.of(model, layout)
     selections = select_layers(run.mask, uniform)
@@ -36,7 +55,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
     prune_model(model, layout, selections)
     params = sum(p.numel() for p in model.parameters())
     info = {
-        "source_run": str(Path(run_dir).resolve()),
+        "source_run": str(run_dir.resolve()),
         "base_model": run.config.model,
         "mask": run.mask.stats(dense_costs),
         "dense_parameters": dense_costs.total_params,
