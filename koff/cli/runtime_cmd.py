@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from koff.runtime import load
+    from koff.runtime import Sampling, load
 
+    Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
     runtime = load(args.folder)
     prompt = args.prompt
     if args.chat:

@@ -81,8 +81,10 @@ def load_backbone(folder: Path, dtype: torch.dtype = torch.float32, device: str 
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         else:
             model = _load_per_layer(folder, meta["layer_widths"], dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise BackboneError(f"cannot load the backbone in {folder}: {err}") from err
+    except BackboneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt files surface as many types (SafetensorError...)
+        raise BackboneError(f"cannot load the backbone in {folder}: {type(err).__name__}: {err}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval().requires_grad_(False), tokenizer, meta

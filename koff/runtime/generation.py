@@ -9,15 +9,27 @@ alone or in a mixed batch (up to float rounding).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from koff.errors import KoffError, UserInputError
 from koff.memories.memory import DomainMemory
 from koff.memories.prefix import prefix_inputs
 from koff.model import KoffModel
+
+
+# Temperatures below this sample the most likely token anyway; dividing logits by them overflows
+# to infinity (a request with temperature 1e-45 once failed its whole batch), so they are greedy.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+class GenerationError(KoffError):
+    """A sample could not be continued (its model output was not finite)."""
 
 
 @dataclass
@@ -29,16 +41,18 @@ class Sampling:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise UserInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise UserInputError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}")
 
 
 def sample_next(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
     """One token from one row of logits: greedy, or temperature + nucleus (top-p) sampling."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
@@ -88,11 +102,12 @@ class DecodeBatch:
         self.next_position: torch.Tensor | None = None  # (rows, 1)
         self._keys = itertools.count()
         self._by_key: dict[int, _Row] = {}
+        self._failed: dict[int, str] = {}  # key -> why that sample stopped without a token
 
     def add(self, prompt: Sequence[int], memory: str | None, params: Sampling) -> int:
         """Queue a prompt (token ids); it is prefilled on the next step. Returns its key."""
         if len(prompt) == 0:
-            raise ValueError("every prompt needs at least one token")
+            raise UserInputError("every prompt needs at least one token")
         params.validate()
         resolved = self.model.resolve([memory], 1)[0]
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -106,6 +121,11 @@ class DecodeBatch:
 
     def is_done(self, key: int) -> bool:
         return self._by_key[key].done
+
+    def take_failures(self) -> dict[int, str]:
+        """Samples that failed alone since the last call (key -> reason); the others went on."""
+        failed, self._failed = self._failed, {}
+        return failed
 
     def __len__(self) -> int:
         """Samples still generating (running or waiting for their prefill)."""
@@ -153,11 +173,20 @@ class DecodeBatch:
         return tokens
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, int]]:
+        """A token for each unfinished row; a row whose logits are not finite, or whose sampling
+        fails, ends on its own (see ``take_failures``) and the others go on."""
         tokens = []
+        finite = torch.isfinite(logits).all(-1).tolist()
         for i, row in enumerate(rows):
             if row.done:
                 continue
-            row.last = sample_next(logits[i], row.params, row.generator)
+            try:
+                if not finite[i]:
+                    raise GenerationError("the model's output for this sample is not finite (NaN or infinity)")
+                row.last = sample_next(logits[i], row.params, row.generator)
+            except (GenerationError, RuntimeError) as err:
+                row.done, self._failed[row.key] = True, str(err)
+                continue
             row.count += 1
             row.done = row.last in self.eos_ids or row.count >= row.params.max_new_tokens
             tokens.append((row.key, row.last))
@@ -215,7 +244,7 @@ class BatchGeneration:
         eos_ids: set[int],
     ):
         if not prompts:
-            raise ValueError("no prompts to generate for")
+            raise UserInputError("no prompts to generate for")
         self.batch = DecodeBatch(model, pad_id, eos_ids)
         self.keys = [self.batch.add(p, m, s) for p, m, s in zip(prompts, memories, params, strict=True)]
         self.index = {key: i for i, key in enumerate(self.keys)}
@@ -228,6 +257,10 @@ class BatchGeneration:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while len(self.batch):
             step = [(self.index[key], token) for key, token in self.batch.step()]
+            failed = self.batch.take_failures()
+            if failed:
+                key, reason = next(iter(failed.items()))
+                raise GenerationError(f"generation failed for prompt {self.index[key]}: {reason}")
             for i, _ in step:
                 self.done[i] = self.batch.is_done(self.keys[i])
             if step:

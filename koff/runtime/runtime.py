@@ -5,6 +5,7 @@ Switching memory is choosing which loaded memory a request names: a pointer, nev
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -12,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from koff.data.sources import validate_domain_name
+from koff.errors import UserInputError
 from koff.evaluation.perplexity import token_nll_sum
 from koff.export.backbone import BackboneError, load_backbone
 from koff.export.memories import FORMAT as MEMORY_FORMAT
@@ -21,8 +23,10 @@ from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfi
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
 
+log = logging.getLogger(__name__)
 
-class MemoryLoadError(ValueError):
+
+class MemoryLoadError(UserInputError):
     """A memory folder that cannot be loaded onto this backbone."""
 
 
@@ -35,9 +39,16 @@ class KoffRuntime:
         self.model = KoffModel(base, MemoryConfig(kind="lora+kv", lora_targets=list(targets)))
         self.model.eval()
         self.sizes: dict[str, int] = {}
+        # Memory folders of the export that could not be loaded, with the reason: one bad folder
+        # must not keep the others (or a server) from starting.
+        self.broken: dict[str, str] = {}
         memories = self.folder / "memories"
         for path in sorted(memories.iterdir()) if memories.is_dir() else []:
-            self.add_memory(path)
+            try:
+                self.add_memory(inside(path, memories))
+            except MemoryLoadError as err:
+                self.broken[path.name] = str(err)
+                log.warning("memory %s not loaded: %s", path.name, err)
 
     @property
     def fingerprint(self) -> str:
@@ -54,6 +65,7 @@ class KoffRuntime:
         self.model.adapt_projections(sorted({parse_lora_key(k)[1] for k in memory.lora_A}))
         self.model.add_memory(memory)
         self.sizes[memory.name] = memory_size_bytes(Path(path))
+        self.broken.pop(Path(path).name, None)
         return memory.name
 
     def remove_memory(self, name: str) -> None:
@@ -78,6 +90,10 @@ class KoffRuntime:
             state = read_exported_state(path, self._module_keys)
             if not state:
                 raise MemoryLoadError(f"{path} holds neither LoRA nor KV weights")
+            bad = sorted(key for key, tensor in state.items() if not torch.isfinite(tensor).all())
+            if bad:
+                raise MemoryLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:2])}"
+                                      f"{', ...' if len(bad) > 2 else ''}); the memory would corrupt every batch it joins")
             memory = DomainMemory.from_flat_state(name, state, manifest["lora_alpha"])
         except MemoryLoadError:
             raise
@@ -129,9 +145,13 @@ class KoffRuntime:
         prompts = [prompt] if single else list(prompt)
         memories = [memory] * len(prompts) if memory is None or isinstance(memory, str) else list(memory)
         params = Sampling(max_new_tokens, temperature, top_p, seed)
+        params.validate()
+        for name in memories:
+            if name in self.broken:
+                raise MemoryLoadError(f"memory {name!r} could not be loaded: {self.broken[name]}")
         if stream:
             if not single:
-                raise ValueError("stream=True takes one prompt")
+                raise UserInputError("stream=True takes one prompt")
             return self._stream(prompts[0], memories[0], params, stop)
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         for _ in self.run(prompts, memories, [params] * len(prompts), streams):
@@ -174,7 +194,7 @@ class KoffRuntime:
             total += token_nll_sum(self.model(ids, memory), ids).item()
             count += ids.shape[1] - 1
         if count == 0:
-            raise ValueError("perplexity needs at least one text of two or more tokens")
+            raise UserInputError("perplexity needs at least one text of two or more tokens")
         return math.exp(total / count)
 
     def info(self) -> dict:
@@ -186,11 +206,21 @@ class KoffRuntime:
             "parameters": self.meta.get("parameters"),
             "dense_parameters": self.meta.get("dense_parameters"),
             "sparsity": (self.meta.get("mask") or {}).get("sparsity"),
+            "broken": dict(self.broken),
             "memories": {
                 name: {"parameters": m.num_parameters(), "kv_slots": m.slots, "lora_rank": m.rank, "bytes": self.sizes.get(name)}
                 for name, m in self.model.memories.items()
             },
         }
+
+
+def inside(path: Path, root: Path) -> Path:
+    """``path`` resolved (symlinks too), if it lies inside ``root``; a memory folder must not lead
+    out of its export's ``memories/``."""
+    root, resolved = root.resolve(), path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise MemoryLoadError(f"{path} leads outside {root} (a symlink?); memories must lie inside the export")
+    return resolved
 
 
 def load(folder: str | Path, device: str = "cpu") -> KoffRuntime:
