@@ -17,6 +17,7 @@ from koff.export.memories import MANIFEST
 from koff.io import read_json
 from koff.model import UnknownMemoryError
 from koff.runtime import KoffRuntime, MemoryLoadError
+from koff.runtime.runtime import inside
 from koff.server.batcher import Batcher
 from koff.server.errors import APIError, not_found
 from koff.server.schemas import LoadMemoryRequest
@@ -31,11 +32,11 @@ def install_admin_routes(app: FastAPI) -> None:
     def inside_memories(raw: str) -> Path:
         """The folder, resolved (symlinks too), if it lies inside the export's memories/ folder."""
         path = Path(raw)
-        resolved = (path if path.is_absolute() else root / path).resolve()
-        if resolved == root or not resolved.is_relative_to(root):
+        try:
+            return inside(path if path.is_absolute() else root / path, root)
+        except MemoryLoadError as err:
             raise APIError(400, f"the memory folder must lie inside {root.name}/ of the served export", param="path",
-                           code="path_outside_memories")
-        return resolved
+                           code="path_outside_memories") from err
 
     @app.post("/v1/memories/load")
     async def load_memory(body: LoadMemoryRequest) -> dict:

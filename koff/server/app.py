@@ -13,9 +13,10 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 
+from koff.errors import UserInputError
 from koff.runtime import KoffRuntime
 from koff.server.admin import install_admin_routes
 from koff.server.batcher import Batcher, Delta, Failed, Finished, Job, JobHandle, Started, request_id
@@ -40,7 +41,7 @@ def create_app(
     batcher = Batcher(runtime, max_batch=max_batch, batch_wait_ms=batch_wait_ms, backbone_id=backbone_id,
                       default_max_tokens=default_max_tokens)
     if backbone_id in batcher.memory_names:
-        raise ValueError(f"a memory is named {backbone_id!r}, the id of the bare backbone; pass another backbone_id")
+        raise UserInputError(f"a memory is named {backbone_id!r}, the id of the bare backbone; pass another backbone_id")
     started = int(time.time())
 
     @asynccontextmanager
@@ -75,7 +76,8 @@ def create_app(
 
     @app.get("/v1/memories")
     async def list_memories() -> dict:
-        return {"object": "list", "backbone": backbone_id, "memories": await batcher.call(lambda: runtime.info()["memories"])}
+        info = await batcher.call(runtime.info)
+        return {"object": "list", "backbone": backbone_id, "memories": info["memories"], "broken": info["broken"]}
 
     # ----- generation ---------------------------------------------------------------------------
     def _check_model(model: str) -> str:
@@ -88,23 +90,27 @@ def create_app(
         return Job(prompt, memory, max_tokens, body.temperature, body.top_p, body.seed, body.stop)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         jobs = [_job(prompt, body, body.max_tokens) for prompt in body.prompts]
-        return await _respond(jobs, body, Shape(request_id("cmpl"), body.model, chat=False))
+        return await _respond(jobs, body, Shape(request_id("cmpl"), body.model, chat=False), request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         job = _job([m.plain() for m in body.messages], body, body.limit)
-        return await _respond([job], body, Shape(request_id("chatcmpl"), body.model, chat=True))
+        return await _respond([job], body, Shape(request_id("chatcmpl"), body.model, chat=True), request)
 
-    async def _respond(jobs: list[Job], body: SamplingFields, shape: Shape):
+    async def _respond(jobs: list[Job], body: SamplingFields, shape: Shape, request: Request):
         handles = [batcher.submit(job) for job in jobs]
         try:
             if body.stream:
                 first = await _started(handles[0])  # errors found before generation keep their HTTP status
                 return StreamingResponse(_stream(handles[0], first, shape, body.include_usage),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            results = await asyncio.gather(*(_collect(h) for h in handles))
+            results = await _unless_disconnected(request, asyncio.gather(*(_collect(h) for h in handles)))
+            if results is None:  # the client went away: its samples were stopped; nobody reads this
+                for handle in handles:
+                    handle.cancel()
+                return Response(status_code=499)
         except BaseException:
             for handle in handles:
                 handle.cancel()
@@ -115,6 +121,26 @@ def create_app(
 
     install_admin_routes(app)
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """The result of ``work``, or None as soon as the client has disconnected (``work`` is then
+    cancelled): a non-streamed request must not go on generating for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+async def _disconnect(request: Request, poll_seconds: float = 0.05) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_seconds)
 
 
 async def _started(handle: JobHandle) -> Started:

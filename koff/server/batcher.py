@@ -8,6 +8,9 @@ running batch at the next step (up to ``max_batch`` samples) and finished ones l
 may name different memories and sampling parameters: both are per sample in the runtime. Everything that touches the model or the
 tokenizer (chat templates, encoding, memory loads and removals) runs on this one thread, so a
 memory change can never race with a running batch and the tokenizer is never shared across threads.
+Memory loads, removals and listings wait in their own queue and run before the next decode step,
+even while the batch is full. A sample whose output turns non-finite fails alone; the rest of the
+batch goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from koff.errors import UserInputError
 from koff.runtime import DecodeBatch, KoffRuntime, Sampling, TextStream
 from koff.server.errors import APIError, not_found
 
@@ -127,11 +131,12 @@ class Batcher:
     def __init__(self, runtime: KoffRuntime, max_batch: int = 8, batch_wait_ms: float = 5.0,
                  backbone_id: str = "backbone", default_max_tokens: int = 256):
         if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+            raise UserInputError("max_batch must be at least 1")
         self.runtime, self.max_batch, self.batch_wait = runtime, max_batch, batch_wait_ms / 1000
         self.backbone_id, self.default_max_tokens = backbone_id, default_max_tokens
         self.context = int(getattr(runtime.model.base.config, "max_position_embeddings", 0) or 1 << 30)
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # jobs, _WAKE (a call is waiting) and None (stop)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -142,7 +147,7 @@ class Batcher:
         # steps: decode steps; step_rows: samples over all steps (mean batch = step_rows / steps);
         # mixed_steps: steps whose samples named more than one memory (or the bare backbone and one).
         self.stats = {"requests": 0, "steps": 0, "step_rows": 0, "largest_batch": 0, "mixed_steps": 0,
-                      "completion_tokens": 0, "failed_steps": 0}
+                      "completion_tokens": 0, "failed_steps": 0, "failed_requests": 0, "cancelled": 0}
 
     # ----- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,20 +163,11 @@ class Batcher:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout)
-        for item in self._drain():
+        for item in _drain(self._queue) + _drain(self._calls):
             if isinstance(item, Job):
                 item.emit(Failed(APIError(503, "the server is shutting down")))
             elif isinstance(item, _Call):
                 item.future.set_exception(APIError(503, "the server is shutting down"))
-
-    def _drain(self) -> list:
-        items = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return [i for i in items if i is not None]
-            items.append(item)
 
     # ----- handlers' side -----------------------------------------------------------------------
     def known(self, model: str) -> bool:
@@ -191,21 +187,22 @@ class Batcher:
         """Run ``fn`` on the worker thread between decode steps (memory loads and removals)."""
         self.start()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Call(fn, future))
+        self._calls.put(_Call(fn, future))
+        self._queue.put(_WAKE)  # an idle worker wakes up; a busy one runs it before its next step
         return await asyncio.wrap_future(future)
 
     # ----- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
         batch, live = self.runtime.new_batch(), {}
         while not self._stopping:
+            self._run_calls()  # between steps, however full the batch is
             if live:  # join the running batch at its next step
                 jobs = self._take([], self.max_batch - len(live))
             else:
                 item = self._queue.get()
                 if item is None:
                     break
-                if isinstance(item, _Call):
-                    self._run_call(item)
+                if item is _WAKE:
                     continue
                 jobs = self._take([item], self.max_batch, time.monotonic() + self.batch_wait)  # start from idle
             for job in jobs:
@@ -225,8 +222,8 @@ class Batcher:
             if item is None:
                 self._stopping = True
                 return None
-            if isinstance(item, _Call):
-                self._run_call(item)  # between steps: never during a forward pass
+            if item is _WAKE:
+                self._run_calls()  # between steps: never during a forward pass
                 continue
             return item
 
@@ -240,6 +237,14 @@ class Batcher:
                 break
             jobs.append(job)
         return jobs
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            self._run_call(call)
 
     def _run_call(self, call: _Call) -> None:
         if not call.future.set_running_or_notify_cancel():
@@ -264,6 +269,12 @@ class Batcher:
             text = runtime.tokenizer.apply_chat_template(job.prompt, tokenize=False, add_generation_prompt=True)
         else:
             text = job.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            field = "messages" if isinstance(job.prompt, list) else "prompt"
+            raise APIError(400, f"the {field} is not valid Unicode text: it holds {err.object[err.start:err.end]!r} "
+                           "(a lone surrogate), which no tokenizer can encode", param=field, code="invalid_text") from err
         ids = runtime.encode(text) if text else []
         prompt_tokens = len(ids)
         if prompt_tokens == 0:
@@ -312,6 +323,11 @@ class Batcher:
                 entry.job.emit(Failed(APIError(500, f"generation failed: {type(err).__name__}: {err}")))
             live.clear()
             return False
+        for key, reason in batch.take_failures().items():  # these failed alone; the rest go on
+            self.stats["failed_requests"] += 1
+            log.warning("a request failed alone: %s", reason)
+            live.pop(key).job.emit(Failed(APIError(500, f"generation failed for this request: {reason}",
+                                                   code="generation_failed")))
         self._count(step, live)
         for key, token in step:
             entry = live[key]
@@ -333,6 +349,7 @@ class Batcher:
         reason = "stop" if done_by_stop or len(stream.ids) < entry.sampling.max_new_tokens else "length"
         entry.job.emit(Finished(reason, entry.prompt_tokens, len(stream.ids)))
         self.stats["completion_tokens"] += len(stream.ids)
+        self.stats["cancelled"] += entry.job.cancelled.is_set()
 
     def _count(self, step: list[tuple[int, int]], live: dict) -> None:
         stats = self.stats
@@ -353,6 +370,17 @@ class _Live:
     prompt_tokens: int
 
 
+def _drain(q: queue.Queue | queue.SimpleQueue) -> list:
+    """Everything waiting in ``q`` but the wake-up and stop markers."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return [i for i in items if i is not None and i is not _WAKE]
+
+
+_WAKE = object()  # put on the job queue when a call waits: wakes an idle worker
 _ids = itertools.count()
 
 

@@ -1,0 +1,138 @@
+"""The server under bad requests: a bad request fails alone, admin calls do not wait for a free
+batch slot, and a client that goes away stops its generation, streamed or not."""
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from koff.runtime import DecodeBatch, load
+from koff.server import BackgroundServer, create_app
+from test_server import export  # noqa: F401 - the module's export fixture
+
+KEY = "sk-faults"
+LONG = 200  # tokens a long request asks for; at PACE per step it would take 10 s
+
+
+class PacedBatch(DecodeBatch):
+    """A decode batch that waits ``pace["s"]`` per step, so a test can act while requests run."""
+
+    pace = {"s": 0.0}
+
+    def step(self):
+        time.sleep(self.pace["s"])
+        return super().step()
+
+
+@pytest.fixture(scope="module")
+def served(export):  # noqa: F811
+    runtime = load(export[0])
+    runtime.add_memory(export[0] / "memories" / "eng", name="bad")
+    runtime.model.memories["bad"].prefix_keys[0].data.fill_(math.nan)  # a memory gone bad at run time
+    runtime.new_batch = lambda: PacedBatch(runtime.model, runtime.tokenizer.pad_token_id, runtime.eos_ids)
+    app = create_app(runtime, api_key=KEY, max_batch=4, batch_wait_ms=300)
+    with BackgroundServer(app) as server:
+        server.batcher = app.state.batcher
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _no_pace():
+    PacedBatch.pace["s"] = 0.0
+    yield
+    PacedBatch.pace["s"] = 0.0
+
+
+def post(server, path, timeout=60, **body):
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
+
+
+def complete(server, prompt, model, **extra):
+    return post(server, "/v1/completions", model=model, prompt=prompt, **({"max_tokens": 8, "temperature": 0} | extra))
+
+
+def wait_for(condition, seconds=15.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_bad_requests_in_a_batch_fail_alone(served):
+    good = [("the cat", "eng"), ("def f(x):", "code"), ("the dog", "backbone")]
+    alone = [complete(served, p, m).json()["choices"][0]["text"] for p, m in good]
+    surrogate = b'{"model": "eng", "prompt": "a\\ud800b", "max_tokens": 4}'
+    bad = [
+        lambda: complete(served, "the cat", "bad"),  # its KV prefix holds NaN
+        lambda: complete(served, "the cat", "eng", temperature=1e-45),  # overflowed the softmax once
+        lambda: httpx.post(served.url + "/v1/completions", content=surrogate, timeout=60,
+                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}),
+        lambda: post(served, "/v1/completions", model="eng", prompt="the cat", max_tokens=10_000),
+    ]
+    before = dict(served.batcher.stats)
+    with ThreadPoolExecutor(len(good) + len(bad)) as pool:
+        goods = [pool.submit(complete, served, p, m) for p, m in good]
+        bads = [pool.submit(call) for call in bad]
+        together = [f.result().json()["choices"][0]["text"] for f in goods]
+        nan_memory, tiny_temperature, lone_surrogate, too_long = (f.result() for f in bads)
+    assert together == alone
+    assert nan_memory.status_code == 500 and nan_memory.json()["error"]["code"] == "generation_failed"
+    assert tiny_temperature.status_code == 200 and tiny_temperature.json()["choices"][0]["text"] == alone[0]
+    assert lone_surrogate.status_code == 400 and lone_surrogate.json()["error"]["param"] == "prompt"
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    stats = served.batcher.stats
+    assert stats["failed_requests"] == before["failed_requests"] + 1 and stats["failed_steps"] == before["failed_steps"]
+    assert stats["largest_batch"] >= 3  # they really ran together
+
+
+def test_out_of_range_seed_names_its_field(served):
+    answer = complete(served, "the cat", "eng", seed=2**64)
+    assert answer.status_code == 422 and answer.json()["error"]["param"] == "seed"
+    assert complete(served, "the cat", "eng", seed=2**64 - 1, temperature=1.0).status_code == 200
+
+
+def generated_so_far(server) -> int:
+    return server.batcher.stats["completion_tokens"]
+
+
+def test_a_non_streamed_request_stops_when_its_client_leaves(served):
+    PacedBatch.pace["s"] = 0.05
+    before, cancelled = generated_so_far(served), served.batcher.stats["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        post(served, "/v1/completions", timeout=0.5, model="eng", prompt="the cat", max_tokens=LONG, temperature=0)
+    wait_for(lambda: served.batcher.stats["cancelled"] == cancelled + 1)
+    assert generated_so_far(served) - before < LONG // 4
+
+
+def test_a_streamed_request_stops_when_its_client_leaves(served):
+    PacedBatch.pace["s"] = 0.05
+    before, cancelled = generated_so_far(served), served.batcher.stats["cancelled"]
+    body = {"model": "code", "prompt": "def f(x):", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    wait_for(lambda: served.batcher.stats["cancelled"] == cancelled + 1)
+    assert generated_so_far(served) - before < LONG // 4
+
+
+def test_admin_calls_are_answered_within_a_step_of_a_full_batch(served):
+    PacedBatch.pace["s"] = 0.05
+    stats = served.batcher.stats
+    admitted = stats["requests"]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):  # fill the batch (max_batch 4) with long generations that time out after 3 s
+            pool.submit(lambda: pytest.raises(httpx.ReadTimeout, post, served, "/v1/completions", timeout=3,
+                                              model="code", prompt="def f(x):", max_tokens=LONG, temperature=0))
+        wait_for(lambda: stats["requests"] == admitted + 4)
+        for method, path, kwargs in [("GET", "/v1/memories", {}), ("DELETE", "/v1/memories/code", {}),
+                                     ("POST", "/v1/memories/load", {"json": {"path": "code"}})]:
+            steps = stats["steps"]
+            answer = httpx.request(method, served.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=5,
+                                   **kwargs)
+            assert answer.status_code == 200, answer.text
+            assert stats["steps"] - steps <= 2, (path, stats["steps"] - steps)
+    assert "code" in served.batcher.memory_names
+    assert complete(served, "def f(x):", "code").status_code == 200  # the running ones were unharmed by the swap
