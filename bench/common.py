@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 
 import torch
 import yaml
@@ -15,6 +16,15 @@ def machine(device: str = "cpu") -> str:
     """One line naming where a benchmark ran: processor, threads, torch, and the GPU if any."""
     text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
+
+
+def git_commit() -> str:
+    """The commit the benchmark ran at, with ``+dirty`` when the working tree had changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

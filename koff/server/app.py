@@ -134,8 +134,14 @@ async def _unless_disconnected(request: Request, work):
         watcher.cancel()
     if task.done():
         return task.result()
+    task.add_done_callback(_retrieve)  # its CancelledError is expected: not "never retrieved"
     task.cancel()
     return None
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnect(request: Request, poll_seconds: float = 0.05) -> None:
