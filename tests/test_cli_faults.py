@@ -157,6 +157,11 @@ def test_runtime_commands_refuse_bad_input_before_loading(world, capsys, tmp_pat
         (["add-domain", export, f"x={world['corpus']['eng']}", "--steps", "0"], "--steps must be at least 1"),
         (["add-domain", export, f"x={tmp_path / 'none.txt'}", "--steps", "1"], "domain 'x'"),
         (["analyze", tmp_path / "none"], "none"),
+        # a folder of the other kind: an export where a run is expected, and the other way round
+        (["export", export, tmp_path / "out"], "not a finished koff run"),
+        (["generate", world["run"], "hi"], "is not a koff backbone"),
+        (["add-domain", world["run"], f"x={world['corpus']['eng']}", "--steps", "1"], "is not a koff backbone"),
+        (["analyze", export], "run folder?"),
         (["eval", tmp_path / "none"], "none"),
         (["eval", "--model", world["model"], "--domain", "x=y.txt", "--out", tmp_path / "e"], "domain 'x'"),
     ]

@@ -1,12 +1,15 @@
 """The server under bad requests: a bad request fails alone, admin calls do not wait for a free
 batch slot, and a client that goes away stops its generation, streamed or not."""
 
+import json
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save_file
 
 from koff.runtime import DecodeBatch, load
 from koff.server import BackgroundServer, create_app
@@ -136,3 +139,35 @@ def test_admin_calls_are_answered_within_a_step_of_a_full_batch(served):
             assert stats["steps"] - steps <= 2, (path, stats["steps"] - steps)
     assert "code" in served.batcher.memory_names
     assert complete(served, "def f(x):", "code").status_code == 200  # the running ones were unharmed by the swap
+
+
+def test_a_memory_with_non_finite_weights_is_refused_by_admin_load(served, export):  # noqa: F811
+    folder = export[0] / "memories" / "nanmem"
+    shutil.copytree(export[0] / "memories" / "code", folder)
+    (folder / "manifest.json").write_text(json.dumps(json.loads((folder / "manifest.json").read_text()) | {"name": "nanmem"}))
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[sorted(tensors)[0]][0, 0] = math.inf
+    save_file(tensors, str(weights))
+    answer = httpx.post(served.url + "/v1/memories/load", json={"path": "nanmem"}, headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=30)
+    assert answer.status_code == 400 and "NaN or infinite" in answer.json()["error"]["message"]
+    assert "nanmem" not in served.batcher.memory_names
+    shutil.rmtree(folder)
+
+
+def test_the_server_starts_without_its_bad_memory_folders(export, tmp_path):  # noqa: F811
+    copy = tmp_path / "export"
+    shutil.copytree(export[0], copy)
+    corrupt = copy / "memories" / "corrupt"
+    shutil.copytree(copy / "memories" / "eng", corrupt)
+    (corrupt / "kv_prefix.safetensors").write_bytes(b"\x00" * 20)
+    outside = tmp_path / "outside"
+    shutil.copytree(copy / "memories" / "code", outside)
+    (outside / "manifest.json").write_text(json.dumps(json.loads((outside / "manifest.json").read_text()) | {"name": "evil"}))
+    (copy / "memories" / "evil").symlink_to(outside, target_is_directory=True)
+    app = create_app(load(copy), api_key=KEY)
+    with BackgroundServer(app) as server:
+        listed = httpx.get(server.url + "/v1/memories", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert sorted(listed["memories"]) == ["code", "eng"]
+    assert set(listed["broken"]) == {"corrupt", "evil"} and "leads outside" in listed["broken"]["evil"]
