@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny import save_tiny, tiny_tokenizer  # noqa: E402
+from tiny import save_tiny, tiny_tokenizer, write_corpus  # noqa: E402
 
 ARCHS = ["llama", "qwen2"]
 
@@ -31,17 +31,7 @@ def model_dir(request, tmp_path_factory):
 @pytest.fixture
 def corpus(tmp_path):
     """Three small text domains on disk."""
-    words = {
-        "eng": "the cat sat on the mat and the dog ran over the hill while birds sang ",
-        "deu": "der hund lief über den hügel und die katze saß auf der matte ",
-        "code": "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n",
-    }
-    paths = {}
-    for name, text in words.items():
-        path = tmp_path / f"{name}.txt"
-        path.write_text(text * 60)
-        paths[name] = path
-    return paths
+    return write_corpus(tmp_path)
 
 
 @pytest.fixture

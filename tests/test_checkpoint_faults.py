@@ -5,12 +5,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import koff.training.checkpoint as checkpoint
 from koff.cli import main
 from koff.errors import KoffError
-from test_training import make, trained_state
+from test_training import assert_same_end_state, make
 
 
 class Killed(BaseException):
@@ -50,15 +49,6 @@ PHASES = {
     # after the checkpoint, before older ones are removed
     "prune": lambda mp: kill_on_second(mp, checkpoint, "checkpoint_folders"),
 }
-
-
-def assert_same_end_state(whole, resumed):
-    assert resumed.step == whole.step == 12
-    a, b = trained_state(whole), trained_state(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert whole.sampler.state_dict() == resumed.sampler.state_dict()
 
 
 @pytest.fixture

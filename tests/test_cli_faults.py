@@ -10,26 +10,17 @@ from safetensors.torch import load_file, save_file
 
 from koff.cli import main
 from koff.export import export_run
-from test_export import make_run
 from koff.masks import BinaryMask
 from koff.masks.units import UnitCosts
 from koff.models.architecture import decoder_layout
-from tiny import tiny_model
-
-WORDS = {
-    "eng": "the cat sat on the mat and the dog ran over the hill while birds sang ",
-    "code": "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n",
-}
-
+from test_export import make_run
+from tiny import tiny_model, write_corpus
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A finished tiny run, its export, a model of another shape with its own run, and junk files."""
+    """A finished tiny run, its export, a mask of another model, and junk files."""
     root = tmp_path_factory.mktemp("faults")
-    corpus = {}
-    for name, text in WORDS.items():
-        corpus[name] = root / f"{name}.txt"
-        corpus[name].write_text(text * 60)
+    corpus = write_corpus(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KOFF_CACHE_DIR", str(root / "koff-cache"))
         run = make_run(root, corpus, "llama")

@@ -12,23 +12,14 @@ from koff.export import export_run
 from koff.runtime import load
 from koff.server import BackgroundServer, create_app
 from test_export import make_run
+from tiny import write_corpus
 
 KEY = "sk-test"
 MAX_BODY = 32_000
-WORDS = {
-    "eng": "the cat sat on the mat and the dog ran over the hill while birds sang ",
-    "deu": "der hund lief über den hügel und die katze saß auf der matte ",
-    "code": "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n",
-}
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    corpus = {}
-    for name, text in WORDS.items():
-        corpus[name] = root / f"{name}.txt"
-        corpus[name].write_text(text * 60)
+    corpus = write_corpus(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KOFF_CACHE_DIR", str(root / "koff-cache"))
         export_run(make_run(root, corpus, "llama"), root / "export")

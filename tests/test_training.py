@@ -24,6 +24,16 @@ def trained_state(dec: Decomposer) -> dict[str, torch.Tensor]:
     return state
 
 
+def assert_same_end_state(whole: Decomposer, resumed: Decomposer) -> None:
+    """A resumed run ended exactly where the uninterrupted one did (12 steps)."""
+    assert resumed.step == whole.step == 12
+    a, b = trained_state(whole), trained_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert whole.sampler.state_dict() == resumed.sampler.state_dict()
+
+
 def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, tokenizer, domains):
     # A random tiny model gives its gates almost no LM signal, so they move as one block: slow gate
     # and lambda rates keep the constraint from oscillating (the defaults are tuned on SmolLM2).
@@ -99,12 +109,7 @@ def test_killed_and_resumed_run_ends_in_the_same_state(tmp_path, tokenizer, doma
     assert killed.train(stop_after=kill_at) == {"stopped_at": kill_at}  # dies; last checkpoint at 5 or 10
     resumed = make(tmp_path / "b", tokenizer, domains, sparsity=0.2, sampling=sampling)
     resumed.train(resume=True)
-    assert resumed.step == whole.step == 12
-    a, b = trained_state(whole), trained_state(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert whole.sampler.state_dict() == resumed.sampler.state_dict()
+    assert_same_end_state(whole, resumed)
     files = [p.suffix for p in (tmp_path / "b" / "run" / "checkpoints").rglob("*") if p.is_file()]
     assert set(files) <= {".safetensors", ".json"}  # no pickles
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]

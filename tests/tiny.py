@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import (
@@ -17,6 +19,23 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
     "Der schnelle braune Fuchs springt über den faulen Hund. def add(a, b):\n    return a + b\n"
 )
+
+
+# Three small text domains: every test corpus is these lines repeated.
+CORPUS = {
+    "eng": "the cat sat on the mat and the dog ran over the hill while birds sang ",
+    "deu": "der hund lief über den hügel und die katze saß auf der matte ",
+    "code": "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n",
+}
+
+
+def write_corpus(folder: Path) -> dict[str, Path]:
+    """``CORPUS`` written as ``folder/<name>.txt`` (each line 60 times); name -> path."""
+    paths = {}
+    for name, text in CORPUS.items():
+        paths[name] = folder / f"{name}.txt"
+        paths[name].write_text(text * 60)
+    return paths
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
