@@ -77,3 +77,33 @@ def test_hub_id_without_network_says_so(monkeypatch):
 def test_unknown_dtype_is_refused(model_dir):
     with pytest.raises(ModelLoadError, match="dtype"):
         load_model(model_dir, dtype="int3")
+
+
+def test_an_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr("koff.models.loader.AutoModelForCausalLM.from_pretrained", no_weights)
+    gguf = tmp_path / "gpt2.gguf"
+    writer = GGUFWriter(str(gguf), "gpt2")
+    writer.add_uint32("gpt2.block_count", 2)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        load_model(str(gguf))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        load_model(str(tmp_path / "folder"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ModelLoadError, match="could not read GGUF"):
+        load_model(str(tmp_path / "junk.gguf"))

@@ -13,7 +13,6 @@ from koff.errors import KoffError
 COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, add_domain_cmd, serve_cmd, analyze_cmd]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koff",

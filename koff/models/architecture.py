@@ -68,15 +68,19 @@ def _head_dim(config) -> int:
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
+def check_model_type(model_type: str | None, source: str = "the model") -> None:
+    """Refuse an architecture koff cannot decompose (callers check before loading any weight)."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{source}: model type {model_type!r} is not supported; koff supports: " + ", ".join(SUPPORTED_MODEL_TYPES)
+        )
+
+
 def decoder_layout(model: nn.Module) -> DecoderLayout:
     """Describe ``model`` (a ``*ForCausalLM``) or raise a clear error if it is unsupported."""
     config = model.config
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"model type {model_type!r} is not supported; koff supports: "
-            + ", ".join(SUPPORTED_MODEL_TYPES)
-        )
+    check_model_type(model_type)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = tuple(
         LayerParts(index=i, layer=layer, attention=layer.self_attn, mlp=layer.mlp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 import importlib.util
 import logging
@@ -24,7 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from koff.errors import KoffError
-from koff.models.architecture import decoder_layout
+from koff.io import read_json
+from koff.models.architecture import check_model_type, decoder_layout
 from koff.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     start = time.perf_counter()
     folder, source = _resolve_to_folder(spec)
+    check_model_type(_folder_model_type(Path(folder)), source)  # before any weight is read
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -87,6 +90,49 @@ def _resolve_to_folder(spec: str) -> tuple[str, str]:
             "a .gguf file, a local model folder nor a hub id (owner/name)"
         )
     return _download_from_hub(spec), f"hub:{spec}"
+
+
+def _folder_model_type(folder: Path) -> str | None:
+    try:
+        return read_json(folder / "config.json").get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # from_pretrained reports the unreadable config
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_architecture(gguf: Path) -> str | None:
+    """``general.architecture`` from the GGUF header's key-value section, read up to that key
+    (gguf's own reader indexes every tensor first: seconds on a large file)."""
+
+    def unpack(f, fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip_value(f, kind: int) -> None:
+        if kind == 8:  # string
+            f.seek(unpack(f, "Q"), 1)
+        elif kind == 9:  # array: element type, count, elements
+            element, count = unpack(f, "I"), unpack(f, "Q")
+            for _ in range(count):
+                skip_value(f, element)
+        else:
+            f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+    try:
+        with gguf.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            _version, _tensors, entries = unpack(f, "I"), unpack(f, "Q"), unpack(f, "Q")
+            for _ in range(entries):
+                key = f.read(unpack(f, "Q")).decode()
+                kind = unpack(f, "I")
+                if key == "general.architecture" and kind == 8:
+                    return f.read(unpack(f, "Q")).decode()
+                skip_value(f, kind)
+    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {type(err).__name__}: {err}") from err
+    return None
 
 
 def _download_from_hub(repo_id: str) -> str:
@@ -123,6 +169,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     folder = cache_dir("models") / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    check_model_type(_gguf_architecture(gguf), f"gguf:{gguf}")  # before minutes of dequantising
     log.info("converting %s to a cached safetensors folder (once)", gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
