@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commit = git_commit()  # the code this run uses: taken before it starts
     source = Path(args.export)
     if not (source / "backbone").is_dir():
         print(f"making {source} (a 4-step decomposition of the embedded model)", flush=True)
@@ -282,7 +283,7 @@ def main() -> None:
     unexpected = sum(outcomes.get(k, 0) for k in ("bad_unexpected", "disconnect_unexpected", "admin_unexpected"))
     good_failed = outcomes.get("good_failed", 0) + outcomes.get("good_changed", 0)
     summary = {
-        "command": command, "commit": git_commit(), "machine": machine(), "export": str(source),
+        "command": command, "commit": commit, "machine": machine(), "export": str(source),
         "settings": {k: v for k, v in vars(args).items() if k not in ("export", "results")},
         "wall_seconds": round(wall, 1), "requests": soak.sent, "outcomes": outcomes,
         "unexpected_errors": unexpected, "good_failed_or_changed": good_failed,
