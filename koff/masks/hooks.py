@@ -19,22 +19,15 @@ class GateHooks:
         self.layout = layout
         self.ffn: list = [None] * layout.num_layers
         self.attn: list = [None] * layout.num_layers
-        self._handles = []
-        for parts in layout.layers:
-            i = parts.index
-            self._handles.append(parts.projection("down_proj").register_forward_pre_hook(self._ffn_hook(i)))
-            self._handles.append(parts.projection("o_proj").register_forward_pre_hook(self._attn_hook(i)))
+        for parts in layout.layers:  # installed for the model's lifetime: with no gates set they do nothing
+            parts.projection("down_proj").register_forward_pre_hook(self._ffn_hook(parts.index))
+            parts.projection("o_proj").register_forward_pre_hook(self._attn_hook(parts.index))
 
     def set_gates(self, ffn: list, attn: list) -> None:
         self.ffn, self.attn = list(ffn), list(attn)
 
     def clear(self) -> None:
         self.set_gates([None] * self.layout.num_layers, [None] * self.layout.num_layers)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _ffn_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple):
