@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from common import add_run_options, machine, with_settings
+from common import add_run_options, git_commit, machine, with_settings
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
+from koff.experiments.decompose import decompose
 from koff.io import write_json, write_text
 from koff.models import load_model
 from koff.training import DecomposeConfig, Decomposer
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commit = git_commit()  # the code this run uses: taken before it starts
 
     config = DecomposeConfig(
         model=args.model, domain=DOMAINS, out=args.out, sparsity=args.sparsity, steps=args.steps,
@@ -101,7 +103,7 @@ def main() -> None:
     domains = load_domains(parse_domains(DOMAINS), loaded.tokenizer, block_len=config.block_len,
                            val_fraction=config.val_fraction, seed=config.seed)
     wall = time.perf_counter()
-    summary = Decomposer(config, base=loaded.model, tokenizer=loaded.tokenizer, domains=domains).train(resume=args.resume)
+    _, summary = decompose(config, resume=args.resume, base=loaded.model, tokenizer=loaded.tokenizer, domains=domains)
     wall = time.perf_counter() - wall
 
     # Step cost: the KOFF step from the run's own log, plain LoRA steps measured here on the same batch shape.
@@ -128,6 +130,7 @@ def main() -> None:
     }
     result = {
         "command": command,
+        "commit": commit,
         "machine": machine(args.device),
         "config": config.to_dict(),
         "sparsity": summary["sparsity"],
@@ -151,7 +154,7 @@ def main() -> None:
     text = "\n".join([
         f"# koff decompose benchmark ({args.model}, sparsity {summary['sparsity']:.4f} of block parameters, "
         f"{summary['whole_model_sparsity']:.4f} of the whole model)", "",
-        f"Command: `{command}`", "", f"Machine: {result['machine']}", "",
+        f"Command: `{command}`  ", f"Commit: {commit}", "", f"Machine: {result['machine']}", "",
         "Held-out perplexity (ratio to dense):", "", table, "",
         f"Training: {config.steps} steps x {config.batch_size} x {config.block_len} tokens, "
         f"{summary['tokens_per_s']} tokens/s, {summary['train_seconds_this_process']} s training, {wall:.0f} s wall in all.", "",

@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_run_options, machine, with_settings
+from common import add_run_options, git_commit, machine, with_settings
 from koff.cli import main as koff_main
-from koff.evaluation.sweep import run_sweep, sweep_markdown, train_or_resume
+from koff.experiments.sweep import run_sweep, sweep_markdown, train_or_resume
 from koff.io import write_json, write_text
 from koff.training import DecomposeConfig
 
@@ -77,6 +77,7 @@ def main() -> None:
     if 0.12 not in args.sparsities:
         parser.error("--sparsities must include 0.12 (the ablation table and the analysis use that run)")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commit = git_commit()  # the code this run uses: taken before it starts
     out, results = Path(args.out), Path(args.results)
     start = time.perf_counter()
 
@@ -107,6 +108,7 @@ def main() -> None:
     met = goals(table, sweep, analysis)
     result = {
         "command": command,
+        "commit": commit,
         "machine": machine(args.device),
         "config": base.to_dict(),
         "table": table,
@@ -120,7 +122,7 @@ def main() -> None:
     shutil.copy(out / "sweep" / "sweep.png", results / "evidence-sweep.png")
     shutil.copy(analysis_dir / "removal_by_layer.png", results / "evidence-lape.png")
     text = "\n".join([
-        f"# koff evidence ({args.model}, {len(DOMAINS)} domains)", "", f"Command: `{command}`", "",
+        f"# koff evidence ({args.model}, {len(DOMAINS)} domains)", "", f"Command: `{command}`  ", f"Commit: {commit}", "",
         f"Machine: {result['machine']}; {args.steps} steps per run, batch {args.batch_size} x {base.block_len} tokens; "
         f"{result['wall_seconds']:.0f} s in all.", "",
         "## Ablation table at 12% sparsity (perplexity, ratio to dense)", "",

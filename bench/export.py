@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import git_commit, machine
 from koff.export import export_run
 from koff.io import write_json, write_text
 from koff.model import KoffModel
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commit = git_commit()  # the code this run uses: taken before it starts
     torch.manual_seed(0)
 
     exports = {}
@@ -126,6 +127,7 @@ def main() -> None:
 
     result = {
         "command": command,
+        "commit": commit,
         "machine": machine(),
         "run": args.run,
         "parameters": {"dense": exports[False]["dense_parameters"], "exported": exports[False]["parameters"],
@@ -146,7 +148,7 @@ def main() -> None:
     write_json(Path(args.results) / "export.json", result)
     p, b = result["parameters"], result["bytes_on_disk"]
     lines = [
-        f"# koff export benchmark ({args.run})", "", f"Command: `{command}`", "", f"Machine: {result['machine']}", "",
+        f"# koff export benchmark ({args.run})", "", f"Command: `{command}`  ", f"Commit: {commit}", "", f"Machine: {result['machine']}", "",
         "| | dense | exported (per-layer) | exported (uniform) |", "|---|---|---|---|",
         f"| parameters | {p['dense']:,} | {p['exported']:,} ({p['exported'] / p['dense']:.3f}) | {p['exported_uniform']:,} ({p['exported_uniform'] / p['dense']:.3f}) |",
         f"| bytes on disk | {b['dense']:,} | {b['exported']:,} ({b['exported'] / b['dense']:.3f}) | {b['exported_uniform']:,} ({b['exported_uniform'] / b['dense']:.3f}) |",

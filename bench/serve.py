@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from common import git_commit
 from koff.io import write_json, write_text
 
 PROMPTS = [
@@ -174,6 +175,7 @@ def main() -> None:
                         "speed drifts, so one pair is not enough (default: 3, the table's pair included)")
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commit = git_commit()  # the code this run uses: taken before it starts
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - {"serial", "single", "mixed"}
     if unknown:
@@ -213,6 +215,7 @@ def main() -> None:
 
     summary = {
         "command": command,
+        "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "export": args.export,
@@ -237,7 +240,7 @@ def report(summary: dict) -> str:
 
     s = summary["settings"]
     lines = [
-        f"# koff serve load benchmark ({summary['export']})", "", f"Command: `{summary['command']}`", "",
+        f"# koff serve load benchmark ({summary['export']})", "", f"Command: `{summary['command']}`  ", f"Commit: {summary['commit']}", "",
         f"Machine: {summary['machine']}. Server: {s['server']}, max batch {s['max_batch']}, batch wait {s['batch_wait_ms']} ms; "
         f"{s['requests']} streamed greedy completions of up to {s['max_tokens']} tokens per scenario.", "",
         "| scenario | models | clients | errors | req/s | tokens/s | p50 latency ms | p95 latency ms | p50 TTFT ms | p95 TTFT ms | mean batch | mixed steps |",

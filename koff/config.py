@@ -1,4 +1,6 @@
-"""Everything a decomposition run needs, as one plain dataclass (saved as the run's config.yaml)."""
+"""Everything a decomposition run needs, as one plain dataclass (saved as the run's config.yaml).
+
+It sits low in the stack: training runs it, and the run-folder format (``koff.formats``) reads it back."""
 
 from __future__ import annotations
 
@@ -9,10 +11,22 @@ from pathlib import Path
 from koff.errors import UserInputError
 from koff.masks.oneshot import IMPORTANCES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
-from koff.training.sampler import parse_sampling
-
 
 CONSTRAINTS = ("projected", "lagrangian")
+
+
+def parse_sampling(spec: str) -> float | None:
+    """``balanced`` -> None; ``size:<alpha>`` -> alpha (domain probability ~ train blocks ** alpha)."""
+    if spec == "balanced":
+        return None
+    kind, _, alpha = spec.partition(":")
+    try:
+        value = float(alpha) if kind == "size" else None
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < math.inf:
+        raise UserInputError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
+    return value
 INIT_SHAPES = ("ranked", "mask")
 
 

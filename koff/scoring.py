@@ -1,6 +1,7 @@
-"""The two terms of the objective, computed from one log-softmax of the student's logits.
+"""Scoring next-token predictions: the one definition of the LM loss that training, evaluation and
+the runtime's perplexity share, and the distillation KL.
 
-At SmolLM2's 49k-token vocabulary the logits of one batch are hundreds of MB; every pass over
+Both training terms come from one log-softmax of the student's logits. At SmolLM2's 49k-token vocabulary the logits of one batch are hundreds of MB; every pass over
 them costs on a CPU. ``F.cross_entropy`` plus ``F.kl_div`` would take the student's log-softmax
 twice and carry a gradient through a full-size difference tensor; here it is taken once and the
 KL's teacher-only term is computed without a gradient.
@@ -16,6 +17,11 @@ def token_cross_entropy(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Ten
     """``(batch, seq - 1)`` next-token losses, from ``log_probs`` ``(batch, seq, vocab)`` of ``ids``."""
     targets = ids[:, 1:]
     return F.nll_loss(log_probs[:, :-1].flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood (nats, fp32) of ``ids`` under ``logits``: the held-out score."""
+    return token_cross_entropy(logits.float().log_softmax(-1), ids).sum()
 
 
 def distillation_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:

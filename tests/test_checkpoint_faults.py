@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-import koff.training.checkpoint as checkpoint
 from koff.cli import main
 from koff.errors import KoffError
+import koff.training.checkpoint as checkpoint
 from test_training import assert_same_end_state, make
 
 

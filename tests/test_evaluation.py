@@ -6,7 +6,7 @@ import torch
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
 from koff.evaluation import evaluate, hf_scorer
-from koff.evaluation.sweep import run_sweep
+from koff.experiments.sweep import run_sweep
 from koff.export import export_run
 from koff.training import DecomposeConfig, Decomposer
 from tiny import save_tiny, tiny_model

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from koff.training.losses import distillation_kl, token_cross_entropy
+from koff.scoring import distillation_kl, token_cross_entropy
 
 
 def test_shared_log_softmax_terms_equal_torch_losses_in_value_and_gradient():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from koff.formats.run_memory import load_memory_state, save_memory
 from koff.masks import LearnedMask
 from koff.memories import DomainMemory, MemoryConfig
-from koff.memories.files import load_memory_state, save_memory
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime import DecodeBatch, Sampling
 from tiny import tiny_model

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from koff.training.sampler import DomainSampler, parse_sampling
+from koff.config import parse_sampling
+from koff.training.sampler import DomainSampler
 
 
 def corpus(sizes: dict[str, int]) -> list[SimpleNamespace]:

@@ -5,16 +5,20 @@ import torch
 import yaml
 
 from koff.cli import main
+from koff.experiments.decompose import decompose
 from koff.masks import BinaryMask
 from koff.training import DecomposeConfig, Decomposer
 from tiny import tiny_model
 
 
-def make(tmp_path, tokenizer, domains, kind="llama", **overrides) -> Decomposer:
+def settings(tmp_path, **overrides) -> DecomposeConfig:
     values = dict(model="tiny", out=str(tmp_path / "run"), block_len=32, batch_size=3, kv_slots=4, steps=12,
                   checkpoint_every=5, eval_max_blocks=2, eval=False)
-    values.update(overrides)
-    return Decomposer(DecomposeConfig(**values), base=tiny_model(kind), tokenizer=tokenizer, domains=domains)
+    return DecomposeConfig(**(values | overrides))
+
+
+def make(tmp_path, tokenizer, domains, kind="llama", **overrides) -> Decomposer:
+    return Decomposer(settings(tmp_path, **overrides), base=tiny_model(kind), tokenizer=tokenizer, domains=domains)
 
 
 def trained_state(dec: Decomposer) -> dict[str, torch.Tensor]:
@@ -138,8 +142,8 @@ def test_final_phase_trains_memories_on_the_fixed_binary_mask(tmp_path, tokenize
     [("learned", "none"), ("oneshot:wanda", "lora"), ("oneshot:activation", "kv"), ("none", "lora+kv"), ("none", "none")],
 )
 def test_every_variant_runs_through_the_same_loop(tmp_path, tokenizer, domains, mask, memory):
-    dec = make(tmp_path, tokenizer, domains, mask=mask, memory=memory, sparsity=0.15, steps=2, eval=True, distill_every=1)
-    summary = dec.train()
+    config = settings(tmp_path, mask=mask, memory=memory, sparsity=0.15, steps=2, eval=True, distill_every=1)
+    _, summary = decompose(config, base=tiny_model("llama"), tokenizer=tokenizer, domains=domains)
     out = tmp_path / "run"
     assert (out / "mask.safetensors").is_file()
     expected_sparsity = 0.0 if mask == "none" else 0.15

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from koff.export.add_domain import add_domain
+    from koff.training.add_domain import add_domain
 
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from koff.errors import UserInputError
 from koff.io import markdown_table, read_yaml, write_yaml  # noqa: F401 - markdown_table: for the commands
@@ -124,5 +124,3 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
             return action.choices[command]
     raise KeyError(command)
 
-
-Command = Callable[[argparse.Namespace], int]

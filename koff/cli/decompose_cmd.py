@@ -7,8 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require
+from koff.config import DecomposeConfig
+from koff.experiments.decompose import decompose
 from koff.io import read_yaml
-from koff.training import DecomposeConfig, Decomposer
 
 _HELP = {
     "model": "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id",
@@ -63,7 +64,7 @@ _RESUME_MAY_CHANGE = {"out", "device"}
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = _resumed_config(args, out) if args.resume else _new_config(args, out)
-    summary = Decomposer(config).train(resume=args.resume)
+    _, summary = decompose(config, resume=args.resume)
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
     if "eval" in summary:
         print(_eval_table(summary["eval"]))

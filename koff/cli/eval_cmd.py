@@ -18,7 +18,7 @@ from koff.cli.common import (
 )
 from koff.data import load_domains, parse_domains
 from koff.evaluation import evaluate, hf_scorer
-from koff.evaluation.ablation import ablation_table, export_table, markdown, run_label, to_csv
+from koff.experiments.ablation import ablation_table, export_table, markdown, run_label, to_csv
 from koff.io import write_json, write_text
 from koff.models import load_model
 

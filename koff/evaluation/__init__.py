@@ -1,3 +1,6 @@
-from koff.evaluation.perplexity import DomainPerplexity, Scorer, domain_perplexity, evaluate, hf_scorer, token_nll_sum
+from koff.evaluation.decomposition import DecompositionEval, evaluate_decomposition
+from koff.evaluation.perplexity import DomainPerplexity, Scorer, domain_perplexity, evaluate, hf_scorer
 
-__all__ = ["DomainPerplexity", "Scorer", "domain_perplexity", "evaluate", "hf_scorer", "token_nll_sum"]
+__all__ = [
+    "DecompositionEval", "DomainPerplexity", "evaluate_decomposition", "Scorer", "domain_perplexity", "evaluate", "hf_scorer",
+]

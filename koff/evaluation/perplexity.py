@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from koff.data.blocks import DomainData
+from koff.scoring import token_nll_sum
 
 Scorer = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -31,14 +31,6 @@ class DomainPerplexity:
 def hf_scorer(model: torch.nn.Module) -> Scorer:
     """Scorer for a plain Hugging Face causal LM (ignores the domain)."""
     return lambda input_ids, domain: model(input_ids=input_ids).logits
-
-
-def token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL over every position of every sequence."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1), reduction="sum"
-    )
 
 
 @torch.no_grad()

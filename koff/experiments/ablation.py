@@ -23,12 +23,12 @@ import torch
 from koff.data import DomainData, load_domains, parse_domains
 from koff.errors import UserInputError
 from koff.evaluation.perplexity import Scorer, evaluate
-from koff.export.memories import MANIFEST
-from koff.export.run import Run, load_run
+from koff.formats.exported_memory import MANIFEST
+from koff.formats.run import Run, load_run
 from koff.io import markdown_table, read_json
+from koff.masks.binary import BinaryMask
 from koff.models import load_model
 from koff.runtime import load
-from koff.masks.binary import BinaryMask
 
 
 class TableError(UserInputError):

@@ -14,9 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from koff.analysis.plot import plot_sparsity_sweep
-from koff.evaluation.ablation import geomean_ratio, memory_parameters_per_domain
+from koff.config import DecomposeConfig
+from koff.evaluation import DecompositionEval
+from koff.experiments.ablation import geomean_ratio, memory_parameters_per_domain
+from koff.experiments.decompose import decompose
 from koff.io import markdown_table, write_json, write_text
-from koff.training import DecomposeConfig, Decomposer
+from koff.training import Decomposer
 
 SERIES = ("KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories")
 
@@ -39,10 +42,10 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
         rank = equal_budget_rank(koff)
         pruned, ev_pruned = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
                               lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")))
-        sweep["KOFF"][sparsity] = geomean_ratio(ev_koff["mask+memories"], ev_koff["dense"])
-        sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff["mask only"], ev_koff["dense"])
-        sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned["mask+memories"], ev_pruned["dense"])
-        sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned["mask only"], ev_pruned["dense"])
+        sweep["KOFF"][sparsity] = geomean_ratio(ev_koff.with_memories, ev_koff.dense)
+        sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff.mask_only, ev_koff.dense)
+        sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned.with_memories, ev_pruned.dense)
+        sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned.mask_only, ev_pruned.dense)
         runs[sparsity] = {"koff": koff.config.out, "prune_then_lora": pruned.config.out}
         budget[sparsity] = {
             "koff_memory_parameters_per_domain": memory_parameters_per_domain(koff.model),
@@ -58,14 +61,13 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
 
 def train_or_resume(config: DecomposeConfig) -> tuple[Decomposer, dict]:
     """Train one run, continuing from its checkpoints if a previous attempt left some."""
-    dec = Decomposer(config)
-    return dec, dec.train(resume=(Path(config.out) / "checkpoints").is_dir())
+    return decompose(config, resume=(Path(config.out) / "checkpoints").is_dir())
 
 
-def _run(config: DecomposeConfig) -> tuple[Decomposer, dict]:
+def _run(config: DecomposeConfig) -> tuple[Decomposer, DecompositionEval]:
     """Train (or resume) one run; the decomposer and its final evaluation."""
     dec, summary = train_or_resume(replace(config, eval=True))
-    return dec, summary["eval"]
+    return dec, DecompositionEval.from_dict(summary["eval"])
 
 
 def sweep_markdown(result: dict) -> str:

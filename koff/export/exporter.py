@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from koff.errors import KoffError
-from koff.export.backbone import save_backbone
-from koff.export.memories import memory_size_bytes, peft_module_names, slice_memory, write_memory
-from koff.export.prune import layer_widths, prune_model, select_layers
-from koff.export.run import load_run
+from koff.export.prune import layer_widths, prune_model, select_layers, slice_memory
+from koff.formats.backbone import save_backbone
+from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
+from koff.formats.run import load_run
 from koff.io import staged_folder, write_json
 from koff.masks.units import UnitCosts
 from koff.models.architecture import decoder_layout

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from koff.masks.binary import BinaryMask
+from koff.memories.memory import DomainMemory, parse_lora_key
 from koff.models.architecture import DecoderLayout
 
 
@@ -103,3 +104,29 @@ def prune_model(model: nn.Module, layout: DecoderLayout, selections: list[LayerS
 
 def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:
     return {"intermediate_size": [len(s.ffn) for s in selections], "num_key_value_heads": [len(s.groups) for s in selections]}
+
+
+def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_per_group: int, head_dim: int) -> dict:
+    """The memory's flat state restricted to the kept units of each layer."""
+    state = {}
+    for key, a in memory.lora_A.items():
+        layer, proj = parse_lora_key(key)
+        sel = selections[layer]
+        a, b = a.detach(), memory.lora_B[key].detach()
+        if proj in ("gate_proj", "up_proj"):
+            b = b[sel.ffn]
+        elif proj == "down_proj":
+            a = a[:, sel.ffn] * sel.ffn_live.to(a.dtype)
+        elif proj == "q_proj":
+            b = b[head_rows(sel.groups, heads_per_group, head_dim)]
+        elif proj in ("k_proj", "v_proj"):
+            b = b[group_rows(sel.groups, head_dim)]
+        elif proj == "o_proj":
+            live = sel.groups_live.repeat_interleave(heads_per_group * head_dim).to(a.dtype)
+            a = a[:, head_rows(sel.groups, heads_per_group, head_dim)] * live
+        state[f"lora_A.{key}"], state[f"lora_B.{key}"] = a.contiguous(), b.contiguous()
+    for i, (k, v) in enumerate(zip(memory.prefix_keys, memory.prefix_values)):
+        groups = selections[i].groups
+        state[f"prefix.keys.{i}"] = k.detach()[groups].contiguous()
+        state[f"prefix.values.{i}"] = v.detach()[groups].contiguous()
+    return state

@@ -1,4 +1,5 @@
-"""Write one domain's memory for an exported backbone.
+"""One domain's memory beside an exported backbone, on disk (written by export and add-domain,
+read by the runtime).
 
 * ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA half in PEFT's format, sliced
   to the kept units, so ``peft.PeftModel.from_pretrained`` loads it onto a uniform backbone;
@@ -14,7 +15,6 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from koff.errors import UserInputError
-from koff.export.prune import LayerSelection, group_rows, head_rows
 from koff.io import atomic_path, write_json
 from koff.memories.memory import DomainMemory, lora_key, parse_lora_key
 from koff.models.architecture import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, decoder_layout
@@ -24,32 +24,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KV_WEIGHTS = "kv_prefix.safetensors"
 MANIFEST = "manifest.json"
-
-
-def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_per_group: int, head_dim: int) -> dict:
-    """The memory's flat state restricted to the kept units of each layer."""
-    state = {}
-    for key, a in memory.lora_A.items():
-        layer, proj = parse_lora_key(key)
-        sel = selections[layer]
-        a, b = a.detach(), memory.lora_B[key].detach()
-        if proj in ("gate_proj", "up_proj"):
-            b = b[sel.ffn]
-        elif proj == "down_proj":
-            a = a[:, sel.ffn] * sel.ffn_live.to(a.dtype)
-        elif proj == "q_proj":
-            b = b[head_rows(sel.groups, heads_per_group, head_dim)]
-        elif proj in ("k_proj", "v_proj"):
-            b = b[group_rows(sel.groups, head_dim)]
-        elif proj == "o_proj":
-            live = sel.groups_live.repeat_interleave(heads_per_group * head_dim).to(a.dtype)
-            a = a[:, head_rows(sel.groups, heads_per_group, head_dim)] * live
-        state[f"lora_A.{key}"], state[f"lora_B.{key}"] = a.contiguous(), b.contiguous()
-    for i, (k, v) in enumerate(zip(memory.prefix_keys, memory.prefix_values)):
-        groups = selections[i].groups
-        state[f"prefix.keys.{i}"] = k.detach()[groups].contiguous()
-        state[f"prefix.values.{i}"] = v.detach()[groups].contiguous()
-    return state
 
 
 def peft_module_names(model) -> dict[tuple[int, str], str]:

@@ -1,17 +1,35 @@
-"""Read a decomposition run folder back: config, a fresh base model, the final mask, the memories."""
+"""The run folder that ``koff decompose`` writes, and reading it back: config, a fresh base model,
+the final mask, the memories.
+
+    config.yaml        the run's DecomposeConfig
+    log.jsonl          one record per step (loss, expected sparsity, target, tokens/s)
+    checkpoints/       safetensors + JSON (``koff.training.checkpoint``)
+    mask.safetensors   the final binary mask; mask.json its statistics
+    memories/<name>/   each domain's memory (``koff.formats.run_memory``)
+    summary.json       steps, timings, sparsity, and "eval" once the run is evaluated
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from koff.config import DecomposeConfig
 from koff.errors import KoffError
-from koff.io import read_yaml
+from koff.formats.run_memory import load_memory_state, save_memory
+from koff.io import read_json, read_yaml, write_json
 from koff.masks.binary import BinaryMask
-from koff.memories.files import load_memory_state
 from koff.memories.memory import DomainMemory
 from koff.models import load_model
-from koff.training.config import DecomposeConfig
+
+
+CONFIG = "config.yaml"
+LOG = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+MASK = "mask.safetensors"
+MASK_STATS = "mask.json"
+MEMORIES = "memories"
+SUMMARY = "summary.json"
 
 
 class RunFolderError(KoffError, FileNotFoundError):
@@ -38,15 +56,37 @@ class Run:
         return model.eval()
 
 
+def write_outputs(folder: Path, mask: BinaryMask, costs, memories: dict[str, DomainMemory], extras: dict[str, dict],
+                  summary: dict) -> dict:
+    """Write a finished run's mask, its statistics, each memory (with ``extras[name]`` in its
+    manifest) and ``summary.json`` (with the mask's sparsity added); the summary back."""
+    mask.save(folder / MASK, costs)
+    stats = mask.stats(costs)
+    write_json(folder / MASK_STATS, stats)
+    for name, memory in memories.items():
+        save_memory(memory, folder / MEMORIES / name, extras[name])
+    summary = summary | {"sparsity": stats["sparsity"], "whole_model_sparsity": stats["whole_model_sparsity"],
+                         "memory_parameters": {n: m.num_parameters() for n, m in memories.items()}}
+    write_json(folder / SUMMARY, summary)
+    return summary
+
+
+def add_to_summary(folder: Path, **values) -> dict:
+    """``summary.json`` with ``values`` added (e.g. ``eval`` once the run is evaluated)."""
+    summary = read_json(folder / SUMMARY) | values
+    write_json(folder / SUMMARY, summary)
+    return summary
+
+
 def load_run(folder: str | Path, device: str = "cpu") -> Run:
     folder = Path(folder)
-    for name in ("config.yaml", "mask.safetensors"):
+    for name in (CONFIG, MASK):
         if not (folder / name).is_file():
             raise RunFolderError(f"{folder} is not a finished koff run: {name} is missing")
-    config = DecomposeConfig.from_dict(read_yaml(folder / "config.yaml"))
+    config = DecomposeConfig.from_dict(read_yaml(folder / CONFIG))
     loaded = load_model(config.model, dtype=config.dtype, device=device)
-    run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / "mask.safetensors"))
-    memories = folder / "memories"
+    run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / MASK))
+    memories = folder / MEMORIES
     for path in sorted(memories.iterdir()) if memories.is_dir() else []:
         manifest, tensors = load_memory_state(path)
         run.memories[path.name] = DomainMemory.from_flat_state(path.name, tensors, manifest["lora_alpha"])

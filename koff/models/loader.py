@@ -123,7 +123,8 @@ def _gguf_architecture(gguf: Path) -> str | None:
         with gguf.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ValueError("no GGUF magic number")
-            _version, _tensors, entries = unpack(f, "I"), unpack(f, "Q"), unpack(f, "Q")
+            f.seek(4 + 8, 1)  # the version (u32) and the tensor count (u64)
+            entries = unpack(f, "Q")
             for _ in range(entries):
                 key = f.read(unpack(f, "Q")).decode()
                 kind = unpack(f, "I")

@@ -14,14 +14,14 @@ import torch
 
 from koff.data.sources import validate_domain_name
 from koff.errors import UserInputError
-from koff.evaluation.perplexity import token_nll_sum
-from koff.export.backbone import BackboneError, load_backbone
-from koff.export.memories import FORMAT as MEMORY_FORMAT
-from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, read_exported_state
+from koff.formats.backbone import BackboneError, load_backbone
+from koff.formats.exported_memory import FORMAT as MEMORY_FORMAT
+from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, read_exported_state
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
+from koff.scoring import token_nll_sum
 
 log = logging.getLogger(__name__)
 

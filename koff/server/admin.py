@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from koff.data.sources import DomainDataError, validate_domain_name
-from koff.export.memories import MANIFEST
+from koff.formats.exported_memory import MANIFEST
 from koff.io import read_json
 from koff.model import UnknownMemoryError
 from koff.runtime import KoffRuntime, MemoryLoadError

@@ -1,4 +1,4 @@
-from koff.training.config import DecomposeConfig
+from koff.config import DecomposeConfig
 from koff.training.trainer import Decomposer
 
 __all__ = ["DecomposeConfig", "Decomposer"]

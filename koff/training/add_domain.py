@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from koff.config import DecomposeConfig
 from koff.data.sources import parse_domain
 from koff.errors import UserInputError
-from koff.export.backbone import load_backbone
-from koff.export.memories import MANIFEST, memory_size_bytes, peft_module_names, write_memory
+from koff.formats.backbone import load_backbone
+from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, write_memory
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS
+from koff.training.trainer import Decomposer
 
 
 class AddDomainError(UserInputError):
@@ -57,8 +59,6 @@ def add_domain(
     ``overrides`` are ``DecomposeConfig`` fields (``block_len``, ``batch_size``, ``lr_lora``,
     ``lr_kv``, ``kv_slots``, ``lora_rank``, ``seed``, ...) that replace the export's settings.
     """
-    from koff.training import DecomposeConfig, Decomposer
-
     out = Path(export_dir)
     spec = parse_domain(domain)
     target = out / "memories" / spec.name

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import random
 from dataclasses import dataclass, field
 
 import torch
 
 from koff.data.blocks import DomainData
-from koff.errors import UserInputError
 
 
 @dataclass
@@ -20,20 +18,6 @@ class SamplerState:
     samples: int = 0  # samples drawn so far (all domains)
     epoch: list[int] = field(default_factory=list)  # per domain
     position: list[int] = field(default_factory=list)  # per domain, within the epoch's permutation
-
-
-def parse_sampling(spec: str) -> float | None:
-    """``balanced`` -> None; ``size:<alpha>`` -> alpha (domain probability ~ train blocks ** alpha)."""
-    if spec == "balanced":
-        return None
-    kind, _, alpha = spec.partition(":")
-    try:
-        value = float(alpha) if kind == "size" else None
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value < math.inf:
-        raise UserInputError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
-    return value
 
 
 class DomainSampler:

@@ -17,19 +17,18 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
+from koff.config import DecomposeConfig, parse_sampling
 from koff.data import DomainData, load_domains, parse_domains
 from koff.errors import KoffError, MissingFileError, UserInputError
-from koff.evaluation import evaluate
-from koff.io import write_json, write_text, write_yaml
+from koff.formats import run as run_folder
+from koff.io import write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule, unit_importance
 from koff.masks.oneshot import standardise
-from koff.memories.files import save_memory
 from koff.model import KoffModel
 from koff.models import load_model
+from koff.scoring import distillation_kl, token_cross_entropy
 from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
-from koff.training.config import DecomposeConfig
-from koff.training.losses import distillation_kl, token_cross_entropy
-from koff.training.sampler import DomainSampler, parse_sampling
+from koff.training.sampler import DomainSampler
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ class Decomposer:
 
     # ----- the run ------------------------------------------------------------------------------
     def train(self, resume: bool = False, stop_after: int | None = None) -> dict:
-        """Train to ``config.steps`` (resuming from the latest checkpoint if asked), then write outputs.
+        """Train to ``config.steps`` (resuming from the latest checkpoint if asked), then write the run folder.
 
         ``stop_after`` ends the process early, as a kill would, right after that step (tests use it).
         """
@@ -331,36 +330,14 @@ class Decomposer:
         return mask if mask is not None else BinaryMask.dense(self.model.costs)
 
     def finish(self, summary: dict) -> dict:
-        """Write the final binary mask, each memory, and (optionally) the evaluation."""
+        """Write the final binary mask and each memory into the run folder; the model keeps the mask."""
         cfg = self.config
         mask = self.final_mask()
-        mask.save(self.out / "mask.safetensors", self.model.costs)
-        stats = mask.stats(self.model.costs)
-        write_json(self.out / "mask.json", stats)
         data = {d.name: d.summary() for d in self.domains}
-        for name, memory in self.model.memories.items():
-            save_memory(memory, self.out / "memories" / name, {"data": data[name], "memory_kind": cfg.memory})
+        extras = {name: {"data": data[name], "memory_kind": cfg.memory} for name in self.model.memories}
+        summary = run_folder.write_outputs(self.out, mask, self.model.costs, dict(self.model.memories), extras, summary)
         self.model.set_mask(mask)
-        summary |= {"sparsity": stats["sparsity"], "whole_model_sparsity": stats["whole_model_sparsity"],
-                    "memory_parameters": {n: m.num_parameters() for n, m in self.model.memories.items()}}
-        if cfg.eval:
-            summary["eval"] = self.evaluate()
-        write_json(self.out / "summary.json", summary)
         return summary
-
-    def evaluate(self) -> dict:
-        """Perplexity of the dense base, the final mask with memories, and the mask alone."""
-        self.model.eval()
-        cfg = self.config
-        kwargs = dict(batch_size=cfg.eval_batch_size, max_blocks=cfg.eval_max_blocks, device=self.accelerator.device)
-        results = {}
-        with self.model.dense():
-            results["dense"] = evaluate(self.model.scorer(), self.domains, **kwargs)
-        if self.model.memories:
-            results["mask+memories"] = evaluate(self.model.scorer(), self.domains, **kwargs)
-        no_memory = lambda ids, domain: self.model(ids, None)  # noqa: E731
-        results["mask only"] = evaluate(no_memory, self.domains, **kwargs)
-        return results
 
     def _trim_log(self, step: int) -> None:
         """Keep only log records up to ``step``: those after the checkpoint will be written again."""

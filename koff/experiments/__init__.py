@@ -1,0 +1,3 @@
+"""Experiments that combine training and evaluation: the ablation table and the sparsity sweep.
+
+They sit above training, export, runtime and evaluation, which never import them."""

@@ -1,0 +1,27 @@
+"""One decomposition as the CLI and the benchmarks run it: train (or resume), then evaluate the
+result and record the evaluation in the run's summary.json."""
+
+from __future__ import annotations
+
+from koff.config import DecomposeConfig
+from koff.evaluation import DecompositionEval, evaluate_decomposition
+from koff.formats import run as run_folder
+from koff.training import Decomposer
+
+
+def decompose(config: DecomposeConfig, resume: bool = False, **parts) -> tuple[Decomposer, dict]:
+    """(the trained decomposer, its summary); with ``config.eval`` the summary holds ``eval``.
+    ``parts`` go to ``Decomposer`` (``base``, ``tokenizer``, ``domains``: already loaded ones)."""
+    decomposer = Decomposer(config, **parts)
+    summary = decomposer.train(resume=resume)
+    if config.eval and decomposer.accelerator.is_main_process:
+        result = evaluate(decomposer)
+        summary = run_folder.add_to_summary(decomposer.out, eval=result.to_dict())
+    return decomposer, summary
+
+
+def evaluate(decomposer: Decomposer) -> DecompositionEval:
+    """The trained decomposer's model three ways: dense, with its memories, mask alone."""
+    cfg = decomposer.config
+    return evaluate_decomposition(decomposer.model, decomposer.domains, cfg.eval_batch_size, cfg.eval_max_blocks,
+                                  decomposer.accelerator.device)
