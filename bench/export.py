@@ -24,6 +24,7 @@ import torch
 
 from common import git_commit, machine
 from koff.export import export_run
+from koff.formats.run import read_config
 from koff.io import write_json, write_text
 from koff.model import KoffModel
 from koff.models import load_model
@@ -167,9 +168,7 @@ def main() -> None:
 
 
 def _base_spec(run: str) -> str:
-    from koff.io import read_yaml
-
-    return read_yaml(Path(run) / "config.yaml")["model"]
+    return read_config(Path(run)).model
 
 
 if __name__ == "__main__":

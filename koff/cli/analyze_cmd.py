@@ -18,10 +18,10 @@ from koff.analysis import activation_probabilities, classify, language_rates, la
 from koff.analysis.lape import SPLITS, check_fractions
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require, save_resolved_config
 from koff.data import DomainSpec, load_domains, parse_domains
-from koff.io import atomic_path, read_yaml, write_json, write_text
+from koff.formats import run as run_folder
+from koff.io import atomic_path, write_json, write_text
 from koff.masks import BinaryMask, UnitCosts
 from koff.models import decoder_layout, load_model
-from koff.training import DecomposeConfig
 
 CODE_PREFIX = "bundled:code/"
 
@@ -71,16 +71,6 @@ def split_languages(specs: list[DomainSpec], exclude: list[str]) -> tuple[list[D
     return languages, skipped
 
 
-def _run_config(run_dir: Path) -> DecomposeConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UsageError(f"{path} not found (is {run_dir} a `koff decompose` run folder?)")
-    try:
-        return DecomposeConfig.from_dict(read_yaml(path) or {})
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"{path}: {err}") from err
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if args.max_blocks is not None and args.max_blocks < 1:
         raise UsageError(f"--max-blocks must be at least 1, got {args.max_blocks}")
@@ -106,8 +96,8 @@ def _check_mask(mask: BinaryMask, layout, mask_path: Path, model: str) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     run_dir = Path(require(args.run_dir, "RUN_DIR"))
-    config = _run_config(run_dir)
-    mask_path = run_dir / "mask.safetensors"
+    config = run_folder.read_config(run_dir)
+    mask_path = run_dir / run_folder.MASK
     if not mask_path.is_file():
         raise UsageError(f"{mask_path} not found (has the run finished?)")
     languages, skipped = split_languages(parse_domains(config.domain), args.exclude or [])

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require
 from koff.config import DecomposeConfig
+from koff.evaluation import DecompositionEval
 from koff.experiments.decompose import decompose
-from koff.io import read_yaml
+from koff.formats import run as run_folder
 
 _HELP = {
     "model": "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id",
@@ -67,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
     _, summary = decompose(config, resume=args.resume)
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
     if "eval" in summary:
-        print(_eval_table(summary["eval"]))
+        print(_eval_table(DecompositionEval.from_dict(summary["eval"])))
     return 0
 
 
 def _new_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
-    if (out / "checkpoints").exists() or (out / "mask.safetensors").exists():
+    if (out / run_folder.CHECKPOINTS).exists() or (out / run_folder.MASK).exists():
         raise UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     values = {f.name: getattr(args, f.name) for f in fields(DecomposeConfig)}
     values = {k: v for k, v in values.items() if v is not None}
@@ -84,12 +85,7 @@ def _resumed_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
     """The run's own config.yaml, continued in ``out``: the folder named by --out is the one resumed
     and written (a copied run folder resumes in the copy), and any other flag given must agree with
     the stored run, since changing what is computed half-way would not be the same run."""
-    stored = out / "config.yaml"
-    if not stored.is_file():
-        raise UsageError(f"--resume: {stored} not found (is {out} a koff run folder?)")
-    values = read_yaml(stored)
-    if not isinstance(values, dict):
-        raise UsageError(f"--resume: {stored} is not a koff run config")
+    values = run_folder.read_config_values(out)
     values["out"] = str(out)
     if "device" in args.explicit:
         values["device"] = args.device
@@ -102,11 +98,11 @@ def _resumed_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
     return config
 
 
-def _eval_table(results: dict) -> str:
-    domains = list(next(iter(results.values()))["domains"])
-    dense = results["dense"]["domains"]
+def _eval_table(results: DecompositionEval) -> str:
+    dense = results.dense["domains"]
     rows = []
-    for name, result in results.items():
-        cells = [f"{result['domains'][d]['perplexity']:.2f} ({result['domains'][d]['perplexity'] / dense[d]['perplexity']:.3f})" for d in domains]
+    for name, result in results.to_dict().items():
+        cells = [f"{result['domains'][d]['perplexity']:.2f} ({result['domains'][d]['perplexity'] / dense[d]['perplexity']:.3f})"
+                 for d in dense]
         rows.append([name, *cells, f"{result['geomean_perplexity']:.2f}"])
-    return markdown_table(["configuration", *[f"{d} ppl (ratio)" for d in domains], "geomean"], rows)
+    return markdown_table(["configuration", *[f"{d} ppl (ratio)" for d in dense], "geomean"], rows)

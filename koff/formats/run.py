@@ -78,12 +78,30 @@ def add_to_summary(folder: Path, **values) -> dict:
     return summary
 
 
+def read_config_values(folder: Path) -> dict:
+    """The run's config.yaml as a plain mapping (to merge with flags before building the config)."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise RunFolderError(f"{path} not found (is {folder} a `koff decompose` run folder?)")
+    values = read_yaml(path)
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path} is not a koff run config")
+    return values
+
+
+def read_config(folder: Path) -> DecomposeConfig:
+    """The run's DecomposeConfig; a config.yaml from another koff version or hand-edited wrongly is refused in words."""
+    try:
+        return DecomposeConfig.from_dict(read_config_values(folder))
+    except TypeError as err:
+        raise RunFolderError(f"{folder / CONFIG}: {err}") from err
+
+
 def load_run(folder: str | Path, device: str = "cpu") -> Run:
     folder = Path(folder)
-    for name in (CONFIG, MASK):
-        if not (folder / name).is_file():
-            raise RunFolderError(f"{folder} is not a finished koff run: {name} is missing")
-    config = DecomposeConfig.from_dict(read_yaml(folder / CONFIG))
+    if not (folder / MASK).is_file():
+        raise RunFolderError(f"{folder} is not a finished koff run: {MASK} is missing")
+    config = read_config(folder)
     loaded = load_model(config.model, dtype=config.dtype, device=device)
     run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / MASK))
     memories = folder / MEMORIES
