@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,51 @@ def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         raise KoffError(f"none of the {len(candidates)} checkpoints in {folder} can be read; move the folder away "
                         "to start the run again from step 0")
     return None
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds of a run besides its step: the trainable tensors by name, the
+    optimisers and schedule, the sampler's position, and the device whose CUDA RNG state is kept."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizers: dict[str, torch.optim.Optimizer | None]  # prefix -> optimiser (None: not used by this run)
+    scheduler: Any
+    sampler: Any  # state_dict() / load_state_dict()
+    device: torch.device
+
+    def save(self, folder: Path, step: int) -> Path:
+        tensors = {k: p.detach().clone() for k, p in self.trainable.items()}
+        state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        for prefix, optimizer in self.optimizers.items():
+            if optimizer is not None:
+                optimizer_tensors, state[prefix] = flatten_optimizer(prefix, optimizer.state_dict())
+                tensors |= optimizer_tensors
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return save_checkpoint(folder, step, tensors, state)
+
+    def restore(self, folder: Path) -> int | None:
+        """Load the newest checkpoint that loads into this state; its step, or None where there is none."""
+        found = load_latest(folder)
+        if found is None:
+            return None
+        tensors, state = found
+        missing = sorted(set(self.trainable) - set(tensors))
+        if missing:
+            raise KoffError(f"the checkpoint in {folder} does not belong to this run's configuration "
+                            f"(it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(tensors[name])
+        for prefix, optimizer in self.optimizers.items():
+            if optimizer is not None:
+                optimizer.load_state_dict(unflatten_optimizer(prefix, tensors, state[prefix]))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        return state["step"]

@@ -19,15 +19,14 @@ from tqdm.auto import tqdm
 
 from koff.config import DecomposeConfig, parse_sampling
 from koff.data import DomainData, load_domains, parse_domains
-from koff.errors import KoffError, MissingFileError, UserInputError
 from koff.formats import run as run_folder
 from koff.io import write_text, write_yaml
-from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, oneshot_mask, target_schedule, unit_importance
-from koff.masks.oneshot import standardise
+from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, target_schedule
 from koff.model import KoffModel
 from koff.models import load_model
 from koff.scoring import distillation_kl, token_cross_entropy
-from koff.training.checkpoint import flatten_optimizer, load_latest, save_checkpoint, unflatten_optimizer
+from koff.training.checkpoint import TrainingState
+from koff.training.mask_init import initial_mask
 from koff.training.sampler import DomainSampler
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class Decomposer:
         torch.manual_seed(cfg.seed)
         memory_config = cfg.memory_config()
         self.model = KoffModel(base, memory_config)
-        self.model.set_mask(self._initial_mask())
+        self.model.set_mask(initial_mask(cfg, self.model, self.domains))
         # The learned gates, kept here too: once the mask is frozen (the last ``final_fraction`` of
         # steps) the model holds the binary mask instead, but checkpoints still carry the gates.
         self.learned_mask = self.model.mask if isinstance(self.model.mask, LearnedMask) else None
@@ -89,61 +88,6 @@ class Decomposer:
     @property
     def lagrangian(self) -> bool:
         return self.learned and self.config.constraint == "lagrangian"
-
-    def _initial_mask(self):
-        cfg = self.config
-        if cfg.mask_kind == "file":
-            return self._mask_from_file(cfg.mask_file)
-        if cfg.mask_kind == "none" or cfg.sparsity == 0:
-            return None
-        if cfg.mask_kind == "learned":
-            mask = LearnedMask(self.model.costs, cfg.prune_ffn, cfg.prune_attention, cfg.init_log_alpha)
-            if cfg.init_from != "none":
-                self._rank_gates(mask, cfg.init_from)
-            return mask
-        return oneshot_mask(
-            self.model.base, self.model.layout, self.model.costs, self._calibration_batches(), cfg.sparsity,
-            cfg.importance, cfg.prune_ffn, cfg.prune_attention,
-        )
-
-    def _mask_from_file(self, path: str) -> BinaryMask:
-        """A fixed mask (e.g. another run's): only memories train on it; its own sparsity holds."""
-        if not Path(path).is_file():
-            raise MissingFileError(f"--mask file:{path}: no such mask file")
-        mask = BinaryMask.load(path)
-        costs = self.model.costs
-        if [len(m) for m in mask.ffn] != list(costs.ffn_units) or [len(m) for m in mask.attn] != list(costs.attn_units):
-            raise UserInputError(f"--mask file:{path} was made for another model (its layers or unit counts differ)")
-        return mask
-
-    def _calibration_batches(self) -> list[torch.Tensor]:
-        per_domain = max(1, self.config.calib_blocks // len(self.domains))
-        return [d.train[:per_domain] for d in self.domains]
-
-    @torch.no_grad()
-    def _rank_gates(self, mask: LearnedMask, importance: str) -> None:
-        """Start the gates from one-shot importance instead of identical values.
-
-        With identical gates, meeting a sparsity target makes *every* unit equally noisy (on
-        SmolLM2 the loss rose from 2.86 to 3.74 at 1.2% sparsity). ``ranked`` spreads log_alpha by
-        standardised importance, so the least important units close first; ``mask`` starts at the
-        one-shot mask itself (units it cuts at -init_log_alpha, the rest at +init_log_alpha), so only
-        the units on their way out are noisy and learning moves units across the cut."""
-        cfg, model = self.config, self.model
-        batches = self._calibration_batches()
-        if cfg.init_shape == "mask":
-            cut = oneshot_mask(model.base, model.layout, model.costs, batches, cfg.sparsity, importance,
-                               mask.ffn is not None, mask.attn is not None)
-            ffn = [cfg.init_log_alpha * (keep.float() * 2 - 1) for keep in cut.ffn]
-            attn = [cfg.init_log_alpha * (keep.float() * 2 - 1) for keep in cut.attn]
-        else:
-            ffn, attn = (standardise(s) for s in unit_importance(model.base, model.layout, batches, importance))
-            ffn = [cfg.init_log_alpha + cfg.init_spread * z for z in ffn]
-            attn = [cfg.init_log_alpha + cfg.init_spread * z for z in attn]
-        for gates, values in ((mask.ffn, ffn), (mask.attn, attn)):
-            for g, value in zip(gates or [], values):
-                g.log_alpha.copy_(value)
-        mask.clamp_()
 
     def _optimizers(self):
         """AdamW over LoRA, KV and gate parameters (each its own learning rate); SGD ascent on lambdas."""
@@ -354,43 +298,20 @@ class Decomposer:
         named |= {f"constraint.{k}": p for k, p in self.constraint.named_parameters()}
         return named
 
+    def _state(self) -> TrainingState:
+        optimizers = {"optimizer": self.optimizer, "lambda_optimizer": self.lambda_optimizer}
+        return TrainingState(self._trainable(), optimizers, self.scheduler, self.sampler, self.accelerator.device)
+
     def _checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        tensors = {k: p.detach().clone() for k, p in self._trainable().items()}
-        state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else None}
-        for prefix, opt in (("optimizer", self.optimizer), ("lambda_optimizer", self.lambda_optimizer)):
-            if opt is not None:
-                opt_tensors, state[prefix] = flatten_optimizer(prefix, opt.state_dict())
-                tensors |= opt_tensors
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.accelerator.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
-        save_checkpoint(self.out / "checkpoints", self.step, tensors, state)
+        if self.accelerator.is_main_process:
+            self._state().save(self.out / run_folder.CHECKPOINTS, self.step)
 
     def _resume(self) -> bool:
-        found = load_latest(self.out / "checkpoints")
-        if found is None:
+        step = self._state().restore(self.out / run_folder.CHECKPOINTS)
+        if step is None:
             log.warning("no checkpoint in %s; starting from step 0", self.out)
             return False
-        tensors, state = found
-        missing = sorted(set(self._trainable()) - set(tensors))
-        if missing:
-            raise KoffError(f"the checkpoint in {self.out / 'checkpoints'} does not belong to this run's configuration "
-                            f"(it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        with torch.no_grad():
-            for name, param in self._trainable().items():
-                param.copy_(tensors[name])
-        for prefix, opt in (("optimizer", self.optimizer), ("lambda_optimizer", self.lambda_optimizer)):
-            if opt is not None:
-                opt.load_state_dict(unflatten_optimizer(prefix, tensors, state[prefix]))
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.accelerator.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.accelerator.device)
-        self.step = state["step"]
+        self.step = step
         self._freeze_mask_if_due()
         return True
 

@@ -1,0 +1,72 @@
+"""The mask a run starts from: learned gates ranked by one-shot importance, a one-shot mask, another
+run's mask (``file:``), or none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from koff.config import DecomposeConfig
+from koff.data import DomainData
+from koff.errors import MissingFileError, UserInputError
+from koff.masks import BinaryMask, LearnedMask, oneshot_mask, unit_importance
+from koff.masks.oneshot import standardise
+from koff.model import KoffModel
+
+
+def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[DomainData]) -> LearnedMask | BinaryMask | None:
+    if config.mask_kind == "file":
+        return mask_from_file(config.mask_file, model)
+    if config.mask_kind == "none" or config.sparsity == 0:
+        return None
+    batches = calibration_batches(config, domains)
+    if config.mask_kind == "learned":
+        mask = LearnedMask(model.costs, config.prune_ffn, config.prune_attention, config.init_log_alpha)
+        if config.init_from != "none":
+            rank_gates(mask, config, model, batches)
+        return mask
+    return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
+                        config.prune_ffn, config.prune_attention)
+
+
+def mask_from_file(path: str, model: KoffModel) -> BinaryMask:
+    """A fixed mask (e.g. another run's): only memories train on it; its own sparsity holds."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"--mask file:{path}: no such mask file")
+    mask = BinaryMask.load(path)
+    costs = model.costs
+    if [len(m) for m in mask.ffn] != list(costs.ffn_units) or [len(m) for m in mask.attn] != list(costs.attn_units):
+        raise UserInputError(f"--mask file:{path} was made for another model (its layers or unit counts differ)")
+    return mask
+
+
+def calibration_batches(config: DecomposeConfig, domains: list[DomainData]) -> list[torch.Tensor]:
+    """The first training blocks of every domain, ``calib_blocks`` in all (balanced over domains)."""
+    per_domain = max(1, config.calib_blocks // len(domains))
+    return [d.train[:per_domain] for d in domains]
+
+
+@torch.no_grad()
+def rank_gates(mask: LearnedMask, config: DecomposeConfig, model: KoffModel, batches: list[torch.Tensor]) -> None:
+    """Start the gates from one-shot importance (``config.init_from``) instead of identical values.
+
+    With identical gates, meeting a sparsity target makes *every* unit equally noisy (on SmolLM2
+    the loss rose from 2.86 to 3.74 at 1.2% sparsity). ``ranked`` spreads log_alpha by standardised
+    importance, so the least important units close first; ``mask`` starts at the one-shot mask
+    itself (units it cuts at -init_log_alpha, the rest at +init_log_alpha), so only the units on
+    their way out are noisy and learning moves units across the cut."""
+    importance, top = config.init_from, config.init_log_alpha
+    if config.init_shape == "mask":
+        cut = oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, importance,
+                           mask.ffn is not None, mask.attn is not None)
+        ffn = [top * (keep.float() * 2 - 1) for keep in cut.ffn]
+        attn = [top * (keep.float() * 2 - 1) for keep in cut.attn]
+    else:
+        ffn, attn = (standardise(s) for s in unit_importance(model.base, model.layout, batches, importance))
+        ffn = [top + config.init_spread * z for z in ffn]
+        attn = [top + config.init_spread * z for z in attn]
+    for gates, values in ((mask.ffn, ffn), (mask.attn, attn)):
+        for g, value in zip(gates or [], values):
+            g.log_alpha.copy_(value)
+    mask.clamp_()
