@@ -7,9 +7,8 @@ import platform
 import subprocess
 
 import torch
-import yaml
 
-from koff.training import DecomposeConfig
+from koff.config import DecomposeConfig, parse_setting
 
 
 def machine(device: str = "cpu") -> str:
@@ -38,18 +37,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def with_settings(config: DecomposeConfig, settings: list[str]) -> DecomposeConfig:
-    """``config`` with ``--set NAME=VALUE`` settings applied, each value cast to the setting's type
-    (lists: comma-separated)."""
+    """``config`` with ``--set NAME=VALUE`` settings applied, each read as the command-line flag reads it."""
     values = config.to_dict()
     for item in settings:
         name, sep, text = item.partition("=")
         if not sep or name not in values:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a decompose setting")
-        current = values[name]
-        if isinstance(current, bool):
-            values[name] = text.lower() in ("1", "true", "yes")
-        elif isinstance(current, list):
-            values[name] = [v for v in text.split(",") if v]
-        else:
-            values[name] = type(current)(text) if current is not None else yaml.safe_load(text)
+        values[name] = parse_setting(name, text)
     return DecomposeConfig.from_dict(values)

@@ -27,59 +27,75 @@ def parse_sampling(spec: str) -> float | None:
     if value is None or not 0 <= value < math.inf:
         raise UserInputError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
     return value
+
+
 INIT_SHAPES = ("ranked", "mask")
+
+
+def setting(default, help: str):
+    """A config field with its help text beside it (``koff decompose --help`` reads it from here)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DecomposeConfig:
-    model: str = "smollm2-135m"
-    domain: list[str] = field(default_factory=list)  # NAME=SOURCE
-    out: str = "runs/decompose"
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str = setting("smollm2-135m", "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id")
+    domain: list[str] = setting([], "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, "
+                                "bundled:code/<lang>)")
+    out: str = setting("runs/decompose", "run folder (config, log, checkpoints, mask, memories)")
+    dtype: str = setting("float32", "dtype of the frozen base (float32 | bfloat16 | float16)")
+    device: str = setting("cpu", "torch device, e.g. cpu or cuda")
     # data
-    block_len: int = 256
-    val_fraction: float = 0.1
-    seed: int = 0
-    sampling: str = "balanced"  # balanced | size:<alpha> (domain probability ~ train blocks ** alpha)
+    block_len: int = setting(256, "tokens per training/eval block")
+    val_fraction: float = setting(0.1, "fraction of blocks held out for validation")
+    seed: int = setting(0, "seed of the data split, the sampler and the memories' initialisation")
+    sampling: str = setting("balanced", "balanced: one sample of each domain in turn | size:<alpha>: domain drawn with "
+                            "probability ~ train blocks ** alpha (more of a large corpus, fewer repeats of a small one)")
     # what to learn
-    sparsity: float = 0.12
-    mask: str = "learned"  # learned | oneshot:<importance> | file:<mask or run folder> | none
-    prune_ffn: bool = True
-    prune_attention: bool = True
-    constraint: str = "projected"  # projected | lagrangian (how the sparsity target is enforced)
-    memory: str = "lora+kv"  # lora+kv | lora | kv | none
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    kv_slots: int = 16
+    sparsity: float = setting(0.12, "target fraction of transformer-block parameters removed")
+    mask: str = setting("learned", "learned | oneshot:wanda | oneshot:activation | file:<mask.safetensors or run folder> "
+                        "(memories only) | none")
+    prune_ffn: bool = setting(True, "the mask may remove FFN neurons")
+    prune_attention: bool = setting(True, "the mask may remove attention KV groups")
+    constraint: str = setting("projected", "how the sparsity target is enforced: projected (a log_alpha offset solved "
+                              "each step) | lagrangian (Sheared-LLaMA's multipliers)")
+    memory: str = setting("lora+kv", "lora+kv | lora | kv | none")
+    lora_rank: int = setting(8, "LoRA rank")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / rank)")
+    lora_targets: list[str] = setting(list(DEFAULT_LORA_TARGETS), "projections that get LoRA")
+    kv_slots: int = setting(16, "learned key/value slots per layer")
     # optimisation
-    steps: int = 200
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr_lora: float = 1e-3
-    lr_kv: float = 1e-2
-    lr_mask: float = 1.0  # the spec's ~1.0: at 0.1 no gate crossed the cut in 160 steps (mask = one-shot mask)
-    lr_lambda: float = 20.0  # SGD ascent
-    init_from: str = "wanda"  # learned gates start ranked by this one-shot importance (wanda | activation | none)
-    init_shape: str = "mask"  # ranked: spread by importance | mask: start at the one-shot mask itself
-    init_spread: float = 6.0  # ranked: log_alpha = init_log_alpha + init_spread * standardised importance
-    init_log_alpha: float = 5.0  # kept gates must sit far above the cut: at 3.0, 20% of samples are < 1 (loss 2.9 -> 4.9)
-    target_warmup: float = 0.25  # fraction of steps over which the sparsity target ramps from 0
-    lr_warmup: float = 0.05  # fraction of steps of linear warm-up for memory learning rates
-    final_fraction: float = 0.4  # last fraction of steps: binary mask fixed, memories adapt to it
-    distill_weight: float = 1.0  # weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask
-    # Distil on every k-th step, weighted x k: the same objective in expectation, 1/k of the teacher's
-    # forwards. At 2 a SmolLM2 step costs 1.33x a PEFT LoRA step instead of 1.71x (1.013x dense vs 0.991x).
-    distill_every: int = 2
-    max_grad_norm: float = 1.0
-    calib_blocks: int = 32  # one-shot masks: calibration blocks (balanced over domains)
+    steps: int = setting(200, "training steps")
+    batch_size: int = setting(4, "blocks per step (per process)")
+    grad_accum: int = setting(1, "micro-batches accumulated per step")
+    lr_lora: float = setting(1e-3, "learning rate of the LoRA factors")
+    lr_kv: float = setting(1e-2, "learning rate of the KV prefixes")
+    # the spec's ~1.0: at 0.1 no gate crossed the cut in 160 steps (the mask was the one-shot mask)
+    lr_mask: float = setting(1.0, "learning rate of the gates (log_alpha)")
+    lr_lambda: float = setting(20.0, "SGD ascent rate of the Lagrange multipliers (--constraint lagrangian)")
+    init_from: str = setting("wanda", "one-shot importance that ranks the gates at the start (wanda | activation | none)")
+    init_shape: str = setting("mask", "ranked: gates spread by importance | mask: gates start at the one-shot mask itself")
+    init_spread: float = setting(6.0, "ranked: log_alpha = init_log_alpha + init_spread * standardised importance")
+    # kept gates must sit far above the cut: at 3.0, 20% of samples are < 1 (loss 2.9 -> 4.9)
+    init_log_alpha: float = setting(5.0, "log_alpha of a kept gate at the start (a cut one starts at minus this)")
+    target_warmup: float = setting(0.25, "fraction of steps over which the sparsity target ramps up from 0")
+    lr_warmup: float = setting(0.05, "fraction of steps of linear warm-up of the memories' learning rates")
+    final_fraction: float = setting(0.4, "last fraction of steps trained with the final binary mask fixed "
+                                    "(memories adapt to it)")
+    distill_weight: float = setting(1.0, "weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask")
+    # At 2 a SmolLM2 step costs 1.33x a PEFT LoRA step instead of 1.71x (1.013x dense vs 0.991x).
+    distill_every: int = setting(2, "distil on every k-th step only, weighted x k (same objective in expectation, "
+                                 "1/k of the teacher's cost)")
+    max_grad_norm: float = setting(1.0, "gradient clipping of the memories (0 = off)")
+    calib_blocks: int = setting(32, "calibration blocks of one-shot importance (balanced over domains)")
     # bookkeeping
-    checkpoint_every: int = 50
-    log_every: int = 1
-    eval: bool = True  # evaluate dense / mask+memories / mask alone at the end
-    eval_max_blocks: int | None = None
-    eval_batch_size: int = 4
+    checkpoint_every: int = setting(50, "steps between checkpoints")
+    log_every: int = setting(1, "steps between log.jsonl records")
+    eval: bool = setting(True, "evaluate dense / mask+memories / mask alone at the end")
+    eval_max_blocks: int | None = setting(None, "evaluate at most this many validation blocks per domain")
+    eval_batch_size: int = setting(4, "blocks per evaluation forward")
 
     def __post_init__(self):
         self.validate()
@@ -151,3 +167,22 @@ class DecomposeConfig:
         if unknown:
             raise UserInputError(f"unknown decompose option(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def parse_setting(name: str, text: str):
+    """``text`` as the value of setting ``name``, cast by the setting's type: the one way command-line
+    flags and ``bench --set NAME=VALUE`` read text (lists: comma-separated; booleans: 1/true/yes)."""
+    known = {f.name: f for f in fields(DecomposeConfig)}
+    if name not in known:
+        raise UserInputError(f"unknown decompose setting {name!r}")
+    default = getattr(DecomposeConfig(), name)
+    try:
+        if isinstance(default, bool):
+            return text.strip().lower() in ("1", "true", "yes")
+        if isinstance(default, list):
+            return [v for v in text.split(",") if v]
+        if default is None:  # optional ints (eval_max_blocks)
+            return None if text.strip().lower() in ("", "none") else int(text)
+        return type(default)(text)
+    except ValueError as err:
+        raise UserInputError(f"--{name.replace('_', '-')}: {text!r} is not a {type(default).__name__}") from err

@@ -47,3 +47,20 @@ def test_config_with_unknown_key_is_refused(tmp_path):
     with pytest.raises(SystemExit) as done:
         main(["eval", "--config", str(bad)])
     assert done.value.code == 2
+
+
+def test_every_decompose_setting_has_its_help_beside_it_and_flags_read_text_like_bench_set(capsys):
+    from dataclasses import fields
+
+    from koff.config import DecomposeConfig, parse_setting
+    from koff.errors import UserInputError
+
+    with pytest.raises(SystemExit):
+        main(["decompose", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in fields(DecomposeConfig):
+        assert f.metadata["help"] and " ".join(f.metadata["help"].split())[:40] in shown, f.name
+    assert parse_setting("lora_targets", "q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert parse_setting("eval_max_blocks", "none") is None and parse_setting("prune_ffn", "no") is False
+    with pytest.raises(UserInputError, match="is not a float"):
+        parse_setting("sparsity", "lots")

@@ -7,31 +7,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require
-from koff.config import DecomposeConfig
+from koff.config import DecomposeConfig, parse_setting
 from koff.evaluation import DecompositionEval
 from koff.experiments.decompose import decompose
 from koff.formats import run as run_folder
-
-_HELP = {
-    "model": "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id",
-    "domain": "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, bundled:code/<lang>)",
-    "out": "run folder (config, log, checkpoints, mask, memories)",
-    "sparsity": "target fraction of transformer-block parameters removed",
-    "mask": "learned | oneshot:wanda | oneshot:activation | file:<mask.safetensors or run folder> (memories only) | none",
-    "memory": "lora+kv | lora | kv | none",
-    "lora_targets": "projections that get LoRA",
-    "kv_slots": "learned key/value slots per layer",
-    "distill_weight": "weight of KL(dense teacher || student); 0 = LM loss only",
-    "distill_every": "distil on every k-th step only, weighted x k (same objective in expectation, 1/k of the teacher's cost)",
-    "sampling": "balanced: one sample of each domain in turn | size:<alpha>: domain drawn with "
-    "probability ~ train blocks ** alpha (more of a large corpus, fewer repeats of a small one)",
-    "target_warmup": "fraction of steps over which the sparsity target ramps up from 0",
-    "final_fraction": "last fraction of steps trained with the final binary mask fixed (memories adapt to it)",
-    "init_from": "one-shot importance that ranks the gates at the start (wanda | activation | none)",
-    "init_shape": "ranked: gates spread by importance | mask: gates start at the one-shot mask itself",
-    "eval": "evaluate dense / mask+memories / mask alone at the end",
-}
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -42,20 +21,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_option(parser)
     defaults = DecomposeConfig()
-    for f in fields(DecomposeConfig):
+    for f in fields(DecomposeConfig):  # one flag per setting, its help text from the config's field
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, []) else "")
+        help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, []) else "")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "domain":
+            parser.add_argument(flag, action="append", default=None, metavar="NAME=SOURCE", help=help_text)
         elif isinstance(default, list):
-            parser.add_argument(flag, action="append" if f.name == "domain" else "store", nargs=None if f.name == "domain" else "+",
-                                default=None, metavar="NAME=SOURCE" if f.name == "domain" else None, help=help_text)
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
-            kind = type(default) if default is not None else int
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+            parser.add_argument(flag, type=_Setting(f.name, default), default=default, help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     parser.set_defaults(func=run)
+
+
+class _Setting:
+    """argparse ``type=`` for one setting: flags read text exactly as ``bench --set`` does."""
+
+    def __init__(self, name: str, default):
+        self.name, self.__name__ = name, type(default).__name__ if default is not None else "int"
+
+    def __call__(self, text: str):
+        return parse_setting(self.name, text)
 
 
 # How to run, not what to compute: a resumed run may change these.
