@@ -18,6 +18,7 @@ from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
 from koff.experiments.ablation import geomean_ratio, memory_parameters_per_domain
 from koff.experiments.decompose import decompose
+from koff.formats import run as run_folder
 from koff.io import markdown_table, write_json, write_text
 from koff.training import Decomposer
 
@@ -61,7 +62,7 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
 
 def train_or_resume(config: DecomposeConfig) -> tuple[Decomposer, dict]:
     """Train one run, continuing from its checkpoints if a previous attempt left some."""
-    return decompose(config, resume=(Path(config.out) / "checkpoints").is_dir())
+    return decompose(config, resume=(Path(config.out) / run_folder.CHECKPOINTS).is_dir())
 
 
 def _run(config: DecomposeConfig) -> tuple[Decomposer, DecompositionEval]:

@@ -210,7 +210,7 @@ class Decomposer:
         main = self.accelerator.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_yaml(self.out / "config.yaml", cfg.to_dict())
+            write_yaml(self.out / run_folder.CONFIG, cfg.to_dict())
         resumed = resume and self._resume()
         if resumed:
             log.info("resumed %s at step %d", self.out, self.step)
@@ -221,7 +221,7 @@ class Decomposer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_len * self.accelerator.num_processes
         trained_seconds, start_step = 0.0, self.step
         bar = tqdm(total=cfg.steps, initial=self.step, desc="decompose", disable=not main)
-        log_file = (self.out / "log.jsonl").open("a") if main else None
+        log_file = (self.out / run_folder.LOG).open("a") if main else None
         try:
             while self.step < cfg.steps and (self.optimizer is not None):
                 self._freeze_mask_if_due()
@@ -285,7 +285,7 @@ class Decomposer:
 
     def _trim_log(self, step: int) -> None:
         """Keep only log records up to ``step``: those after the checkpoint will be written again."""
-        path = self.out / "log.jsonl"
+        path = self.out / run_folder.LOG
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         write_text(path, "".join(line + "\n" for line in kept))
