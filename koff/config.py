@@ -30,6 +30,7 @@ def parse_sampling(spec: str) -> float | None:
 
 
 INIT_SHAPES = ("ranked", "mask")
+LAYER_SHAPES = ("per-layer", "uniform")
 
 
 def setting(default, help: str):
@@ -57,6 +58,8 @@ class DecomposeConfig:
     sparsity: float = setting(0.12, "target fraction of transformer-block parameters removed")
     mask: str = setting("learned", "learned | oneshot:wanda | oneshot:activation | file:<mask.safetensors or run folder> "
                         "(memories only) | none")
+    layer_shape: str = setting("per-layer", "per-layer: each layer keeps its own widths | uniform: every layer keeps the "
+                               "same number of FFN neurons and KV groups (export --uniform is then a smaller stock model)")
     prune_ffn: bool = setting(True, "the mask may remove FFN neurons")
     prune_attention: bool = setting(True, "the mask may remove attention KV groups")
     constraint: str = setting("projected", "how the sparsity target is enforced: projected (a log_alpha offset solved "
@@ -118,6 +121,8 @@ class DecomposeConfig:
             raise UserInputError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
         if self.init_shape not in INIT_SHAPES:
             raise UserInputError(f"--init-shape must be one of {', '.join(INIT_SHAPES)}, got {self.init_shape!r}")
+        if self.layer_shape not in LAYER_SHAPES:
+            raise UserInputError(f"--layer-shape must be one of {', '.join(LAYER_SHAPES)}, got {self.layer_shape!r}")
         if self.constraint not in CONSTRAINTS:
             raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):
@@ -139,6 +144,10 @@ class DecomposeConfig:
         for name in ("target_warmup", "lr_warmup"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def uniform_layers(self) -> bool:
+        return self.layer_shape == "uniform"
 
     @property
     def mask_kind(self) -> str:

@@ -65,6 +65,29 @@ def test_uniform_export_loads_in_plain_transformers_and_peft(tmp_path, corpus):
     assert (peft_model(ids).logits - runtime.model(ids, "eng")).abs().max() <= 1e-4
 
 
+def test_uniform_layer_shape_exports_a_smaller_stock_model_that_transformers_and_peft_load(tmp_path, corpus):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    config = DecomposeConfig(model=save_tiny(tmp_path / "model", "qwen2"), domain=[f"eng={corpus['eng']}"], out=str(out),
+                             block_len=32, batch_size=2, kv_slots=4, steps=4, memory="lora", sparsity=0.3, eval=False,
+                             lr_lora=0.05, layer_shape="uniform")
+    trainer = Decomposer(config)
+    trainer.train()
+    mask = BinaryMask.load(out / "mask.safetensors")
+    assert len({int(m.sum()) for m in mask.ffn}) == 1 and len({int(m.sum()) for m in mask.attn}) == 1
+    assert abs(mask.sparsity(trainer.model.costs) - 0.3) * trainer.model.costs.block_params <= trainer.model.costs.ffn_cost[0]
+    summary = export_run(out, tmp_path / "export", uniform=True)
+    assert summary["parameters"] < summary["dense_parameters"]  # really smaller, not padded back
+    runtime = load(tmp_path / "export")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "backbone").eval()
+    assert plain.config.intermediate_size == int(mask.ffn[0].sum())
+    ids = torch.randint(0, 300, (2, 10))
+    assert (plain(ids).logits - runtime.model(ids, None)).abs().max() <= 1e-4
+    peft_model = PeftModel.from_pretrained(plain, tmp_path / "export" / "memories" / "eng").eval()
+    assert (peft_model(ids).logits - runtime.model(ids, "eng")).abs().max() <= 1e-4
+
+
 def test_mixed_memory_batched_generation_equals_one_by_one(tmp_path, corpus):
     export_run(make_run(tmp_path, corpus, "llama"), tmp_path / "export")
     runtime = load(tmp_path / "export")

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from koff.masks import BinaryMask, HardConcreteGates, LearnedMask, UnitCosts, oneshot_mask, select_units, unit_importance
+from koff.masks import (
+    BinaryMask, HardConcreteGates, LearnedMask, UnitCosts, oneshot_mask, select_uniform_units, select_units, unit_importance,
+)
 from koff.masks.hard_concrete import BETA, LIMIT_LEFT, LIMIT_RIGHT, LOG_ALPHA_MAX, LOG_ALPHA_MIN
 from koff.model import KoffModel
 from koff.models import decoder_layout
@@ -51,6 +53,22 @@ def test_select_units_meets_target_within_one_unit():
     ffn_only = select_units(ffn, None, costs, 0.1)
     assert all(m.all() for m in ffn_only.attn)
     assert abs(ffn_only.sparsity(costs) - 0.1) * costs.block_params <= costs.ffn_cost[0] / 2
+
+
+def test_uniform_selection_keeps_one_width_in_every_layer_and_meets_the_target():
+    model = tiny_model("llama", layers=3)
+    costs = UnitCosts.of(model, decoder_layout(model))
+    torch.manual_seed(0)
+    ffn = [torch.randn(n) for n in costs.ffn_units]
+    attn = [torch.randn(n) for n in costs.attn_units]
+    for target in (0.05, 0.12, 0.3):
+        mask = select_uniform_units(ffn, attn, costs, target)
+        assert len({int(m.sum()) for m in mask.ffn}) == 1 and len({int(m.sum()) for m in mask.attn}) == 1
+        assert abs(mask.sparsity(costs) - target) * costs.block_params <= len(costs.ffn_units) * costs.ffn_cost[0] / 2
+        for scores, keep in zip(ffn + attn, mask.ffn + mask.attn):  # each layer removes its own lowest scores
+            if (~keep).any():
+                assert scores[~keep].max() <= scores[keep].min()
+            assert keep.sum() >= 1
 
 
 def test_select_units_removes_lowest_scores_first():

@@ -1,4 +1,4 @@
-from koff.masks.binary import BinaryMask, select_units
+from koff.masks.binary import BinaryMask, select_uniform_units, select_units
 from koff.masks.hard_concrete import HardConcreteGates
 from koff.masks.hooks import GateHooks
 from koff.masks.learned import LearnedMask, SparsityConstraint, target_schedule
@@ -14,6 +14,7 @@ __all__ = [
     "SparsityConstraint",
     "UnitCosts",
     "oneshot_mask",
+    "select_uniform_units",
     "select_units",
     "target_schedule",
     "unit_importance",

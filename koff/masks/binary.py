@@ -111,3 +111,32 @@ def select_units(
         kept[(kind, layer)] -= 1
         removed += cost
     return mask
+
+
+def select_uniform_units(
+    ffn_scores: list[torch.Tensor] | None,
+    attn_scores: list[torch.Tensor] | None,
+    costs: UnitCosts,
+    target: float,
+    min_keep: int = 1,
+) -> BinaryMask:
+    """Like ``select_units``, but every layer removes the same number of FFN neurons and the same
+    number of KV groups, so an export is a stock config with one width (``--layer-shape uniform``).
+
+    The split of the budget between the two unit types is the one ``select_units`` finds over all
+    layers; each layer then removes its own lowest-scoring units. The result meets ``target`` to
+    within half a unit per layer."""
+    free = select_units(ffn_scores, attn_scores, costs, target, min_keep)
+    layers = len(costs.ffn_units)
+    budget = target * costs.block_params
+    attn_room = min(costs.attn_units) - min_keep if attn_scores is not None else 0
+    groups = min(attn_room, round(sum(int((~m).sum()) for m in free.attn) / layers))
+    left = budget - groups * sum(costs.attn_cost)
+    ffn_room = min(costs.ffn_units) - min_keep if ffn_scores is not None else 0
+    neurons = min(ffn_room, max(0, round(left / sum(costs.ffn_cost))))
+    mask = BinaryMask.dense(costs)
+    for kind, scores, count in (("ffn", ffn_scores, neurons), ("attn", attn_scores, groups)):
+        for layer, layer_scores in enumerate(scores or []):
+            if count:
+                getattr(mask, kind)[layer][layer_scores.argsort()[:count]] = False
+    return mask

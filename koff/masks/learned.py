@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from koff.errors import UserInputError
-from koff.masks.binary import BinaryMask, select_units
+from koff.masks.binary import BinaryMask, select_uniform_units, select_units
 from koff.masks.hard_concrete import HardConcreteGates
 from koff.masks.units import UnitCosts
 
@@ -71,13 +71,15 @@ class LearnedMask(nn.Module):
             for g in group or []:
                 g.clamp_()
 
-    def binarize(self, target: float, min_keep: int = 1) -> BinaryMask:
-        """The final mask: keep units in order of ``log_alpha`` until the target sparsity is met."""
+    def binarize(self, target: float, min_keep: int = 1, uniform: bool = False) -> BinaryMask:
+        """The final mask: keep units in order of ``log_alpha`` until the target sparsity is met
+        (``uniform``: the same number of each unit type in every layer)."""
 
         def scores(group):
             return None if group is None else [g.log_alpha.detach() for g in group]
 
-        return select_units(scores(self.ffn), scores(self.attn), self.costs, target, min_keep)
+        select = select_uniform_units if uniform else select_units
+        return select(scores(self.ffn), scores(self.attn), self.costs, target, min_keep)
 
 
 class SparsityConstraint(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from koff.errors import UserInputError
-from koff.masks.binary import BinaryMask, select_units
+from koff.masks.binary import BinaryMask, select_uniform_units, select_units
 from koff.masks.units import UnitCosts
 from koff.models.architecture import DecoderLayout
 
@@ -92,11 +92,9 @@ def oneshot_mask(
     importance: str = "wanda",
     prune_ffn: bool = True,
     prune_attention: bool = True,
+    uniform: bool = False,
 ) -> BinaryMask:
+    """A training-free structured mask at ``target`` sparsity (``uniform``: the same widths in every layer)."""
     ffn, attn = unit_importance(model, layout, batches, importance)
-    return select_units(
-        standardise(ffn) if prune_ffn else None,
-        standardise(attn) if prune_attention else None,
-        costs,
-        target,
-    )
+    select = select_uniform_units if uniform else select_units
+    return select(standardise(ffn) if prune_ffn else None, standardise(attn) if prune_attention else None, costs, target)

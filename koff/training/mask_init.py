@@ -27,7 +27,7 @@ def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[Domain
             rank_gates(mask, config, model, batches)
         return mask
     return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
-                        config.prune_ffn, config.prune_attention)
+                        config.prune_ffn, config.prune_attention, config.uniform_layers)
 
 
 def mask_from_file(path: str, model: KoffModel) -> BinaryMask:
@@ -59,7 +59,7 @@ def rank_gates(mask: LearnedMask, config: DecomposeConfig, model: KoffModel, bat
     importance, top = config.init_from, config.init_log_alpha
     if config.init_shape == "mask":
         cut = oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, importance,
-                           mask.ffn is not None, mask.attn is not None)
+                           mask.ffn is not None, mask.attn is not None, config.uniform_layers)
         ffn = [top * (keep.float() * 2 - 1) for keep in cut.ffn]
         attn = [top * (keep.float() * 2 - 1) for keep in cut.attn]
     else:
