@@ -42,10 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many validation blocks per domain")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/eval, or RUN_OR_EXPORT_DIR/eval for a table)")
+    tasks = parser.add_argument_group("downstream tasks (lm-evaluation-harness; pip install 'koff[lmeval]')")
+    tasks.add_argument("--tasks", default=None, metavar="TASK[,TASK...]",
+                       help="with an export folder: run these harness tasks on the dense base, the bare backbone and "
+                       "the backbone with a memory, instead of perplexity")
+    tasks.add_argument("--memory", action="append", default=[], metavar="NAME|TASK=NAME",
+                       help="the memory a task runs with (repeatable; TASK=NAME for one task, e.g. xnli_de=deu)")
+    tasks.add_argument("--num-fewshot", type=int, default=None)
+    tasks.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    tasks.add_argument("--include-path", default=None, metavar="DIR", help="a folder of task YAMLs (local datasets)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return run_tasks(args)
     if args.runs:
         return run_table(args)
     specs = parse_domains(require(args.domain, "--domain"))
@@ -97,4 +108,23 @@ def run_table(args: argparse.Namespace) -> int:
     write_text(out / "table.md", text + "\n")
     write_text(out / "table.csv", to_csv(table))
     log.info("wrote %s (table.md, table.json, table.csv)", out)
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from koff.experiments.lmeval import downstream_table, parse_memories, write_table
+    from koff.runtime import load
+
+    if len(args.runs) != 1 or not (Path(args.runs[0]) / "export.json").is_file():
+        raise UsageError("--tasks runs on one export folder: koff eval EXPORT --tasks TASK[,TASK...]")
+    if args.limit is not None and args.limit < 1 or args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError("--limit must be at least 1 and --num-fewshot at least 0")
+    tasks = [t for t in args.tasks.split(",") if t]
+    memories = parse_memories(args.memory, tasks)
+    runtime = load(args.runs[0], device=args.device)
+    base = args.model or runtime.meta.get("base_model")
+    runs = downstream_table(runtime, tasks, memories, base, args.num_fewshot, args.limit, args.include_path, args.batch_size)
+    out = Path(args.out or Path(args.runs[0]) / "eval")
+    print(write_table(runs, out))
+    log.info("wrote %s (tasks.md, tasks.json, tasks.csv)", out)
     return 0
