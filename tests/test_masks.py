@@ -40,12 +40,16 @@ def test_unit_costs_add_up_to_block_parameters(kind):
     assert costs.ffn_cost[0] == 3 * 64
 
 
-def test_select_units_meets_target_within_one_unit():
+def random_scores():
+    """Unit costs of a 3-layer tiny Llama and a random score for each of its units."""
     model = tiny_model("llama", layers=3)
     costs = UnitCosts.of(model, decoder_layout(model))
     torch.manual_seed(0)
-    ffn = [torch.randn(n) for n in costs.ffn_units]
-    attn = [torch.randn(n) for n in costs.attn_units]
+    return costs, [torch.randn(n) for n in costs.ffn_units], [torch.randn(n) for n in costs.attn_units]
+
+
+def test_select_units_meets_target_within_one_unit():
+    costs, ffn, attn = random_scores()
     for target in (0.05, 0.12, 0.3):
         mask = select_units(ffn, attn, costs, target)
         assert abs(mask.sparsity(costs) - target) * costs.block_params <= max(costs.attn_cost)
@@ -56,11 +60,7 @@ def test_select_units_meets_target_within_one_unit():
 
 
 def test_uniform_selection_keeps_one_width_in_every_layer_and_meets_the_target():
-    model = tiny_model("llama", layers=3)
-    costs = UnitCosts.of(model, decoder_layout(model))
-    torch.manual_seed(0)
-    ffn = [torch.randn(n) for n in costs.ffn_units]
-    attn = [torch.randn(n) for n in costs.attn_units]
+    costs, ffn, attn = random_scores()
     for target in (0.05, 0.12, 0.3):
         mask = select_uniform_units(ffn, attn, costs, target)
         assert len({int(m.sum()) for m in mask.ffn}) == 1 and len({int(m.sum()) for m in mask.attn}) == 1
