@@ -26,6 +26,15 @@ def git_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """Where results go and the shapes speed is measured at (export and uniform benchmarks)."""
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per forward / generation batch")
+    parser.add_argument("--length", type=int, default=256, help="tokens per sequence of the forward measurement")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median counts)")
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The training settings the benchmarks let a run override, with the library's defaults."""
     parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,

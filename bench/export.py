@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine
+from common import add_speed_options, git_commit, machine
 from koff.export import export_run
 from koff.formats.run import read_config
 from koff.io import write_json, write_text
@@ -75,11 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="bench/out/decompose")
     parser.add_argument("--out", default="bench/out/export")
-    parser.add_argument("--results", default="bench/results")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_speed_options(parser)
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     commit = git_commit()  # the code this run uses: taken before it starts

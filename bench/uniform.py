@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import git_commit, machine
+from common import add_speed_options, git_commit, machine
 from export import linear_flops_per_token, timed
 from koff.export import export_run
 from koff.formats.run import read_config
@@ -53,11 +53,7 @@ def main() -> None:
     parser.add_argument("--per-layer", default="bench/results/decompose-distill-every2.json")
     parser.add_argument("--uniform", default="bench/results/decompose-uniform.json")
     parser.add_argument("--run", default="bench/out/decompose-uniform", help="the uniform run's folder")
-    parser.add_argument("--results", default="bench/results")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_speed_options(parser)
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     commit = git_commit()
