@@ -15,8 +15,8 @@ def decompose(config: DecomposeConfig, resume: bool = False, **parts) -> tuple[D
     decomposer = Decomposer(config, **parts)
     summary = decomposer.train(resume=resume)
     if config.eval and decomposer.accelerator.is_main_process:
-        result = evaluate(decomposer)
-        summary = run_folder.add_to_summary(decomposer.out, eval=result.to_dict())
+        summary = summary | {"eval": evaluate(decomposer).to_dict()}
+        run_folder.write_summary(decomposer.out, summary)
     return decomposer, summary
 
 

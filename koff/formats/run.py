@@ -17,7 +17,7 @@ from pathlib import Path
 from koff.config import DecomposeConfig
 from koff.errors import KoffError
 from koff.formats.run_memory import load_memory_state, save_memory
-from koff.io import read_json, read_yaml, write_json
+from koff.io import read_yaml, write_json
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory
 from koff.models import load_model
@@ -67,15 +67,13 @@ def write_outputs(folder: Path, mask: BinaryMask, costs, memories: dict[str, Dom
         save_memory(memory, folder / MEMORIES / name, extras[name])
     summary = summary | {"sparsity": stats["sparsity"], "whole_model_sparsity": stats["whole_model_sparsity"],
                          "memory_parameters": {n: m.num_parameters() for n, m in memories.items()}}
-    write_json(folder / SUMMARY, summary)
+    write_summary(folder, summary)
     return summary
 
 
-def add_to_summary(folder: Path, **values) -> dict:
-    """``summary.json`` with ``values`` added (e.g. ``eval`` once the run is evaluated)."""
-    summary = read_json(folder / SUMMARY) | values
+def write_summary(folder: Path, summary: dict) -> None:
+    """``summary.json`` (rewritten whole: e.g. with ``eval`` once the run is evaluated)."""
     write_json(folder / SUMMARY, summary)
-    return summary
 
 
 def read_config_values(folder: Path) -> dict:
