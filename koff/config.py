@@ -181,8 +181,7 @@ class DecomposeConfig:
 def parse_setting(name: str, text: str):
     """``text`` as the value of setting ``name``, cast by the setting's type: the one way command-line
     flags and ``bench --set NAME=VALUE`` read text (lists: comma-separated; booleans: 1/true/yes)."""
-    known = {f.name: f for f in fields(DecomposeConfig)}
-    if name not in known:
+    if name not in {f.name for f in fields(DecomposeConfig)}:
         raise UserInputError(f"unknown decompose setting {name!r}")
     default = getattr(DecomposeConfig(), name)
     try:

@@ -19,6 +19,7 @@ from koff.cli.common import (
 from koff.data import load_domains, parse_domains
 from koff.evaluation import evaluate, hf_scorer
 from koff.experiments.ablation import ablation_table, export_table, markdown, run_label, to_csv
+from koff.formats.export_folder import is_export
 from koff.io import write_json, write_text
 from koff.models import load_model
 
@@ -92,7 +93,7 @@ def run_table(args: argparse.Namespace) -> int:
         raise UsageError(f"{first} is not a folder")
     start = time.perf_counter()
     kwargs = dict(batch_size=args.batch_size, max_blocks=args.max_blocks, device=args.device)
-    if (first / "export.json").is_file():
+    if is_export(first):
         if len(args.runs) > 1:
             raise UsageError("comparison runs go with a run folder, not with an export folder")
         table = export_table(first, args.model, args.val_fraction, args.seed, **kwargs)
@@ -115,7 +116,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     from koff.experiments.lmeval import downstream_table, parse_memories, write_table
     from koff.runtime import load
 
-    if len(args.runs) != 1 or not (Path(args.runs[0]) / "export.json").is_file():
+    if len(args.runs) != 1 or not is_export(args.runs[0]):
         raise UsageError("--tasks runs on one export folder: koff eval EXPORT --tasks TASK[,TASK...]")
     if args.limit is not None and args.limit < 1 or args.num_fewshot is not None and args.num_fewshot < 0:
         raise UsageError("--limit must be at least 1 and --num-fewshot at least 0")

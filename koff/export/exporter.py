@@ -7,6 +7,7 @@ from pathlib import Path
 from koff.errors import KoffError
 from koff.export.prune import layer_widths, prune_model, select_layers, slice_memory
 from koff.formats.backbone import save_backbone
+from koff.formats.export_folder import SUMMARY, is_export
 from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
 from koff.formats.run import load_run
 from koff.io import staged_folder, write_json
@@ -43,8 +44,8 @@ def check_target(run_dir: Path, out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ExportError(f"{out} is not empty; pass --force to replace it")
-        if not (out / "export.json").is_file():
-            raise ExportError(f"{out} is not a koff export (no export.json); --force replaces only an earlier export")
+        if not is_export(out):
+            raise ExportError(f"{out} is not a koff export (no {SUMMARY}); --force replaces only an earlier export")
 
 
 def _write_export(run, run_dir: Path, out: Path, uniform: bool) -> dict:
@@ -76,5 +77,5 @@ def _write_export(run, run_dir: Path, out: Path, uniform: bool) -> dict:
         memories[name] = {"parameters": manifest["parameters"], "bytes": memory_size_bytes(out / "memories" / name)}
     summary = {"uniform": uniform, "fingerprint": meta["fingerprint"], "parameters": params,
                "dense_parameters": dense_costs.total_params, "memories": memories}
-    write_json(out / "export.json", summary)
+    write_json(out / SUMMARY, summary)
     return summary
