@@ -31,6 +31,7 @@ def parse_sampling(spec: str) -> float | None:
 
 INIT_SHAPES = ("ranked", "mask")
 LAYER_SHAPES = ("per-layer", "uniform")
+SWITCHES = ("auto", "on", "off")
 
 
 def setting(default, help: str):
@@ -91,6 +92,10 @@ class DecomposeConfig:
     # At 2 a SmolLM2 step costs 1.33x a PEFT LoRA step instead of 1.71x (1.013x dense vs 0.991x).
     distill_every: int = setting(2, "distil on every k-th step only, weighted x k (same objective in expectation, "
                                  "1/k of the teacher's cost)")
+    loss_chunk_tokens: int = setting(2048, "tokens whose logits are made at once for the LM loss and the KL (their "
+                                     "memory is tokens x vocabulary x 4 bytes per copy); 0 = the whole batch at once")
+    gradient_checkpointing: str = setting("auto", "on | off | auto: recompute decoder layers in backward; auto turns it on "
+                                          "on a GPU when koff plan says the run does not fit without it")
     max_grad_norm: float = setting(1.0, "gradient clipping of the memories (0 = off)")
     calib_blocks: int = setting(32, "calibration blocks of one-shot importance (balanced over domains)")
     # bookkeeping
@@ -123,6 +128,11 @@ class DecomposeConfig:
             raise UserInputError(f"--init-shape must be one of {', '.join(INIT_SHAPES)}, got {self.init_shape!r}")
         if self.layer_shape not in LAYER_SHAPES:
             raise UserInputError(f"--layer-shape must be one of {', '.join(LAYER_SHAPES)}, got {self.layer_shape!r}")
+        if self.gradient_checkpointing not in SWITCHES:
+            raise UserInputError(f"--gradient-checkpointing must be one of {', '.join(SWITCHES)}, "
+                                 f"got {self.gradient_checkpointing!r}")
+        if self.loss_chunk_tokens < 0:
+            raise UserInputError(f"--loss-chunk-tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.constraint not in CONSTRAINTS:
             raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):

@@ -23,6 +23,7 @@ from koff.memories.memory import DomainMemory, MemoryConfig
 from koff.memories.prefix import prefix_from_text, prefix_inputs, prefix_shapes
 from koff.memories.router import MemoryRouter
 from koff.models.architecture import decoder_layout
+from koff.models.recompute import disable_layer_checkpointing, enable_layer_checkpointing, layer_checkpointing_enabled
 
 Domains = str | None | Sequence[str | None]
 
@@ -129,11 +130,33 @@ class KoffModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.base.parameters()).dtype
 
-    def forward(self, input_ids: torch.Tensor, domains: Domains = None, attention_mask: torch.Tensor | None = None):
-        """Logits for ``input_ids`` (batch, seq); ``domains`` names one memory per sample (or one for all)."""
+    def forward(self, input_ids: torch.Tensor, domains: Domains = None, attention_mask: torch.Tensor | None = None,
+                hidden: bool = False):
+        """Logits for ``input_ids`` (batch, seq); ``domains`` names one memory per sample (or one for all).
+
+        ``hidden=True`` returns the decoder's final hidden states instead, for losses that apply
+        ``head`` a chunk of tokens at a time (the logits of a whole batch over a 128k vocabulary
+        are gigabytes)."""
         per_sample = self.resolve(domains, input_ids.shape[0])
         with self.activate(per_sample) as active:
-            return self._forward_with_prefix(input_ids, active, attention_mask)
+            return self._forward_with_prefix(input_ids, active, attention_mask, hidden)
+
+    @property
+    def head(self) -> nn.Module:
+        """The output projection (hidden states -> logits)."""
+        return self.base.get_output_embeddings()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return layer_checkpointing_enabled(self.layout)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the decoder layers in backward (gates, routing and KV prefix as in the forward)."""
+        if enabled:
+            enable_layer_checkpointing(self.layout, [self.hooks, self.router])
+        else:
+            disable_layer_checkpointing(self.layout)
 
     @contextmanager
     def activate(self, per_sample: list[DomainMemory | None]) -> Iterator[list[DomainMemory | None]]:
@@ -148,16 +171,16 @@ class KoffModel(nn.Module):
         finally:
             self.hooks.clear()
 
-    def _forward_with_prefix(self, input_ids, per_sample, attention_mask):
+    def _forward_with_prefix(self, input_ids, per_sample, attention_mask, hidden: bool = False):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache, full_mask, positions = prefix_inputs(per_sample, self.base.config, self.dtype, attention_mask)
-        if cache is None:
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        out = self.base(
-            input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, position_ids=positions, use_cache=False
-        )
-        return out.logits
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if cache is not None:
+            inputs |= {"attention_mask": full_mask, "past_key_values": cache, "position_ids": positions}
+        if hidden:
+            return self.base.get_decoder()(**inputs).last_hidden_state
+        return self.base(**inputs).logits
 
     @contextmanager
     def dense(self) -> Iterator[None]:

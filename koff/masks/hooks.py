@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from koff.models.architecture import DecoderLayout
+from koff.models.recompute import Restorer, attribute_snapshot
 
 
 class GateHooks:
@@ -25,6 +26,10 @@ class GateHooks:
 
     def set_gates(self, ffn: list, attn: list) -> None:
         self.ffn, self.attn = list(ffn), list(attn)
+
+    def snapshot(self) -> Restorer:
+        """The gates of the pass under way, for a checkpointed layer's recompute in backward."""
+        return attribute_snapshot(self, ("ffn", "attn"))
 
     def clear(self) -> None:
         self.set_gates([None] * self.layout.num_layers, [None] * self.layout.num_layers)

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from koff.memories.memory import DomainMemory
+from koff.models.recompute import Restorer, attribute_snapshot
 
 
 class MemoryRouter:
@@ -39,6 +40,10 @@ class MemoryRouter:
         finally:
             self.single, self.per_sample, self.distinct, self.mixed = None, [], [], False
             self._selections = {}
+
+    def snapshot(self) -> Restorer:
+        """The routing of the pass under way, for a checkpointed layer's recompute in backward."""
+        return attribute_snapshot(self, ("single", "per_sample", "distinct", "mixed", "_selections"))
 
     def selection(self, present: list[DomainMemory], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(batch, sum of ranks of ``present``): each sample's own columns of the concatenated

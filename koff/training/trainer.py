@@ -24,7 +24,7 @@ from koff.io import write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, target_schedule
 from koff.model import KoffModel
 from koff.models import load_model
-from koff.scoring import distillation_kl, token_cross_entropy
+from koff.scoring import chunked_losses
 from koff.training.checkpoint import TrainingState
 from koff.training.mask_init import initial_mask
 from koff.training.sampler import DomainSampler
@@ -124,34 +124,33 @@ class Decomposer:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10%
 
     # ----- one step -----------------------------------------------------------------------------
-    def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The step's loss, its parts as detached 0-d tensors (read once per step, so that a step
+        waits on the device once), and each sample's mean LM loss."""
         cfg = self.config
         domains = names if self.model.memory_config.kind != "none" else None
         target = target_schedule(self.step, cfg.steps, cfg.sparsity, cfg.target_warmup)
         if self.gates_training and not self.lagrangian:
             self.learned_mask.project_(target)
-        log_probs = self.forward_model(batch, domains).float().log_softmax(-1)  # shared by both terms
-        token_loss = token_cross_entropy(log_probs, batch)
-        lm = token_loss.mean()
-        loss, info = lm, {"lm": lm.item()}
-        per_domain = {}
-        for i, name in enumerate(names):
-            per_domain.setdefault(name, []).append(token_loss[i].mean().item())
-        info["domain_loss"] = {k: sum(v) / len(v) for k, v in per_domain.items()}
+        hidden = self.forward_model(batch, domains, hidden=True)
+        teacher = None
         if self._distilling():
             with torch.no_grad(), self.model.dense():
-                teacher = self.model(batch).float().log_softmax(-1)
-            kl = distillation_kl(log_probs, teacher)
+                teacher = self.model(batch, hidden=True)
+        token_loss, kl = chunked_losses(hidden, self.model.head, batch, teacher, cfg.loss_chunk_tokens)
+        loss = token_loss.mean()
+        parts = {"lm": loss.detach()}
+        if kl is not None:
             loss = loss + cfg.distill_weight * cfg.distill_every * kl
-            info["kl"] = kl.item()
+            parts["kl"] = kl.detach()
         if self.gates_training:
             expected = self.learned_mask.expected_sparsity()
-            info |= {"expected_sparsity": expected.item(), "target": target}
+            parts |= {"expected_sparsity": expected.detach(), "target": torch.tensor(target)}
             if self.lagrangian:
                 lagrangian = self.constraint(expected, target)
                 loss = loss + lagrangian
-                info |= {"lagrangian": lagrangian.item()}
-        return loss, info
+                parts["lagrangian"] = lagrangian.detach()
+        return loss, parts, token_loss.detach().mean(1)
 
     def _distilling(self) -> bool:
         """Whether this step adds the KL to the dense teacher. Never unpruned: the teacher would be
@@ -175,15 +174,17 @@ class Decomposer:
         self._freeze_mask_if_due()
         self.model.train()
         self.model.base.eval()  # the base stays in eval mode (no dropout); only the gates sample
-        totals: dict = {}
+        parts: dict[str, torch.Tensor] = {}
+        sample_losses, sample_names = [], []
         for _ in range(cfg.grad_accum):
             batch, names = self.sampler.next_batch(cfg.batch_size)
-            loss, info = self._loss(batch.to(self.accelerator.device), names)
+            loss, micro, per_sample = self._loss(batch.to(self.accelerator.device), names)
             self.accelerator.backward(loss / cfg.grad_accum)
-            for key, value in info.items():
-                if isinstance(value, float):
-                    totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-            totals.setdefault("domain_loss", {}).update(info["domain_loss"])
+            for key, value in micro.items():
+                parts[key] = parts.get(key, 0.0) + value.to(loss.device, torch.float32) / cfg.grad_accum
+            sample_losses.append(per_sample)
+            sample_names += names
+        totals = _read_step(parts, torch.cat(sample_losses), sample_names)
         if self.optimizer is not None:
             trainable = [p for g in self.optimizer.param_groups if g.get("name") != "mask" for p in g["params"]]
             if trainable and cfg.max_grad_norm > 0:
@@ -314,6 +315,17 @@ class Decomposer:
         self.step = step
         self._freeze_mask_if_due()
         return True
+
+
+def _read_step(parts: dict[str, torch.Tensor], sample_losses: torch.Tensor, names: list[str]) -> dict:
+    """The step's numbers as floats, with each domain's mean loss: one read from the device."""
+    values = torch.cat([torch.stack(list(parts.values())), sample_losses.float()]).tolist()
+    totals = dict(zip(parts, values))
+    per_domain: dict[str, list[float]] = {}
+    for name, value in zip(names, values[len(parts):]):
+        per_domain.setdefault(name, []).append(value)
+    totals["domain_loss"] = {name: sum(v) / len(v) for name, v in per_domain.items()}
+    return totals
 
 
 def _postfix(info: dict) -> dict:

@@ -1,0 +1,99 @@
+"""What makes large models fit: bf16, recomputed layers, chunked losses. Each must change memory,
+never the numbers (beyond float rounding)."""
+
+import pytest
+import torch
+
+from koff.masks import LearnedMask
+from koff.memories import MemoryConfig
+from koff.model import KoffModel
+from koff.scoring import chunked_losses
+from tiny import tiny_model
+
+
+def koff_model(kind: str, layers: int = 3) -> KoffModel:
+    model = KoffModel(tiny_model(kind, layers=layers), MemoryConfig("lora+kv", lora_rank=4, kv_slots=3))
+    model.set_mask(LearnedMask(model.costs, init_log_alpha=1.0))  # gates often between 0 and 1
+    torch.manual_seed(1)
+    for name in ("eng", "code"):
+        memory = model.new_memory(name, torch.randint(0, 300, (8,)))
+        with torch.no_grad():
+            for p in memory.lora_B.values():
+                p.normal_(0, 0.05)  # B starts at zero; give the update a value so its gradient reaches A
+    return model.train()
+
+
+def gradients_of(model: KoffModel, ids: torch.Tensor, domains, checkpointing: bool) -> tuple[torch.Tensor, dict]:
+    model.gradient_checkpointing = checkpointing
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same gate samples in both runs
+    hidden = model(ids, domains, hidden=True)
+    loss, _ = chunked_losses(hidden, model.head, ids)
+    loss.mean().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_recomputed_layers_give_the_same_loss_and_gradients(kind):
+    model = koff_model(kind)
+    ids = torch.randint(0, 300, (3, 10))
+    domains = ["eng", None, "code"]  # mixed routing, a sample without memory, KV prefixes
+    loss, grads = gradients_of(model, ids, domains, checkpointing=False)
+    loss_ckpt, grads_ckpt = gradients_of(model, ids, domains, checkpointing=True)
+    assert model.gradient_checkpointing
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys()
+    kinds = {name.split(".")[0] + ("." + name.split(".")[2] if name.startswith("memories") else "") for name in grads}
+    assert {"mask", "memories.lora_A", "memories.lora_B", "memories.prefix_keys", "memories.prefix_values"} <= kinds
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+    model.gradient_checkpointing = False
+    assert not model.gradient_checkpointing
+
+
+def test_recomputed_layers_keep_their_activations_out_of_memory():
+    """Checkpointing must actually drop what the layers save for backward."""
+    model = koff_model("llama", layers=4)
+    ids = torch.randint(0, 300, (2, 64))
+
+    def saved_bytes(checkpointing: bool) -> int:
+        model.gradient_checkpointing = checkpointing
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, ["eng", "code"], hidden=True)
+        return total
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+def test_chunked_losses_equal_the_whole_batch_at_once(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    teacher = torch.randn(3, 11, 16)
+    ids = torch.randint(0, 50, (3, 11))
+
+    def run(chunk_tokens: int):
+        hidden.grad = None
+        loss, kl = chunked_losses(hidden, head, ids, teacher, chunk_tokens)
+        (loss.mean() + 0.5 * kl).backward()
+        return loss.detach(), kl.detach(), hidden.grad.clone()
+
+    whole = run(0)
+    chunked = run(chunk)
+    assert whole[0].shape == (3, 10)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b)
+    # the same numbers the plain definitions give
+    log_probs = head(hidden).log_softmax(-1)
+    plain = -log_probs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(whole[0], plain.detach())
+    t = head(teacher).log_softmax(-1)
+    torch.testing.assert_close(whole[1], (t.exp() * (t - log_probs)).sum(-1).mean().detach())
