@@ -10,6 +10,7 @@ from pathlib import Path
 
 from koff.errors import UserInputError
 from koff.masks.oneshot import IMPORTANCES
+from koff.models import DTYPE_CHOICES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 
 CONSTRAINTS = ("projected", "lagrangian")
@@ -47,7 +48,8 @@ class DecomposeConfig:
     domain: list[str] = setting([], "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, "
                                 "bundled:code/<lang>)")
     out: str = setting("runs/decompose", "run folder (config, log, checkpoints, mask, memories)")
-    dtype: str = setting("float32", "dtype of the frozen base (float32 | bfloat16 | float16)")
+    dtype: str = setting("auto", "dtype of the frozen base: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
+                         "bfloat16 | float16; gates, memories, optimiser states and losses stay float32")
     device: str = setting("cpu", "torch device, e.g. cpu or cuda")
     # data
     block_len: int = setting(256, "tokens per training/eval block")
@@ -92,7 +94,7 @@ class DecomposeConfig:
     # At 2 a SmolLM2 step costs 1.33x a PEFT LoRA step instead of 1.71x (1.013x dense vs 0.991x).
     distill_every: int = setting(2, "distil on every k-th step only, weighted x k (same objective in expectation, "
                                  "1/k of the teacher's cost)")
-    loss_chunk_tokens: int = setting(2048, "tokens whose logits are made at once for the LM loss and the KL (their "
+    loss_chunk_tokens: int = setting(1024, "tokens whose logits are made at once for the LM loss and the KL (their "
                                      "memory is tokens x vocabulary x 4 bytes per copy); 0 = the whole batch at once")
     gradient_checkpointing: str = setting("auto", "on | off | auto: recompute decoder layers in backward; auto turns it on "
                                           "on a GPU when koff plan says the run does not fit without it")
@@ -133,6 +135,8 @@ class DecomposeConfig:
                                  f"got {self.gradient_checkpointing!r}")
         if self.loss_chunk_tokens < 0:
             raise UserInputError(f"--loss-chunk-tokens must be >= 0, got {self.loss_chunk_tokens}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UserInputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.constraint not in CONSTRAINTS:
             raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if kind != "none" and not (self.prune_ffn or self.prune_attention):

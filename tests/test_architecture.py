@@ -13,7 +13,7 @@ LEVELS = [
     {"models"},
     {"data", "masks", "memories", "scoring"},
     {"config", "model"},
-    {"formats"},
+    {"formats", "plan"},
     {"analysis", "evaluation", "export", "runtime", "training"},
     {"experiments", "server"},
     {"cli"},

@@ -97,3 +97,37 @@ def test_chunked_losses_equal_the_whole_batch_at_once(chunk):
     torch.testing.assert_close(whole[0], plain.detach())
     t = head(teacher).log_softmax(-1)
     torch.testing.assert_close(whole[1], (t.exp() * (t - log_probs)).sum(-1).mean().detach())
+
+
+def test_a_bfloat16_run_trains_and_its_export_matches_the_masked_model(tmp_path, corpus):
+    import json
+
+    from safetensors import safe_open
+
+    from koff.export import export_run, load_run
+    from koff.runtime import load
+    from koff.training import DecomposeConfig, Decomposer
+    from tiny import save_tiny
+
+    config = DecomposeConfig(
+        model=save_tiny(tmp_path / "model"), domain=[f"eng={corpus['eng']}", f"code={corpus['code']}"],
+        out=str(tmp_path / "run"), dtype="bfloat16", block_len=32, batch_size=2, kv_slots=4, steps=8, sparsity=0.2,
+        eval=False, lr_lora=0.02, lr_kv=0.05, gradient_checkpointing="on", loss_chunk_tokens=24)
+    dec = Decomposer(config)
+    dec.train()
+    assert dec.model.dtype == torch.bfloat16 and dec.model.gradient_checkpointing
+    trainable = dict(dec._trainable())
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())  # gates, memories, lambdas
+    losses = [json.loads(line)["lm"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[-3:]) < losses[0]
+
+    export_run(tmp_path / "run", tmp_path / "export")
+    shards = list((tmp_path / "export" / "backbone").glob("*.safetensors"))
+    with safe_open(shards[0], "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16  # the base's dtype, not widened
+    masked = load_run(tmp_path / "run").koff_model()
+    runtime = load(tmp_path / "export", dtype="bfloat16")
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        for name in (None, "eng", "code"):
+            torch.testing.assert_close(runtime.model(ids, name).float(), masked(ids, name).float(), atol=0.05, rtol=0.02)

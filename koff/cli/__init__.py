@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from koff import __version__
-from koff.cli import add_domain_cmd, analyze_cmd, decompose_cmd, eval_cmd, export_cmd, runtime_cmd, serve_cmd
+from koff.cli import add_domain_cmd, analyze_cmd, decompose_cmd, eval_cmd, export_cmd, plan_cmd, runtime_cmd, serve_cmd
 from koff.cli.common import resolve_args, setup_logging
 from koff.errors import KoffError
 
-COMMANDS = [eval_cmd, decompose_cmd, export_cmd, runtime_cmd, add_domain_cmd, serve_cmd, analyze_cmd]
+COMMANDS = [eval_cmd, decompose_cmd, plan_cmd, export_cmd, runtime_cmd, add_domain_cmd, serve_cmd, analyze_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from koff.config import DecomposeConfig, parse_setting
 from koff.errors import UserInputError
+from koff.models import DTYPE_CHOICES
 from koff.io import markdown_table, read_yaml, write_yaml  # noqa: F401 - markdown_table: for the commands
 
 log = logging.getLogger("koff")
@@ -28,6 +31,33 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per decomposition setting, its help text from the config's field."""
+    defaults = DecomposeConfig()
+    for f in fields(DecomposeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, []) else "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "domain":
+            parser.add_argument(flag, action="append", default=None, metavar="NAME=SOURCE", help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=_Setting(f.name, default), default=default, help=help_text)
+
+
+class _Setting:
+    """argparse ``type=`` for one setting: flags read text exactly as ``bench --set`` does."""
+
+    def __init__(self, name: str, default):
+        self.name, self.__name__ = name, type(default).__name__ if default is not None else "int"
+
+    def __call__(self, text: str):
+        return parse_setting(self.name, text)
+
+
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "--model",
@@ -35,7 +65,8 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
         default=None,
         help="smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id" + (" (required)" if required else ""),
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 

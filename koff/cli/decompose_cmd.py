@@ -6,11 +6,12 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from koff.cli.common import UsageError, add_config_option, log, markdown_table, require
-from koff.config import DecomposeConfig, parse_setting
+from koff.cli.common import UsageError, add_config_option, add_setting_flags, log, markdown_table, require
+from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
 from koff.experiments.decompose import decompose
 from koff.formats import run as run_folder
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,31 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(LoRA + learned KV prefix) per domain. --resume continues a killed run from its last checkpoint.",
     )
     add_config_option(parser)
-    defaults = DecomposeConfig()
-    for f in fields(DecomposeConfig):  # one flag per setting, its help text from the config's field
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, []) else "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "domain":
-            parser.add_argument(flag, action="append", default=None, metavar="NAME=SOURCE", help=help_text)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=_Setting(f.name, default), default=default, help=help_text)
+    add_setting_flags(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     parser.set_defaults(func=run)
-
-
-class _Setting:
-    """argparse ``type=`` for one setting: flags read text exactly as ``bench --set`` does."""
-
-    def __init__(self, name: str, default):
-        self.name, self.__name__ = name, type(default).__name__ if default is not None else "int"
-
-    def __call__(self, text: str):
-        return parse_setting(self.name, text)
 
 
 # How to run, not what to compute: a resumed run may change these.

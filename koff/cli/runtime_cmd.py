@@ -7,6 +7,7 @@ import json
 import sys
 
 from koff.cli.common import markdown_table
+from koff.models import DTYPE_CHOICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
     gen.set_defaults(func=generate)
 
     info = subparsers.add_parser("info", help="widths, parameter counts, sparsity and memories of an exported folder",
@@ -34,7 +37,7 @@ def generate(args: argparse.Namespace) -> int:
     from koff.runtime import Sampling, load
 
     Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
-    runtime = load(args.folder)
+    runtime = load(args.folder, device=args.device, dtype=args.dtype)
     prompt = args.prompt
     if args.chat:
         prompt = runtime.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -7,6 +7,7 @@ import ipaddress
 import os
 
 from koff.cli.common import UsageError, log
+from koff.models import DTYPE_CHOICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--max-tokens", type=int, default=256, help="completion length when a chat request sets none")
     parser.add_argument("--backbone-id", default="backbone", help="model id of the bare backbone")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.set_defaults(func=run)
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("KOFF_API_KEY") or None
     if api_key is None and not _loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use and change it", args.host)
-    runtime = load(args.out_dir, device=args.device)
+    runtime = load(args.out_dir, device=args.device, dtype=args.dtype)
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,

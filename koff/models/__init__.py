@@ -5,7 +5,7 @@ from koff.models.architecture import (
     UnsupportedArchitectureError,
     decoder_layout,
 )
-from koff.models.loader import EMBEDDED_MODELS, LoadedModel, ModelLoadError, load_model
+from koff.models.loader import DTYPE_CHOICES, EMBEDDED_MODELS, LoadedModel, ModelLoadError, load_model, resolve_dtype
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -13,8 +13,10 @@ __all__ = [
     "LayerParts",
     "UnsupportedArchitectureError",
     "decoder_layout",
+    "DTYPE_CHOICES",
     "EMBEDDED_MODELS",
     "LoadedModel",
     "ModelLoadError",
     "load_model",
+    "resolve_dtype",
 ]

@@ -37,10 +37,21 @@ EMBEDDED_MODELS = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class ModelLoadError(KoffError, RuntimeError):
     """The model spec could not be resolved or loaded."""
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU (fp16 overflows on Llama-class models; bf16 does not), float32 on
+    a CPU (where bf16 matmuls are slow and rounding costs accuracy for nothing)."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -52,15 +63,14 @@ class LoadedModel:
     seconds: float
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load ``spec`` as a frozen causal LM in eval mode, with its tokenizer."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()
     folder, source = _resolve_to_folder(spec)
     check_model_type(_folder_model_type(Path(folder)), source)  # before any weight is read
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load model from {folder}: {err}") from err

@@ -20,6 +20,7 @@ from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_modul
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
+from koff.models import resolve_dtype
 from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
 from koff.scoring import token_nll_sum
 
@@ -31,8 +32,9 @@ class MemoryLoadError(UserInputError):
 
 
 class KoffRuntime:
-    def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto"):
         self.folder = Path(folder)
+        dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         base, self.tokenizer, self.meta = load_backbone(self.folder / "backbone", dtype, device)
         self._module_keys = {name: key for key, name in peft_module_names(base).items()}
         targets = self.meta.get("lora_targets") or list(DEFAULT_LORA_TARGETS)
@@ -223,9 +225,9 @@ def inside(path: Path, root: Path) -> Path:
     return resolved
 
 
-def load(folder: str | Path, device: str = "cpu") -> KoffRuntime:
-    """Load an exported koff folder (``koff export`` output)."""
-    return KoffRuntime(folder, device=device)
+def load(folder: str | Path, device: str = "cpu", dtype: str = "auto") -> KoffRuntime:
+    """Load an exported koff folder (``koff export`` output); ``dtype`` auto: bfloat16 on a GPU, else float32."""
+    return KoffRuntime(folder, device=device, dtype=dtype)
 
 
 __all__ = ["BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]

@@ -24,6 +24,7 @@ from koff.io import write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, target_schedule
 from koff.model import KoffModel
 from koff.models import load_model
+from koff.plan import GiB, plan_decomposition
 from koff.scoring import chunked_losses
 from koff.training.checkpoint import TrainingState
 from koff.training.mask_init import initial_mask
@@ -55,6 +56,7 @@ class Decomposer:
         torch.manual_seed(cfg.seed)
         memory_config = cfg.memory_config()
         self.model = KoffModel(base, memory_config)
+        self.model.gradient_checkpointing = self._wants_checkpointing(len(self.domains))
         self.model.set_mask(initial_mask(cfg, self.model, self.domains))
         # The learned gates, kept here too: once the mask is frozen (the last ``final_fraction`` of
         # steps) the model holds the binary mask instead, but checkpoints still carry the gates.
@@ -76,6 +78,19 @@ class Decomposer:
         self.step = 0
 
     # ----- set-up -------------------------------------------------------------------------------
+    def _wants_checkpointing(self, domains: int) -> bool:
+        """``auto``: on where ``koff plan`` says the run would not fit this GPU without it."""
+        choice = self.config.gradient_checkpointing
+        device = self.accelerator.device
+        if choice != "auto" or device.type != "cuda":
+            return choice == "on"
+        gpu_gb = torch.cuda.get_device_properties(device).total_memory / GiB
+        plan = plan_decomposition(self.model.base.config, self.config, domains, self.accelerator.num_processes,
+                                  gpu_gb * 0.9, str(device))  # leave room for the CUDA context and fragmentation
+        log.info("koff plan: peak %.1f GiB without gradient checkpointing, %.1f GiB with it, on a %.0f GiB GPU",
+                 plan.training_without_checkpointing / GiB, plan.training_with_checkpointing / GiB, gpu_gb)
+        return plan.checkpointing
+
     @property
     def learned(self) -> bool:
         return self.config.mask_kind == "learned" and self.config.sparsity > 0
