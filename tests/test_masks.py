@@ -136,3 +136,28 @@ def test_oneshot_importance_finds_dead_units():
     assert abs(mask.sparsity(costs) - 0.1) * costs.block_params <= max(costs.attn_cost)
     with pytest.raises(ValueError, match="unknown importance"):
         unit_importance(model, layout, batches, "nope")
+
+
+def test_learned_mask_computes_all_layers_at_once_and_projects_without_reading_the_device():
+    model = tiny_model("llama", layers=4)
+    costs = UnitCosts.of(model, decoder_layout(model))
+    mask = LearnedMask(costs)
+    with torch.no_grad():
+        for g in mask._all():
+            g.log_alpha.uniform_(-3, 6)
+    mask.eval()
+    ffn, attn = mask.gates()  # per-layer views of one computation, equal to each layer's own gates
+    for gates, group in ((ffn, mask.ffn), (attn, mask.attn)):
+        for values, g in zip(gates, group):
+            torch.testing.assert_close(values, g.deterministic(mask.offset))
+    with torch.profiler.profile() as prof:
+        mask.clamp_()
+        mask.project_(0.2)
+        mask.train()
+        mask.gates()
+        mask.expected_sparsity()
+    assert not [e for e in prof.events() if e.name == "aten::_local_scalar_dense"]  # no .item(): no host sync
+    assert mask.expected_sparsity().item() == pytest.approx(0.2, abs=1e-5)
+    reference = sum(c * (1 - g.prob_nonzero(mask.offset)).sum() for g, c in zip(mask.ffn, costs.ffn_cost)) + \
+        sum(c * (1 - g.prob_nonzero(mask.offset)).sum() for g, c in zip(mask.attn, costs.attn_cost))
+    torch.testing.assert_close(mask.expected_removed_params(), reference)

@@ -19,6 +19,23 @@ LOG_ALPHA_MAX = math.log(100.0)
 EPS = 1e-6
 
 
+def sample(log_alpha: torch.Tensor) -> torch.Tensor:
+    """A training sample of each gate (``log_alpha`` already shifted by any offset)."""
+    u = torch.rand_like(log_alpha).clamp(EPS, 1 - EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / BETA)
+    return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+
+def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The evaluation gate."""
+    return (torch.sigmoid(log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z > 0) for each gate; differentiable in ``log_alpha``."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
+
+
 class HardConcreteGates(nn.Module):
     """``n`` independent hard-concrete gates."""
 
@@ -27,16 +44,13 @@ class HardConcreteGates(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((n,), float(init_log_alpha)))
 
     def sample(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
-        u = torch.rand_like(self.log_alpha).clamp(EPS, 1 - EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha + offset) / BETA)
-        return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+        return sample(self.log_alpha + offset)
 
     def deterministic(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
-        return (torch.sigmoid(self.log_alpha + offset) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+        return deterministic(self.log_alpha + offset)
 
     def prob_nonzero(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
-        """P(z > 0) for each gate; differentiable in ``log_alpha``."""
-        return torch.sigmoid(self.log_alpha + offset - BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
+        return prob_nonzero(self.log_alpha + offset)
 
     def forward(self, offset: float | torch.Tensor = 0.0) -> torch.Tensor:
         return self.sample(offset) if self.training else self.deterministic(offset)

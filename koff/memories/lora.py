@@ -65,8 +65,12 @@ class RoutedLoRALinear(nn.Module):
         """Every sample's own update in two batched matmuls: (B,T,in) @ (B,in,r) @ (B,r,out)."""
         a = torch.stack([m.lora_A[self.key] for m in per_sample]).to(x.dtype)
         b = torch.stack([m.lora_B[self.key] for m in per_sample]).to(x.dtype)
+        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        scales = {m.scaling for m in per_sample}
+        if len(scales) == 1:  # the usual case: a plain multiply, no per-sample tensor copied to the device
+            return delta * scales.pop()
         scale = torch.tensor([m.scaling for m in per_sample], dtype=x.dtype, device=x.device)
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale.view(-1, *[1] * (x.dim() - 1))
+        return delta * scale.view(-1, *[1] * (x.dim() - 1))
 
     def _segmented_delta(self, router, x: torch.Tensor) -> torch.Tensor:
         """A batch where some samples have no update here (the bare backbone, a memory without this

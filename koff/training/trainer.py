@@ -117,7 +117,10 @@ class Decomposer:
         groups = [g for g in groups if g["params"]]
         if not groups:
             return None, None
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.95))
+        # One multi-tensor update for every parameter (fused on a GPU): the per-tensor loop costs a
+        # host synchronisation per parameter, thousands per step at 30 layers x 7 LoRA targets x domains.
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.95), fused=fused, foreach=not fused)
         # Plain SGD ascent: each lambda moves in proportion to the constraint gap (integral control),
         # which settles at the target; Adam would move it by +-lr whatever the gap and overshoot.
         lambdas = torch.optim.SGD(self.constraint.parameters(), lr=cfg.lr_lambda, maximize=True) if self.lagrangian else None
