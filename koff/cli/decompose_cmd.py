@@ -33,7 +33,9 @@ _RESUME_MAY_CHANGE = {"out", "device"}
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = _resumed_config(args, out) if args.resume else _new_config(args, out)
-    _, summary = decompose(config, resume=args.resume)
+    decomposer, summary = decompose(config, resume=args.resume)
+    if not decomposer.accelerator.is_main_process:  # under `accelerate launch`, one process reports
+        return 0
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
     if "eval" in summary:
         print(_eval_table(DecompositionEval.from_dict(summary["eval"])))

@@ -18,6 +18,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from koff.config import DecomposeConfig, parse_sampling
+from koff.errors import KoffError
 from koff.data import DomainData, load_domains, parse_domains
 from koff.formats import run as run_folder
 from koff.io import write_text, write_yaml
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 # Past this many passes over a domain's corpus, its memory overfits: on SmolLM2, Python's 23 blocks
 # seen 87 times each gave a training loss of 0.5 and held-out perplexity 1.10x dense.
 MANY_EPOCHS = 30
+
+
+class TrainingError(KoffError, RuntimeError):
+    """A run that cannot go on or cannot be trusted."""
 
 
 class Decomposer:
@@ -272,7 +277,21 @@ class Decomposer:
             "seconds_per_step": round(trained_seconds / steps_run, 3) if steps_run else None,
             "tokens_per_s": round(tokens_per_step * steps_run / trained_seconds, 1) if steps_run else None,
         }
+        if self.accelerator.num_processes > 1:
+            self._check_ranks_agree()
         return self.finish(summary) if main else summary
+
+    def _check_ranks_agree(self) -> None:
+        """Every process must end with the same mask and memories (data parallel averages the
+        gradients, so the updates are identical); refuse to write a run where they drifted."""
+        mask = self.final_mask()
+        state = [torch.cat([k.flatten().float() for k in (*mask.ffn, *mask.attn)]).to(self.accelerator.device)]
+        state += [p.detach().double().sum().view(1).to(self.accelerator.device) for p in self._trainable().values()]
+        mine = torch.cat([t.double() for t in state])
+        everyone = self.accelerator.gather(mine[None])
+        if not bool((everyone == everyone[0]).all()):
+            raise TrainingError("the processes ended with different masks or memories; the run was not written")
+        log.info("all %d processes hold the same mask and memories", self.accelerator.num_processes)
 
     def _report_epochs(self) -> None:
         """How often the run will show each domain its corpus; warn where a memory may overfit."""
