@@ -248,3 +248,16 @@ def test_text_stream_never_half_sends_a_stop_string(tokenizer):
     pieces = [stream.push(token) for token in ids]
     assert not stream.stopped
     assert "".join(pieces) + stream.flush() == "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_backbone_written_in_shards_loads_as_one(tmp_path, corpus, uniform):
+    run_dir = make_run(tmp_path, corpus)
+    export_run(run_dir, tmp_path / "whole", uniform=uniform)
+    export_run(run_dir, tmp_path / "sharded", uniform=uniform, max_shard_size="40KB")
+    shards = sorted((tmp_path / "sharded" / "backbone").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "backbone" / "model.safetensors.index.json").is_file()
+    whole, sharded = load(tmp_path / "whole"), load(tmp_path / "sharded")
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(whole.model(ids, "eng"), sharded.model(ids, "eng"))

@@ -19,13 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out_dir", help="where to write backbone/ and memories/")
     parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file, e.g. 5GB or 500MB")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from koff.export import export_run
 
-    summary = export_run(args.run_dir, args.out_dir, uniform=args.uniform, force=args.force)
+    summary = export_run(args.run_dir, args.out_dir, uniform=args.uniform, force=args.force,
+                         max_shard_size=args.max_shard_size)
     ratio = summary["parameters"] / summary["dense_parameters"]
     print(f"backbone: {summary['parameters']:,} parameters ({ratio:.1%} of the dense {summary['dense_parameters']:,})")
     for name, memory in summary["memories"].items():

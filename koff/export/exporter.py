@@ -6,7 +6,7 @@ from pathlib import Path
 
 from koff.errors import KoffError
 from koff.export.prune import layer_widths, prune_model, select_layers, slice_memory
-from koff.formats.backbone import save_backbone
+from koff.formats.backbone import DEFAULT_SHARD_SIZE, save_backbone
 from koff.formats.export_folder import SUMMARY, is_export
 from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
 from koff.formats.run import load_run
@@ -19,7 +19,8 @@ class ExportError(KoffError, RuntimeError):
     pass
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, force: bool = False) -> dict:
+def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, force: bool = False,
+               max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
     """Write ``out_dir``. Everything is checked before anything is written, and the export is
     written to a temporary folder renamed into place, so a refused or failed export leaves an
     existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export."""
@@ -31,7 +32,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
             kind = "FFN neuron" if not ffn.any() else "attention group"
             raise ExportError(f"the mask is not exportable: layer {i} keeps no {kind} (a stock layer needs at least one)")
     with staged_folder(out) as staged:
-        return _write_export(run, Path(run_dir), staged, uniform)
+        return _write_export(run, Path(run_dir), staged, uniform, max_shard_size)
 
 
 def check_target(run_dir: Path, out: Path, force: bool) -> None:
@@ -48,7 +49,7 @@ def check_target(run_dir: Path, out: Path, force: bool) -> None:
             raise ExportError(f"{out} is not a koff export (no {SUMMARY}); --force replaces only an earlier export")
 
 
-def _write_export(run, run_dir: Path, out: Path, uniform: bool) -> dict:
+def _write_export(run, run_dir: Path, out: Path, uniform: bool, max_shard_size: str) -> dict:
     model, layout = run.model, decoder_layout(run.model)
     dense_costs = UnitCosts.of(model, layout)
     selections = select_layers(run.mask, uniform)
@@ -63,7 +64,7 @@ def _write_export(run, run_dir: Path, out: Path, uniform: bool) -> dict:
         "parameters": params,
         "lora_targets": list(run.config.lora_targets),
     }
-    meta = save_backbone(model, run.tokenizer, out / "backbone", layer_widths(selections), uniform, info)
+    meta = save_backbone(model, run.tokenizer, out / "backbone", layer_widths(selections), uniform, info, max_shard_size)
     memories = {}
     for name, memory in run.memories.items():
         state = slice_memory(memory, selections, layout.heads_per_group, layout.head_dim)

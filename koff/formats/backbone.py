@@ -41,7 +41,11 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def save_backbone(model, tokenizer, folder: Path, widths: dict[str, list[int]], uniform: bool, info: dict) -> dict:
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def save_backbone(model, tokenizer, folder: Path, widths: dict[str, list[int]], uniform: bool, info: dict,
+                  max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
     layout = decoder_layout(model)
     config = model.config
     ffn, groups = max(widths["intermediate_size"]), max(widths["num_key_value_heads"])
@@ -55,7 +59,7 @@ def save_backbone(model, tokenizer, folder: Path, widths: dict[str, list[int]], 
     else:
         config.koff_layer_widths = widths
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)  # shards of at most this size, with an index
     tokenizer.save_pretrained(folder)
     meta = {"format": FORMAT, "fingerprint": fingerprint(folder), "uniform": uniform, "layer_widths": widths, **info}
     write_json(folder / META_FILE, meta)
