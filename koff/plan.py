@@ -25,6 +25,9 @@ GiB = 1024**3
 FP32 = 4
 ADAMW_BYTES = 16  # fp32 value, gradient and AdamW's two moments
 SHAPE_PREFIX = "shape:"
+# A run "fits" when its predicted peak is at most this fraction of the GPU: the rest is for the CUDA
+# context, the allocator's fragmentation and what the prediction misses.
+HEADROOM = 0.9
 
 
 class PlanError(UserInputError):
@@ -126,7 +129,7 @@ class Plan:
         return sum(self.serving.values())
 
     def fits(self, peak: int) -> bool | None:
-        return None if self.gpu_bytes is None else peak <= self.gpu_bytes
+        return None if self.gpu_bytes is None else peak <= HEADROOM * self.gpu_bytes
 
 
 def memory_parameters(sizes: ModelSizes, cfg: DecomposeConfig) -> int:
@@ -185,7 +188,7 @@ def plan_decomposition(config: PretrainedConfig, cfg: DecomposeConfig, domains: 
     without = static + sizes.layers * per_layer + per_layer  # + one layer's gradients in backward
     with_ckpt = static + sizes.layers * tokens * sizes.hidden * b + 2 * per_layer  # inputs + one recomputed layer
     checkpointing = cfg.gradient_checkpointing == "on" or (
-        cfg.gradient_checkpointing == "auto" and gpu_memory_gb is not None and without > gpu_memory_gb * GiB)
+        cfg.gradient_checkpointing == "auto" and gpu_memory_gb is not None and without > HEADROOM * gpu_memory_gb * GiB)
     parts["activations"] = (with_ckpt if checkpointing else without) - static
     serving = {
         "weights": int((sizes.params - cfg.sparsity * sizes.block_params) * b),

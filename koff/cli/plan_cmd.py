@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_setting_flags(parser)
     parser.add_argument("--gpus", type=int, default=1, help="data-parallel processes (each holds the whole model)")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
-                        help="memory of one GPU in GiB (e.g. 80); without it nothing is said about fitting")
+                        help="memory of one GPU in GiB (e.g. 80); a run fits when its peak is at most 90%% of it (the rest: "
+                        "CUDA context, fragmentation); without it nothing is said about fitting")
     parser.add_argument("--domains", type=int, default=None,
                         help=f"number of domains (default: the --domain flags given, else {DEFAULT_DOMAINS})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -91,7 +91,7 @@ class Decomposer:
             return choice == "on"
         gpu_gb = torch.cuda.get_device_properties(device).total_memory / GiB
         plan = plan_decomposition(self.model.base.config, self.config, domains, self.accelerator.num_processes,
-                                  gpu_gb * 0.9, str(device))  # leave room for the CUDA context and fragmentation
+                                  gpu_gb, str(device))
         log.info("koff plan: peak %.1f GiB without gradient checkpointing, %.1f GiB with it, on a %.0f GiB GPU",
                  plan.training_without_checkpointing / GiB, plan.training_with_checkpointing / GiB, gpu_gb)
         return plan.checkpointing
