@@ -131,3 +131,29 @@ def test_a_bfloat16_run_trains_and_its_export_matches_the_masked_model(tmp_path,
     with torch.no_grad():
         for name in (None, "eng", "code"):
             torch.testing.assert_close(runtime.model(ids, name).float(), masked(ids, name).float(), atol=0.05, rtol=0.02)
+
+
+def test_export_of_an_auto_dtype_run_keeps_the_dtype_the_base_is_stored_in(tmp_path, corpus):
+    """A bf16 model decomposed with --dtype auto on a CPU trains in fp32; its backbone stays bf16."""
+    from safetensors import safe_open
+
+    from koff.export import export_run
+    from koff.runtime import load
+    from koff.training import DecomposeConfig, Decomposer
+    from tiny import tiny_tokenizer
+
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    config = DecomposeConfig(model=str(tmp_path / "model"), domain=[f"eng={corpus['eng']}"], out=str(tmp_path / "run"),
+                             block_len=32, batch_size=2, kv_slots=4, steps=2, sparsity=0.2, eval=False)
+    dec = Decomposer(config)
+    dec.train()
+    assert config.dtype == "auto" and dec.model.dtype == torch.float32
+    export_run(tmp_path / "run", tmp_path / "export")
+    shard = next((tmp_path / "export" / "backbone").glob("*.safetensors"))
+    with safe_open(shard, "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "export").model(ids, "eng"), dec.model.eval()(ids, "eng"),
+                                   atol=0.05, rtol=0.02)

@@ -26,7 +26,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
     existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export."""
     out = Path(out_dir)
     check_target(Path(run_dir), out, force)
-    run = load_run(run_dir)
+    run = load_run(run_dir, keep_stored_dtype=True)  # the backbone keeps the base's dtype
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
         if not ffn.any() or not attn.any():
             kind = "FFN neuron" if not ffn.any() else "attention group"

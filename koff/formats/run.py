@@ -21,6 +21,7 @@ from koff.io import read_yaml, write_json
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory
 from koff.models import load_model
+from koff.models.loader import STORED_DTYPE
 
 
 CONFIG = "config.yaml"
@@ -95,12 +96,16 @@ def read_config(folder: Path) -> DecomposeConfig:
         raise RunFolderError(f"{folder / CONFIG}: {err}") from err
 
 
-def load_run(folder: str | Path, device: str = "cpu") -> Run:
+def load_run(folder: str | Path, device: str = "cpu", keep_stored_dtype: bool = False) -> Run:
+    """The run's base model (with its mask, memories and tokenizer). ``keep_stored_dtype``: a run
+    made with ``--dtype auto`` loads its base in the dtype its weights are saved in, whatever the
+    device (export keeps a bf16 base bf16 on a CPU); an explicit dtype is always kept."""
     folder = Path(folder)
     if not (folder / MASK).is_file():
         raise RunFolderError(f"{folder} is not a finished koff run: {MASK} is missing")
     config = read_config(folder)
-    loaded = load_model(config.model, dtype=config.dtype, device=device)
+    dtype = STORED_DTYPE if keep_stored_dtype and config.dtype == "auto" else config.dtype
+    loaded = load_model(config.model, dtype=dtype, device=device)
     run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / MASK))
     memories = folder / MEMORIES
     for path in sorted(memories.iterdir()) if memories.is_dir() else []:

@@ -38,6 +38,7 @@ EMBEDDED_MODELS = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+STORED_DTYPE = "stored"
 
 
 class ModelLoadError(KoffError, RuntimeError):
@@ -65,7 +66,8 @@ class LoadedModel:
 
 def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load ``spec`` as a frozen causal LM in eval mode, with its tokenizer."""
-    torch_dtype = resolve_dtype(dtype, device)
+    # "stored": the dtype the weights are saved in (from_pretrained's own "auto")
+    torch_dtype = "auto" if dtype == STORED_DTYPE else resolve_dtype(dtype, device)
     start = time.perf_counter()
     folder, source = _resolve_to_folder(spec)
     check_model_type(_folder_model_type(Path(folder)), source)  # before any weight is read
