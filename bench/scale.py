@@ -7,8 +7,9 @@ depend on the values, and nothing is downloaded). Per shape:
   2nd step) and a PEFT LoRA step (one adapter, same rank, targets, dtype, checkpointing, batch):
   training tokens/s and peak memory (``torch.cuda.max_memory_allocated``);
 * ``koff plan``'s prediction beside the measured peak;
-* (``--parts export``) export time and size, and greedy tokens/s of the exported backbone with a
-  memory against the dense base.
+* export time and size of a short run (2 steps, through ``koff decompose``'s own path on the
+  random base saved as a model folder), and greedy tokens/s of the exported backbone with a
+  memory against the dense base (``--no-export`` skips this part, which writes the base to disk).
 
     python bench/scale.py                                   # on a GPU: every shape, bf16
     python bench/scale.py --shapes llama-3.2-1b --device cpu --steps 2 --batch-size 1 --block-len 128
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ from koff.plan import GiB, plan_decomposition, read_model_config
 from koff.training import Decomposer
 
 SHAPES = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b"]
+SMOKE_SHAPES = ["smollm2-135m"]  # for a quick check of the export part on a CPU
 DOMAINS = 5
 
 
@@ -131,6 +134,67 @@ def peft_step(shape: str, args, settings: DecomposeConfig, checkpointing: bool) 
     return result
 
 
+def word_tokenizer(vocab: int, eos: int):
+    """A tokenizer with one word per id ("t0" ... "tN"): the random models have no real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", pad_token=f"t{eos}", unk_token="t0")
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in folder.rglob(pattern))
+
+
+def greedy_tokens_per_s(generate, new_tokens: int, device: str) -> float:
+    generate(4)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    generate(new_tokens)
+    synchronize(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
+    """A short run through `koff decompose`'s own path on the random base saved as a model folder,
+    then `koff export` (time, size) and greedy decoding: exported backbone + a memory vs dense base."""
+    from koff.export import export_run
+    from koff.runtime import load
+
+    work = Path(tempfile.mkdtemp(prefix="koff-scale-export-"))
+    dtype = resolve_dtype(settings.dtype, args.device)
+    base, config = random_model(shape, dtype, args.device)
+    base.save_pretrained(work / "base")
+    word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(work / "base")
+    domains = random_domains(config.vocab_size, args.block_len)
+    run = replace(settings, model=str(work / "base"), out=str(work / "run"), steps=2, checkpoint_every=2)
+    del base
+    reset_peak(args.device)
+    Decomposer(run, domains=domains).train()
+    reset_peak(args.device)
+    start = time.perf_counter()
+    summary = export_run(work / "run", work / "export")
+    export_seconds = time.perf_counter() - start
+    runtime = load(work / "export", device=args.device, dtype=settings.dtype)
+    prompt = " ".join(f"t{i}" for i in domains[0].val[0, :32].tolist())
+    koff_tps = greedy_tokens_per_s(
+        lambda n: runtime.generate(prompt, memory="d0", max_new_tokens=n), args.new_tokens, args.device)
+    del runtime
+    dense, _ = random_model(shape, dtype, args.device)
+    ids = domains[0].val[:1, :32].to(args.device)
+    dense_tps = greedy_tokens_per_s(lambda n: dense.generate(
+        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0), args.new_tokens, args.device)
+    result = {"export_seconds": export_seconds, "backbone_bytes": folder_bytes(work / "export" / "backbone"),
+              "dense_bytes": folder_bytes(work / "base"), "memory_bytes": folder_bytes(work / "export" / "memories" / "d0"),
+              "parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
+              "greedy_tokens_per_s_koff_with_memory": koff_tps, "greedy_tokens_per_s_dense": dense_tps}
+    del dense
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def measure(shape: str, args) -> dict:
     settings = DecomposeConfig(model="shape:" + shape, out=tempfile.mkdtemp(prefix="koff-scale-"), device=args.device,
                                batch_size=args.batch_size, block_len=args.block_len, steps=1000, calib_blocks=DOMAINS,
@@ -143,9 +207,13 @@ def measure(shape: str, args) -> dict:
     print(f"{shape}: koff {koff}", flush=True)
     peft = peft_step(shape, args, settings, koff["gradient_checkpointing"])
     print(f"{shape}: peft {peft}", flush=True)
-    return {"shape": shape, "plan_peak_bytes": plan.training_peak, "plan": plan.training, "koff": koff, "peft": peft,
-            "koff_over_peft_step": koff["seconds_per_step"] / peft["seconds_per_step"],
-            "plan_over_measured": None if koff["peak_bytes"] is None else plan.training_peak / koff["peak_bytes"]}
+    result = {"shape": shape, "plan_peak_bytes": plan.training_peak, "plan": plan.training, "koff": koff, "peft": peft,
+              "koff_over_peft_step": koff["seconds_per_step"] / peft["seconds_per_step"],
+              "plan_over_measured": None if koff["peak_bytes"] is None else plan.training_peak / koff["peak_bytes"]}
+    if args.export:
+        result["export"] = export_and_generate(shape, args, settings)
+        print(f"{shape}: export {result['export']}", flush=True)
+    return result
 
 
 def table(results: list[dict]) -> str:
@@ -155,18 +223,30 @@ def table(results: list[dict]) -> str:
     rows = [[r["shape"], f"{r['koff']['tokens_per_s']:.0f}", f"{r['peft']['tokens_per_s']:.0f}",
              f"{r['koff_over_peft_step']:.2f}x", gib(r["koff"]["peak_bytes"]), gib(r["plan_peak_bytes"]),
              gib(r["peft"]["peak_bytes"]), "on" if r["koff"]["gradient_checkpointing"] else "off"] for r in results]
-    return markdown_table(["shape", "KOFF tokens/s", "PEFT LoRA tokens/s", "KOFF step / PEFT step", "KOFF peak GiB",
+    text = markdown_table(["shape", "KOFF tokens/s", "PEFT LoRA tokens/s", "KOFF step / PEFT step", "KOFF peak GiB",
                            "koff plan GiB", "PEFT peak GiB", "checkpointing"], rows)
+    exported = [r for r in results if "export" in r]
+    if exported:
+        rows = [[r["shape"], f"{r['export']['export_seconds']:.1f}", gib(r["export"]["backbone_bytes"]),
+                 gib(r["export"]["dense_bytes"]), f"{r['export']['memory_bytes'] / 1e6:.1f}",
+                 f"{r['export']['greedy_tokens_per_s_koff_with_memory']:.1f}", f"{r['export']['greedy_tokens_per_s_dense']:.1f}"]
+                for r in exported]
+        text += "\n\n" + markdown_table(["shape", "export s", "backbone GiB", "dense GiB", "memory MB",
+                                          "greedy tokens/s, backbone + memory", "greedy tokens/s, dense"], rows)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES + SMOKE_SHAPES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (an even number: half of them distil)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                        help="also export a short run and time greedy decoding (saves the random base: disk!)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens timed per generation")
     parser.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--out", default="bench/results", help="folder for the JSON and table")
     parser.add_argument("--name", default="scale")
