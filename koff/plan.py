@@ -48,6 +48,9 @@ def read_model_config(spec: str) -> PretrainedConfig:
             raise PlanError(f"no shipped shape {name!r}; shapes: {', '.join(shape_names())}")
         return _config_from_file(resources.files("koff.models").joinpath("shapes", f"{name}.json"))
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        raise PlanError(f"{spec}: koff plan reads a config.json, not a GGUF file; give the folder koff converted it to "
+                        "(under $KOFF_CACHE_DIR/models) or the original model's config.json")
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():

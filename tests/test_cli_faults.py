@@ -98,6 +98,7 @@ def test_export_refuses_and_never_deletes_what_it_was_not_asked_to(world, capsys
     refused(["export", run, export], capsys, "pass --force")
     refused(["export", run, world["root"] / "notes", "--force"], capsys, "is not a koff export")
     refused(["export", run, world["root"] / "junk.txt"], capsys, "is not a folder")
+    refused(["export", run, export, "--force", "--max-shard-size", "lots"], capsys, "--max-shard-size must be a size")
     assert tree_digest(export) == before and tree_digest(world["root"] / "run-llama-lora+kv") == run_before
     assert (world["root"] / "notes" / "keep.txt").read_text() == "precious"
 

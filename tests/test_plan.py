@@ -89,7 +89,7 @@ def test_cli_plan_reads_a_folder_a_config_or_a_shipped_shape(tmp_path, capsys):
     assert big["training"]["weights"] == 8_030_261_248 * 2  # bfloat16 on a GPU
 
 
-@pytest.mark.parametrize("model", ["shape:nope", "{missing}/config.json", "{bad}"])
+@pytest.mark.parametrize("model", ["shape:nope", "{missing}/config.json", "{bad}", "{missing}/model.gguf"])
 def test_cli_plan_refuses_a_config_it_cannot_read_in_one_line(tmp_path, capsys, model):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

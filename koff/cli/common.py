@@ -11,8 +11,8 @@ from typing import Any
 
 from koff.config import DecomposeConfig, parse_setting
 from koff.errors import UserInputError
-from koff.models import DTYPE_CHOICES
 from koff.io import markdown_table, read_yaml, write_yaml  # noqa: F401 - markdown_table: for the commands
+from koff.models import DTYPE_CHOICES
 
 log = logging.getLogger("koff")
 

@@ -9,6 +9,7 @@ from dataclasses import fields
 from koff.cli.common import add_config_option, add_setting_flags, markdown_table
 from koff.config import DecomposeConfig
 from koff.data import parse_domains
+from koff.models import resolve_dtype
 from koff.plan import GiB, Plan, plan_decomposition, read_model_config, shape_names
 
 DEFAULT_DOMAINS = 5
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     device = cfg.device if "device" in args.explicit else "cuda"
     domains = args.domains or (len(parse_domains(cfg.domain)) if cfg.domain else DEFAULT_DOMAINS)
     plan = plan_decomposition(read_model_config(cfg.model), cfg, domains, args.gpus, args.gpu_memory, device)
-    print(json.dumps(_as_dict(plan), indent=2) if args.json else _table(plan, cfg, domains))
+    print(json.dumps(_as_dict(plan), indent=2) if args.json else _table(plan, cfg, domains, device))
     return 0
 
 
@@ -63,7 +64,7 @@ def _fits(plan: Plan, peak: int) -> str:
     return "" if fits is None else ("fits" if fits else "does NOT fit")
 
 
-def _table(plan: Plan, cfg: DecomposeConfig, domains: int) -> str:
+def _table(plan: Plan, cfg: DecomposeConfig, domains: int, device: str) -> str:
     rows = [[f"training: {name.replace('_', ' ')}", _gib(v), ""] for name, v in plan.training.items()]
     rows += [
         ["training peak, no checkpointing", _gib(plan.training_without_checkpointing),
@@ -74,6 +75,7 @@ def _table(plan: Plan, cfg: DecomposeConfig, domains: int) -> str:
     rows += [[f"serving: {name.replace('_', ' ')}", _gib(v), ""] for name, v in plan.serving.items()]
     rows.append(["serving peak", _gib(plan.serving_peak), _fits(plan, plan.serving_peak)])
     head = (f"{cfg.model}: micro-batch {cfg.batch_size} x {cfg.block_len} tokens, {domains} domains, "
-            f"{cfg.memory} memories, dtype {cfg.dtype}; gradient checkpointing "
+            f"{cfg.memory} memories, {str(resolve_dtype(cfg.dtype, device)).removeprefix('torch.')} on {device}; "
+            f"gradient checkpointing "
             f"{'on' if plan.checkpointing else 'off'} ({cfg.gradient_checkpointing})")
     return head + "\n" + markdown_table(["per GPU", "GiB", ""], rows)

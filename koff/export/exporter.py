@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers.utils.hub import convert_file_size_to_int
+
 from koff.errors import KoffError
 from koff.export.prune import layer_widths, prune_model, select_layers, slice_memory
 from koff.formats.backbone import DEFAULT_SHARD_SIZE, save_backbone
@@ -25,6 +27,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
     written to a temporary folder renamed into place, so a refused or failed export leaves an
     existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export."""
     out = Path(out_dir)
+    check_shard_size(max_shard_size)
     check_target(Path(run_dir), out, force)
     run = load_run(run_dir, keep_stored_dtype=True)  # the backbone keeps the base's dtype
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
@@ -33,6 +36,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
             raise ExportError(f"the mask is not exportable: layer {i} keeps no {kind} (a stock layer needs at least one)")
     with staged_folder(out) as staged:
         return _write_export(run, Path(run_dir), staged, uniform, max_shard_size)
+
+
+def check_shard_size(size: str) -> None:
+    try:
+        convert_file_size_to_int(size)
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"--max-shard-size must be a size such as 5GB or 500MB, got {size!r}") from err
 
 
 def check_target(run_dir: Path, out: Path, force: bool) -> None:

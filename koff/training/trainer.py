@@ -18,8 +18,8 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from koff.config import DecomposeConfig, parse_sampling
-from koff.errors import KoffError
 from koff.data import DomainData, load_domains, parse_domains
+from koff.errors import KoffError
 from koff.formats import run as run_folder
 from koff.io import write_text, write_yaml
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, target_schedule
