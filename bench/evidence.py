@@ -1,7 +1,8 @@
 """The paper's evidence on the embedded SmolLM2-135M (issue 5): ablation table, sparsity sweep, LAPE.
 
 Runs, through the same `koff decompose` loop, at every sparsity of the sweep: KOFF (learned mask +
-LoRA + KV) and prune-then-LoRA (one-shot Wanda mask, then LoRA at a rank whose parameters per
+LoRA + KV), the one-shot Wanda mask with the same LoRA + KV memories (the row that isolates the
+learned mask) and prune-then-LoRA (one-shot Wanda mask, then LoRA at a rank whose parameters per
 domain are at least KOFF's); at 12% also LoRA only and KV only trained on KOFF's own mask. Then:
 
 * `koff eval` of the 12% KOFF run with the comparison runs: one table (Markdown, JSON, CSV);
@@ -51,6 +52,8 @@ def goals(table: dict, sweep: dict, analysis: dict) -> dict:
         "koff_within_5pct_every_domain": all(r <= 1.05 for r in koff["ratio_to_dense"].values()),
         "koff_within_3pct_on_average": koff["mean_ratio"] <= 1.03,
         "mask_alone_at_least_25pct_worse": rows["mask, no memories"]["mean_ratio"] >= 1.25,
+        "learned_mask_beats_oneshot_mask_with_the_same_memories":
+            mean_ppl(koff) < mean_ppl(rows["one-shot mask + LoRA + KV"]),
         "lora_plus_kv_beats_lora_only": mean_ppl(koff) < mean_ppl(rows["LoRA only, same mask"]),
         "lora_plus_kv_beats_kv_only": mean_ppl(koff) < mean_ppl(rows["KV only, same mask"]),
         "language_specific_removed_more_than_all": enrichment is not None and enrichment > 1,
@@ -96,6 +99,7 @@ def main() -> None:
     table_dir, analysis_dir = out / "table", out / "analysis"
     code = koff_main(["eval", koff_run, f"LoRA only, same mask={out / 'same-mask-lora'}",
                       f"KV only, same mask={out / 'same-mask-kv'}",
+                      f"one-shot mask + LoRA + KV={sweep['runs'][0.12]['oneshot_lora_kv']}",
                       f"prune, then LoRA (equal budget)={sweep['runs'][0.12]['prune_then_lora']}",
                       "--max-blocks", str(args.eval_max_blocks), "--device", args.device, "--out", str(table_dir)])
     code = code or koff_main(["analyze", koff_run, "--max-blocks", str(args.lape_max_blocks), "--device", args.device,

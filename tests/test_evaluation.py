@@ -1,7 +1,9 @@
 import json
 import math
+from pathlib import Path
 
 import torch
+import yaml
 
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
@@ -93,9 +95,13 @@ def test_sparsity_sweep_writes_numbers_and_plot(tmp_path, corpus):
                            batch_size=2, kv_slots=4, steps=2, eval_max_blocks=1)
     result = run_sweep(base, [0.0, 0.3], tmp_path / "sweep")
     ratios = result["geomean_ratio_to_dense"]
-    assert set(ratios) == {"KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories"}
+    assert set(ratios) == {"KOFF", "mask, no memories", "one-shot mask + LoRA + KV", "prune, then LoRA",
+                           "one-shot mask, no memories"}
     assert all(set(points) == {0.0, 0.3} for points in ratios.values())
     assert ratios["mask, no memories"][0.0] == 1.0  # no mask at 0%: the bare row is the dense base
+    oneshot = Path(result["runs"][0.3]["oneshot_lora_kv"])  # the isolating row: same memories, one-shot mask
+    config = yaml.safe_load((oneshot / "config.yaml").read_text())
+    assert (config["mask"], config["memory"]) == ("oneshot:wanda", "lora+kv")
     budget = result["trainable_budget"][0.3]
     assert budget["prune_then_lora_parameters_per_domain"] >= budget["koff_memory_parameters_per_domain"]
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

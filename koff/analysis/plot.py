@@ -58,7 +58,7 @@ def plot_sparsity_sweep(sweep: dict[str, dict[float, float]], path: str | Path, 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Distinct line styles and shrinking markers: series that coincide (a learned mask equal to the
     # one-shot mask) stay visible on top of each other.
-    styles = ["o-", "s--", "^-.", "x:"]
+    styles = ["o-", "s--", "d-", "^-.", "x:"]
     for i, (name, points) in enumerate(sweep.items()):
         xs = sorted(points)
         ax.plot([100 * x for x in xs], [points[x] for x in xs], styles[i % len(styles)], label=name,

@@ -1,6 +1,8 @@
 """Sparsity sweep: KOFF, its mask without memories, and prune-then-LoRA at several sparsities.
 
-For each sparsity, two runs through the same decomposition loop: KOFF (learned mask + LoRA + KV)
+For each sparsity, three runs through the same decomposition loop: KOFF (learned mask + LoRA + KV);
+the row that isolates the mask (the one-shot mask with the very same LoRA + KV memories, loop,
+budget and distillation: KOFF's claim to a *learned* mask stands only where it beats this row);
 and "prune, then LoRA" (a one-shot mask, then LoRA trained on it) with a LoRA rank chosen so that
 its trainable parameters per domain are at least KOFF's (equal budget, never in KOFF's favour).
 Each run's own evaluation gives the rows; the sweep keeps the geometric mean over domains of the
@@ -22,7 +24,7 @@ from koff.formats import run as run_folder
 from koff.io import markdown_table, write_json, write_text
 from koff.training import Decomposer
 
-SERIES = ("KOFF", "mask, no memories", "prune, then LoRA", "one-shot mask, no memories")
+SERIES = ("KOFF", "mask, no memories", "one-shot mask + LoRA + KV", "prune, then LoRA", "one-shot mask, no memories")
 
 
 def equal_budget_rank(dec: Decomposer) -> int:
@@ -40,14 +42,18 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
     for sparsity in sparsities:
         tag = f"s{round(sparsity * 100):02d}"
         koff, ev_koff = _run(replace(base, sparsity=sparsity, mask="learned", memory="lora+kv", out=str(out / f"koff-{tag}")))
+        oneshot, ev_oneshot = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora+kv",
+                                           out=str(out / f"oneshot-lora-kv-{tag}")))
         rank = equal_budget_rank(koff)
         pruned, ev_pruned = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
                               lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")))
         sweep["KOFF"][sparsity] = geomean_ratio(ev_koff.with_memories, ev_koff.dense)
         sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff.mask_only, ev_koff.dense)
+        sweep["one-shot mask + LoRA + KV"][sparsity] = geomean_ratio(ev_oneshot.with_memories, ev_oneshot.dense)
         sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned.with_memories, ev_pruned.dense)
         sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned.mask_only, ev_pruned.dense)
-        runs[sparsity] = {"koff": koff.config.out, "prune_then_lora": pruned.config.out}
+        runs[sparsity] = {"koff": koff.config.out, "oneshot_lora_kv": oneshot.config.out,
+                          "prune_then_lora": pruned.config.out}
         budget[sparsity] = {
             "koff_memory_parameters_per_domain": memory_parameters_per_domain(koff.model),
             "prune_then_lora_rank": rank,
