@@ -14,6 +14,7 @@ from koff.data import (
     read_documents,
     split_blocks,
 )
+from tiny import save_tiny
 
 
 def test_parse_domain():
@@ -105,3 +106,38 @@ def test_too_small_domain_is_refused(tokenizer, tmp_path):
     path.write_text("a few words")
     with pytest.raises(DomainDataError, match="'small'.*at least 2 blocks"):
         load_domain(DomainSpec("small", str(path)), tokenizer, block_len=64)
+
+
+def test_hub_sources_read_the_text_field_and_stop_at_the_cap(monkeypatch):
+    import datasets
+
+    from koff.data import sources
+
+    asked = {}
+
+    def fake_load(name, config, split, streaming):
+        asked.update(name=name, config=config, split=split, streaming=streaming)
+        return iter([{"text": "a" * 10, "id": 1}, {"text": "b" * 10}, {"text": "c" * 10}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    docs = sources._hub_documents(DomainSpec("x", "hf:org/set:de:validation"), max_chars=15)
+    assert docs == ["a" * 10, "b" * 10] and asked == {"name": "org/set", "config": "de", "split": "validation",
+                                                       "streaming": True}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"content": "def f(): pass", "n": 3}]))
+    assert read_documents(DomainSpec("code", "hf:org/code")) == ["def f(): pass"]  # the only string field
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"a": "x", "b": "y"}]))
+    with pytest.raises(DomainDataError, match="no 'text' field and 2 string fields"):
+        read_documents(DomainSpec("x", "hf:org/set"))
+
+
+def test_a_hub_source_offline_is_one_clear_error(tmp_path, capsys):
+    from koff.cli import main
+
+    model = save_tiny(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["eval", "--model", model, "--domain", "eng=hf:HuggingFaceFW/fineweb-2:deu_Latn"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("koff: error: domain 'eng': cannot read hf:HuggingFaceFW/fineweb-2:deu_Latn")
+    assert "without network" in line

