@@ -50,7 +50,7 @@ def test_bad_sources_name_the_domain(tmp_path):
         str(tmp_path / "empty.txt"): "holds no text",
         str(tmp_path / "bad.jsonl"): "no string field 'text'",
         str(tmp_path / "broken.jsonl"): "not valid JSON",
-        str(tmp_path / "emptydir"): "no .txt or .jsonl",
+        str(tmp_path / "emptydir"): "no .txt, .html or .jsonl",
         "bundled:xx-none": "no bundled corpus",
     }
     for source, message in cases.items():
@@ -141,3 +141,21 @@ def test_a_hub_source_offline_is_one_clear_error(tmp_path, capsys):
     line = err.strip().splitlines()[-1]
     assert line.startswith("koff: error: domain 'eng': cannot read hf:HuggingFaceFW/fineweb-2:deu_Latn")
     assert "without network" in line
+
+
+def test_html_pages_are_read_as_their_prose(tmp_path):
+    from koff.data.html import html_to_text
+
+    page = """<html><head><title>T</title><style>p {color: red}</style><script>var x = 1;</script></head>
+    <body><nav>Home | Next</nav><h1>Kapitel&nbsp;1</h1><p>Der   schnelle
+    braune <b>Fuchs</b> &amp; der Hund.</p><ul><li>eins</li><li>zwei</li></ul>
+    <pre>$ apt-get install foo
+  indented line</pre></body></html>"""
+    text = html_to_text(page)
+    assert text == "Kapitel 1\n\nDer schnelle braune Fuchs & der Hund.\n\neins\n\nzwei\n\n" \
+                   "$ apt-get install foo\n  indented line\n"
+    folder = tmp_path / "manual"
+    folder.mkdir()
+    (folder / "ch01.de.html").write_text(page)
+    (folder / "debian.css").write_text("body {}")
+    assert read_documents(DomainSpec("deu", str(folder))) == [text]

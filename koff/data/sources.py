@@ -1,6 +1,6 @@
 """Domain corpora: parse ``NAME=SOURCE`` and read the source's documents as text.
 
-SOURCE is a ``.txt`` file, a folder of ``.txt`` files, a ``.jsonl`` file with a ``text`` field,
+SOURCE is a ``.txt`` or ``.html`` file, a folder of them, a ``.jsonl`` file with a ``text`` field,
 ``bundled:<iso639-3>`` / ``bundled:code/<language>`` from the ``dataset_build`` wheel, or
 ``hf:DATASET[:CONFIG[:SPLIT]]``, a Hugging Face hub dataset read through ``datasets`` (network
 needed, or the dataset in the local ``datasets`` cache).
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from koff.data.html import html_to_text
 from koff.errors import UserInputError
 
 BUNDLED_PREFIX = "bundled:"
@@ -21,6 +22,8 @@ HF_PREFIX = "hf:"
 # A hub dataset is streamed until this many characters of text: a few million tokens, far more than
 # a decomposition reads, without downloading a web-scale corpus.
 HF_MAX_CHARS = 20_000_000
+HTML_SUFFIXES = {".html", ".htm"}
+TEXT_SUFFIXES = {".txt", ".jsonl", *HTML_SUFFIXES}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -73,6 +76,8 @@ def read_documents(spec: DomainSpec) -> list[str]:
         try:
             if path.suffix == ".jsonl":
                 docs.extend(_read_jsonl(spec, path))
+            elif path.suffix in HTML_SUFFIXES:
+                docs.append(html_to_text(path.read_text(encoding="utf-8", errors="replace")))
             else:
                 docs.append(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
@@ -104,9 +109,9 @@ def _source_files(spec: DomainSpec) -> list[Path]:
         return _bundled_files(spec)
     path = Path(spec.source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".jsonl"})
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise DomainDataError(f"domain {spec.name!r}: folder {path} holds no .txt or .jsonl files")
+            raise DomainDataError(f"domain {spec.name!r}: folder {path} holds no .txt, .html or .jsonl files")
         return files
     if path.is_file():
         return [path]
