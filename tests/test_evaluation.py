@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -65,6 +66,31 @@ def test_eval_table_of_a_run_and_its_comparison_runs(tmp_path, corpus, capsys):
     assert len(csv_lines) == 1 + len(names) and csv_lines[0].startswith("configuration,eng_perplexity")
     assert "| dense base |" in (tmp_path / "t" / "table.md").read_text()
     assert "KOFF: learned mask" in capsys.readouterr().out
+
+
+def test_transfer_columns_score_each_memory_on_another_source_and_price_the_offloading(tmp_path, corpus, capsys):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    koff = decompose(model_dir, corpus, tmp_path / "koff")
+    other = tmp_path / "manual" / "eng"  # another source of English: HTML pages
+    other.mkdir(parents=True)
+    (other / "ch01.html").write_text("<p>" + "the dog sat on the hill and the cat ran over the mat " * 40 + "</p>")
+    assert main(["eval", koff, "--max-blocks", "2", "--transfer", f"eng={other}", "--transfer-max-blocks", "3",
+                 "--out", str(tmp_path / "t")]) == 0
+    table = json.loads((tmp_path / "t" / "table.json").read_text())
+    assert table["domains"] == ["eng", "code"] and table["transfer"] == ["eng@manual"]
+    assert table["tokens"]["eng@manual"] == 3 * 31  # three evenly spaced blocks of 32 tokens
+    rows = {r["configuration"]: r for r in table["rows"]}
+    koff_row, reference = rows["KOFF: learned mask + LoRA + KV"], rows["dense base + memories (LoRA + KV)"]
+    assert set(koff_row["perplexity"]) == {"eng", "code", "eng@manual"}
+    assert koff_row["transfer_mean_ratio"] == koff_row["ratio_to_dense"]["eng@manual"]
+    assert table["price_of_offloading"]["eng@manual"] == pytest.approx(
+        koff_row["perplexity"]["eng@manual"] / reference["perplexity"]["eng@manual"])
+    # the memory is what scores the other source: the bare mask scores it differently
+    assert rows["mask, no memories"]["perplexity"]["eng@manual"] != koff_row["perplexity"]["eng@manual"]
+    text = (tmp_path / "t" / "table.md").read_text()
+    assert "eng@manual" in text and "mean ratio, other source" in text and "Price of offloading" in text
+    assert main(["eval", koff, "--transfer", f"deu={other}"]) == 2
+    assert "'deu' is not a domain of the run" in capsys.readouterr().err
 
 
 def test_eval_table_of_an_export_matches_the_run(tmp_path, corpus):

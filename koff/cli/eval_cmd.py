@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many validation blocks per domain")
+    parser.add_argument("--transfer", action="append", default=[], metavar="NAME=SOURCE",
+                        help="with a run folder: a column scoring NAME's memory on text of NAME from another source "
+                        "(repeatable; e.g. deu=corpora/debian-reference/deu)")
+    parser.add_argument("--transfer-max-blocks", type=int, default=None,
+                        help="evenly spaced blocks per --transfer source (default: all of it)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/eval, or RUN_OR_EXPORT_DIR/eval for a table)")
     tasks = parser.add_argument_group("downstream tasks (lm-evaluation-harness; pip install 'koff[lmeval]')")
@@ -96,9 +101,11 @@ def run_table(args: argparse.Namespace) -> int:
     if is_export(first):
         if len(args.runs) > 1:
             raise UsageError("comparison runs go with a run folder, not with an export folder")
+        if args.transfer:
+            raise UsageError("--transfer goes with a run folder, not with an export folder")
         table = export_table(first, args.model, args.val_fraction, args.seed, **kwargs)
     else:
-        table = ablation_table(args.runs, **kwargs)
+        table = ablation_table(args.runs, **kwargs, transfer=args.transfer, transfer_max_blocks=args.transfer_max_blocks)
     table["eval_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out or first / "eval")
     out.mkdir(parents=True, exist_ok=True)

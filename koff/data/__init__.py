@@ -1,4 +1,4 @@
-from koff.data.blocks import DomainData, load_domain, load_domains, pack_tokens, split_blocks
+from koff.data.blocks import DomainData, load_domain, load_domains, load_heldout, pack_tokens, split_blocks
 from koff.data.sources import (
     DomainDataError,
     DomainSpec,
@@ -16,6 +16,7 @@ __all__ = [
     "bundled_names",
     "load_domain",
     "load_domains",
+    "load_heldout",
     "pack_tokens",
     "parse_domain",
     "parse_domains",

@@ -109,5 +109,18 @@ def load_domain(
     return DomainData(spec.name, spec.source, train, val)
 
 
+def load_heldout(spec: DomainSpec, tokenizer: PreTrainedTokenizerBase, block_len: int = 256,
+                 max_blocks: int | None = None) -> DomainData:
+    """Text that no run trains on (another source of a domain): every block is for evaluation, or
+    ``max_blocks`` of them evenly spaced over the corpus, so that one part of it does not stand for all."""
+    ids = tokenizer(read_documents(spec), add_special_tokens=False)["input_ids"]
+    blocks = pack_tokens(ids, block_len, tokenizer.eos_token_id)
+    if blocks.shape[0] < 1:
+        raise DomainDataError(f"domain {spec.name!r}: {spec.source} holds less than one block of {block_len} tokens")
+    if max_blocks is not None and blocks.shape[0] > max_blocks:
+        blocks = blocks[torch.linspace(0, blocks.shape[0] - 1, max_blocks).round().long()]
+    return DomainData(spec.name, spec.source, blocks[:0], blocks)
+
+
 def load_domains(specs: list[DomainSpec], tokenizer: PreTrainedTokenizerBase, **kwargs) -> list[DomainData]:
     return [load_domain(spec, tokenizer, **kwargs) for spec in specs]

@@ -7,6 +7,11 @@ alone, and the mask with the memories. Every comparison run (``koff decompose`` 
 after it, ...) adds its own row, and the row of its mask alone unless it trained on the main run's
 mask (``--mask file:``). All rows score the same validation blocks, so their numbers are
 comparable by construction.
+
+*Transfer* columns score each row on text of a domain from another source than the one it trained
+on (``--transfer NAME=SOURCE``: the memory of NAME on that text): what a memory carries beyond its
+training corpus. The *price of offloading* is KOFF over the dense base with the same memories, per
+column: what the mask costs once the memories are there.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Callable, ContextManager, Iterator
 
 import torch
 
-from koff.data import DomainData, load_domains, parse_domains
+from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
 from koff.errors import UserInputError
 from koff.evaluation.perplexity import Scorer, evaluate
 from koff.formats.exported_memory import MANIFEST
@@ -100,25 +105,46 @@ def _same_mask(a: BinaryMask, b: BinaryMask) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.ffn + a.attn, b.ffn + b.attn))
 
 
-def evaluate_table(configurations: Iterator[Configuration], domains: list[DomainData], **kwargs) -> dict:
-    """Score every configuration (one at a time, so a run's model can be freed before the next)."""
+def evaluate_table(configurations: Iterator[Configuration], domains: list[DomainData],
+                   transfer: list[tuple[str, DomainData]] = (), **kwargs) -> dict:
+    """Score every configuration (one at a time, so a run's model can be freed before the next) on
+    the validation blocks of ``domains`` and on each ``(column, held-out text)`` of ``transfer``."""
     rows, results = [], []
     for config in configurations:
         with torch.no_grad(), config.setting():
             results.append(evaluate(config.scorer, domains, **kwargs))
-        rows.append({
-            "configuration": config.name,
-            "perplexity": {d: r["perplexity"] for d, r in results[-1]["domains"].items()},
-            "parameters": config.parameters,
-            "memory_parameters_per_domain": config.memory_parameters,
-        })
+            # held-out text is already cut to its own block budget (evenly spaced): score all of it
+            other = evaluate(config.scorer, [data for _, data in transfer], **(kwargs | {"max_blocks": None})) \
+                if transfer else {"domains": {}}
+        perplexity = {d: r["perplexity"] for d, r in results[-1]["domains"].items()}
+        perplexity |= {column: other["domains"][data.name]["perplexity"] for column, data in transfer}
+        rows.append({"configuration": config.name, "perplexity": perplexity, "parameters": config.parameters,
+                     "memory_parameters_per_domain": config.memory_parameters})
+    names = [d.name for d in domains]
+    columns = [column for column, _ in transfer]
     for row, result in zip(rows, results):
         ratios = {d: p / rows[0]["perplexity"][d] for d, p in row["perplexity"].items()}
         row["ratio_to_dense"] = ratios
-        row["mean_ratio"] = sum(ratios.values()) / len(ratios)
+        row["mean_ratio"] = sum(ratios[d] for d in names) / len(names)
         row["geomean_ratio"] = geomean_ratio(result, results[0])
-    return {"domains": [d.name for d in domains], "rows": rows,
-            "tokens": {d: r["tokens"] for d, r in results[0]["domains"].items()}}
+        if columns:
+            row["transfer_mean_ratio"] = sum(ratios[c] for c in columns) / len(columns)
+    table = {"domains": names, "transfer": columns, "rows": rows,
+             "tokens": {d: r["tokens"] for d, r in results[0]["domains"].items()}}
+    table["tokens"] |= {column: data.val[:, 1:].numel() for column, data in transfer}
+    price = price_of_offloading(rows, names + columns)
+    if price:
+        table["price_of_offloading"] = price
+    return table
+
+
+def price_of_offloading(rows: list[dict], columns: list[str]) -> dict | None:
+    """KOFF's perplexity over the dense base's with the same memories, per column (None without both rows)."""
+    koff = next((r for r in rows if r["configuration"].startswith("KOFF")), None)
+    reference = next((r for r in rows if r["configuration"].startswith("dense base + memories")), None)
+    if koff is None or reference is None:
+        return None
+    return {c: koff["perplexity"][c] / reference["perplexity"][c] for c in columns}
 
 
 def geomean_ratio(result: dict, dense: dict) -> float:
@@ -127,18 +153,26 @@ def geomean_ratio(result: dict, dense: dict) -> float:
 
 
 def markdown(table: dict) -> str:
-    names = table["domains"]
-    header = ["configuration", *names, "mean ratio", "geomean ratio", "parameters", "memory params / domain"]
+    names = table["domains"] + table.get("transfer", [])
+    other = bool(table.get("transfer"))
+    header = ["configuration", *names, "mean ratio", *(["mean ratio, other source"] if other else []), "geomean ratio",
+              "parameters", "memory params / domain"]
     rows = []
     for row in table["rows"]:
         cells = [f"{row['perplexity'][d]:.2f} ({row['ratio_to_dense'][d]:.3f})" for d in names]
         memory = f"{row['memory_parameters_per_domain']:,}" if row["memory_parameters_per_domain"] else "-"
-        rows.append([row["configuration"], *cells, row["mean_ratio"], row["geomean_ratio"], f"{row['parameters']:,}", memory])
-    return markdown_table(header, rows)
+        rows.append([row["configuration"], *cells, row["mean_ratio"], *([row["transfer_mean_ratio"]] if other else []),
+                     row["geomean_ratio"], f"{row['parameters']:,}", memory])
+    text = markdown_table(header, rows)
+    price = table.get("price_of_offloading")
+    if price:
+        text += "\n\nPrice of offloading (KOFF / dense base with the same memories): " + ", ".join(
+            f"{c} {v:.3f}" for c, v in price.items())
+    return text
 
 
 def to_csv(table: dict) -> str:
-    names = table["domains"]
+    names = table["domains"] + table.get("transfer", [])
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["configuration", *[f"{d}_perplexity" for d in names], *[f"{d}_ratio" for d in names],
@@ -148,6 +182,27 @@ def to_csv(table: dict) -> str:
                          *[f"{row['ratio_to_dense'][d]:.4f}" for d in names], f"{row['mean_ratio']:.4f}",
                          f"{row['geomean_ratio']:.4f}", row["parameters"], row["memory_parameters_per_domain"]])
     return out.getvalue()
+
+
+def transfer_domains(specs: list[str], known: list[str], tokenizer, block_len: int, max_blocks: int | None
+                     ) -> list[tuple[str, DomainData]]:
+    """``NAME=SOURCE`` -> (column ``NAME@<source>``, the held-out text, named NAME so that NAME's memory scores it)."""
+    columns = []
+    for text in specs:
+        spec = parse_domain(text)
+        if spec.name not in known:
+            raise TableError(f"--transfer {text}: {spec.name!r} is not a domain of the run ({', '.join(known)})")
+        columns.append((f"{spec.name}@{source_label(spec.source)}", load_heldout(spec, tokenizer, block_len, max_blocks)))
+    return columns
+
+
+def source_label(source: str) -> str:
+    """A short name for a source: its folder's parent for a path (``corpora/debian-reference/deu`` ->
+    ``debian-reference``), else the source itself."""
+    if source.startswith(("bundled:", "hf:")):
+        return source
+    path = Path(source)
+    return (path.parent.name or path.name) if path.is_dir() else path.stem
 
 
 def run_label(spec: str) -> tuple[str | None, Path]:
@@ -165,8 +220,10 @@ def export_configurations(runtime) -> Iterator[Configuration]:
         yield Configuration("exported backbone + memories", model.scorer(), params, memory_parameters_per_domain(model))
 
 
-def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu") -> dict:
-    """The table for a main run (``specs[0]``) and comparison runs (``[LABEL=]RUN_DIR`` each)."""
+def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None = None, device: str = "cpu",
+                   transfer: list[str] = (), transfer_max_blocks: int | None = None) -> dict:
+    """The table for a main run (``specs[0]``) and comparison runs (``[LABEL=]RUN_DIR`` each), with
+    a column per ``transfer`` source (``NAME=SOURCE``)."""
     label, path = run_label(specs[0])
     main = load_run(path, device=device)
     cfg = main.config
@@ -183,7 +240,9 @@ def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None
                                  "rows of one table must score the same data")
             yield from run_configurations(other, other_label, main.mask)
 
-    table = evaluate_table(configurations(), domains, batch_size=batch_size, max_blocks=max_blocks, device=device)
+    other = transfer_domains(list(transfer), [d.name for d in domains], main.tokenizer, cfg.block_len,
+                             transfer_max_blocks)
+    table = evaluate_table(configurations(), domains, other, batch_size=batch_size, max_blocks=max_blocks, device=device)
     table["runs"] = specs
     return table
 
