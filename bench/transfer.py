@@ -1,19 +1,23 @@
-"""Does the recovery hold on real text, and does the *learned* mask beat a one-shot one? (issue 13)
+"""Does the recovery hold on real text, and does the *learned* mask beat a one-shot one, for every seed? (issue 13)
 
 The CPU-sized part of issue 13: at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python,
-the README's domains), two runs through the same loop, budget and distillation:
+the README's domains), per seed two runs through the same loop, budget and distillation:
 
 * KOFF (learned mask + LoRA + KV);
 * the row that isolates the mask: the one-shot Wanda mask with the very same LoRA + KV memories.
 
-Then one `koff eval` table: every row on the bundled validation split and, per domain, on real
-text from another source (Debian's manuals, Python's standard library; `scripts/real_corpora.py`),
-with the price of offloading (KOFF over the dense base with the same memories).
+Then, per seed, one `koff eval` table: every row on the bundled validation split and, per domain,
+on real text from another source (Debian's manuals, Python's standard library;
+`scripts/real_corpora.py`), with the price of offloading (KOFF over the dense base with the same
+memories). Across seeds: mean, min and max of each row, and every goal is met only if it holds for
+every seed. The seed also draws the validation split, so the bundled columns move with it; the
+other-source text is the same for every seed.
 
     python scripts/real_corpora.py --out corpora
-    python bench/transfer.py [--steps 80] [--out bench/out/transfer]
+    python bench/transfer.py [--seeds 0,1,2] [--steps 80] [--out bench/out/transfer]
 
-Runs resume if killed. Writes bench/results/transfer.json and transfer.md.
+Runs resume if killed, and a seed's table is reused when it was made by the same request. Seed 0
+lives in OUT itself, seed s in OUT/seed{s}. Writes bench/results/transfer.json and transfer.md.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from common import git_commit, machine
 from koff.cli import main as koff_main
 from koff.experiments.sweep import train_or_resume
-from koff.io import write_json, write_text
+from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
@@ -37,61 +41,127 @@ OTHER_SOURCES = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "
 RUNS = {"koff": ("learned", "KOFF"), "oneshot-lora-kv": ("oneshot:wanda", "one-shot mask + LoRA + KV")}
 
 
+def seed_folder(out: Path, seed: int) -> Path:
+    """Seed 0 keeps the top folder, so runs made before seeds were added stay in use."""
+    return out if seed == 0 else out / f"seed{seed}"
+
+
+def train(args: argparse.Namespace, seed: int) -> None:
+    for name, (mask, _) in RUNS.items():
+        train_or_resume(DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
+                                        batch_size=args.batch_size, eval=False, checkpoint_every=20, mask=mask,
+                                        memory="lora+kv", device=args.device, seed=seed,
+                                        out=str(seed_folder(Path(args.out), seed) / name)))
+
+
+def table_for(args: argparse.Namespace, seed: int) -> dict:
+    """The seed's ablation table with transfer columns, reused when the same request made it."""
+    folder = seed_folder(Path(args.out), seed)
+    corpora = Path(args.corpora)
+    transfer = [flag for name, sub in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / sub}")]
+    request = ["eval", str(folder / "koff"), f"{RUNS['oneshot-lora-kv'][1]}={folder / 'oneshot-lora-kv'}",
+               "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
+               *transfer, "--device", args.device, "--out", str(folder / "table")]
+    made_by = folder / "table" / "request.json"
+    if not (made_by.is_file() and json.loads(made_by.read_text()) == request):
+        if koff_main(request):
+            sys.exit(f"koff eval failed for seed {seed}")
+        write_json(made_by, request)
+    return json.loads((folder / "table" / "table.json").read_text())
+
+
+def named_rows(table: dict) -> dict[str, dict]:
+    """The rows by a name that is the same for every seed (KOFF's label carries its sparsity)."""
+    return {("KOFF" if r["configuration"].startswith("KOFF") else r["configuration"]): r for r in table["rows"]}
+
+
+def goals(table: dict) -> dict[str, bool]:
+    rows = named_rows(table)
+    koff, oneshot, bare = rows["KOFF"], rows[RUNS["oneshot-lora-kv"][1]], rows["mask, no memories"]
+    return {
+        "koff_within_5pct_on_average_other_source": koff["transfer_mean_ratio"] <= 1.05,
+        "koff_within_10pct_worst_other_source": max(koff["ratio_to_dense"][c] for c in table["transfer"]) <= 1.10,
+        "mask_alone_at_least_25pct_worse_other_source": bare["transfer_mean_ratio"] >= 1.25,
+        "learned_mask_beats_oneshot_with_the_same_memories_in_distribution": koff["mean_ratio"] < oneshot["mean_ratio"],
+        "learned_mask_beats_oneshot_with_the_same_memories_other_source":
+            koff["transfer_mean_ratio"] < oneshot["transfer_mean_ratio"],
+    }
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
+
+
+def across_seeds(tables: dict[int, dict]) -> dict:
+    """Per row: mean ratio on the bundled split and on other-source text, as mean / min / max over seeds;
+    the price of offloading on other-source text likewise."""
+    names = list(named_rows(next(iter(tables.values()))))
+    rows = {name: {key: spread([named_rows(t)[name][key] for t in tables.values()])
+                   for key in ("mean_ratio", "transfer_mean_ratio")} for name in names}
+    price = spread([sum(t["price_of_offloading"][c] for c in t["transfer"]) / len(t["transfer"])
+                    for t in tables.values()])
+    return {"rows": rows, "price_of_offloading_other_source_mean": price}
+
+
+def summary_markdown(summary: dict) -> str:
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+    rows = [[name, cell(r["mean_ratio"]), cell(r["transfer_mean_ratio"])] for name, r in summary["rows"].items()]
+    return markdown_table(["configuration", "mean ratio, bundled split", "mean ratio, other source"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--eval-max-blocks", type=int, default=20)
     parser.add_argument("--transfer-max-blocks", type=int, default=40)
     parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
     parser.add_argument("--out", default="bench/out/transfer")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     commit = git_commit()
-    corpora, out = Path(args.corpora), Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    corpora = Path(args.corpora)
     missing = [str(corpora / f) for f in OTHER_SOURCES.values() if not (corpora / f).is_dir()]
     if missing:
         sys.exit(f"missing other-source text {missing}: run python scripts/real_corpora.py --out {corpora}")
     start = time.perf_counter()
-    for name, (mask, _) in RUNS.items():
-        train_or_resume(DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
-                                        batch_size=args.batch_size, eval=False, checkpoint_every=20, mask=mask,
-                                        memory="lora+kv", device=args.device, out=str(out / name)))
-    transfer = [flag for name, folder in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / folder}")]
-    code = koff_main(["eval", str(out / "koff"), f"{RUNS['oneshot-lora-kv'][1]}={out / 'oneshot-lora-kv'}",
-                      "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
-                      *transfer, "--device", args.device, "--out", str(out / "table")])
-    if code:
-        sys.exit(code)
-    table = json.loads((out / "table" / "table.json").read_text())
-    rows = {r["configuration"]: r for r in table["rows"]}
-    koff = next(r for n, r in rows.items() if n.startswith("KOFF"))
-    oneshot, bare = rows[RUNS["oneshot-lora-kv"][1]], rows["mask, no memories"]
-    other = table["transfer"]
-    goals = {
-        "koff_within_5pct_on_average_other_source": koff["transfer_mean_ratio"] <= 1.05,
-        "koff_within_10pct_worst_other_source": max(koff["ratio_to_dense"][c] for c in other) <= 1.10,
-        "mask_alone_at_least_25pct_worse_other_source": bare["transfer_mean_ratio"] >= 1.25,
-        "learned_mask_beats_oneshot_with_the_same_memories_in_distribution": koff["mean_ratio"] < oneshot["mean_ratio"],
-        "learned_mask_beats_oneshot_with_the_same_memories_other_source":
-            koff["transfer_mean_ratio"] < oneshot["transfer_mean_ratio"],
-    }
+    for seed in seeds:
+        train(args, seed)
+    if args.train_only:
+        return
+    tables = {seed: table_for(args, seed) for seed in seeds}
+    per_seed = {seed: goals(t) for seed, t in tables.items()}
+    met = {goal: all(g[goal] for g in per_seed.values()) for goal in per_seed[seeds[0]]}
+    summary = across_seeds(tables)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
-              "table": table, "goals_met": goals, "wall_seconds": round(time.perf_counter() - start, 1)}
+              "seeds": seeds, "tables": tables, "across_seeds": summary, "goals_per_seed": per_seed,
+              "goals_met_for_every_seed": met, "wall_seconds": round(time.perf_counter() - start, 1)}
     results = Path(args.results)
     write_json(results / "transfer.json", result)
-    text = "\n".join([
+    price = summary["price_of_offloading_other_source_mean"]
+    text = [
         "# Recovery on real text, and the learned mask against a one-shot mask (issue 13, CPU part)", "",
         f"Command: `{command}`  ", f"Commit: {commit}  ", f"Machine: {result['machine']}; {args.steps} steps per run, "
-        f"batch {args.batch_size} x 256; {result['wall_seconds']:.0f} s (training resumed or reused counts only its "
-        "remaining steps)", "",
-        (out / "table" / "table.md").read_text().strip(), "",
-        "Goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()), "",
-    ])
-    write_text(results / "transfer.md", text)
-    print(text)
+        f"batch {args.batch_size} x 256, seeds {seeds}; {result['wall_seconds']:.0f} s (runs and tables reused from "
+        "an earlier call count nothing)", "",
+        "## Across seeds: mean [min, max] of perplexity / dense", "", summary_markdown(summary), "",
+        f"Price of offloading on other-source text (KOFF / dense base with the same memories, mean over domains): "
+        f"{price['mean']:.3f} [{price['min']:.3f}, {price['max']:.3f}]", "",
+        "Goals (met only if met for every seed): " + ", ".join(
+            f"{k}: {'met' if v else 'NOT met'} ({sum(g[k] for g in per_seed.values())}/{len(seeds)} seeds)"
+            for k, v in met.items()), "",
+    ]
+    for seed in seeds:
+        text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
+    write_text(results / "transfer.md", "\n".join(text))
+    print("\n".join(text))
 
 
 if __name__ == "__main__":
