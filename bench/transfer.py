@@ -9,7 +9,7 @@ the README's domains), per seed two runs through the same loop, budget and disti
 Then, per seed, one `koff eval` table: every row on the bundled validation split and, per domain,
 on real text from another source (Debian's manuals, Python's standard library;
 `scripts/real_corpora.py`), with the price of offloading (KOFF over the dense base with the same
-memories). Across seeds: mean, min and max of each row, and every goal is met only if it holds for
+memories); and `koff analyze` (language-specific neurons, LAPE) of both masks of the first seed. Across seeds: mean, min and max of each row, and every goal is met only if it holds for
 every seed. The seed also draws the validation split, so the bundled columns move with it; the
 other-source text is the same for every seed.
 
@@ -68,6 +68,22 @@ def table_for(args: argparse.Namespace, seed: int) -> dict:
             sys.exit(f"koff eval failed for seed {seed}")
         write_json(made_by, request)
     return json.loads((folder / "table" / "table.json").read_text())
+
+
+def analysis_for(args: argparse.Namespace, seed: int) -> dict[str, str]:
+    """`koff analyze` (LAPE) of both masks of one seed, as markdown by run name; reused when the same
+    request made it."""
+    folder, tables = seed_folder(Path(args.out), seed), {}
+    for name in RUNS:
+        out = folder / f"analysis-{name}"
+        request = ["analyze", str(folder / name), "--device", args.device, "--out", str(out)]
+        made_by = out / "request.json"
+        if not (made_by.is_file() and json.loads(made_by.read_text()) == request):
+            if koff_main(request):
+                sys.exit(f"koff analyze failed for {folder / name}")
+            write_json(made_by, request)
+        tables[name] = (out / "analysis.md").read_text().strip()
+    return tables
 
 
 def named_rows(table: dict) -> dict[str, dict]:
@@ -137,12 +153,14 @@ def main() -> None:
     if args.train_only:
         return
     tables = {seed: table_for(args, seed) for seed in seeds}
+    analysis = analysis_for(args, seeds[0])
     per_seed = {seed: goals(t) for seed, t in tables.items()}
     met = {goal: all(g[goal] for g in per_seed.values()) for goal in per_seed[seeds[0]]}
     summary = across_seeds(tables)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
               "seeds": seeds, "tables": tables, "across_seeds": summary, "goals_per_seed": per_seed,
-              "goals_met_for_every_seed": met, "wall_seconds": round(time.perf_counter() - start, 1)}
+              "goals_met_for_every_seed": met,
+              "analysis_seed": seeds[0], "analysis": analysis, "wall_seconds": round(time.perf_counter() - start, 1)}
     results = Path(args.results)
     write_json(results / "transfer.json", result)
     price = summary["price_of_offloading_other_source_mean"]
@@ -158,6 +176,8 @@ def main() -> None:
             f"{k}: {'met' if v else 'NOT met'} ({sum(g[k] for g in per_seed.values())}/{len(seeds)} seeds)"
             for k, v in met.items()), "",
     ]
+    for name, (_, label) in RUNS.items():
+        text += [f"## Language-specific neurons: {label} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
     for seed in seeds:
         text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
     write_text(results / "transfer.md", "\n".join(text))
