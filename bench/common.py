@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 
@@ -18,11 +19,14 @@ def machine(device: str = "cpu") -> str:
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran at, with ``+dirty`` when the working tree had changes."""
+    """The commit the benchmark ran at, with ``+dirty`` when the working tree had changes
+    (``$KOFF_GIT_COMMIT`` where the tree has no git history)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
 
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says which commit it is
+        return os.environ.get("KOFF_GIT_COMMIT", "unknown")
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

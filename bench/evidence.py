@@ -9,7 +9,8 @@ domain are at least KOFF's); at 12% also LoRA only and KV only trained on KOFF's
 * the sweep: geometric-mean perplexity ratio to dense per configuration and sparsity (+ PNG);
 * `koff analyze` of the 12% run: language-specific neurons (LAPE) vs the mask (+ per-layer PNG).
 
-    python bench/evidence.py                         # everything; ~10 runs, hours on the 2-core CPU
+    python bench/evidence.py                         # everything; 17 runs, hours on the 2-core CPU
+    python bench/evidence.py --device cuda --jobs 8  # the same on one GPU, 8 trainings at once
     python bench/evidence.py --steps 3 --eval-max-blocks 2 --sparsities 0.12 --out bench/out/evidence-smoke \
         --results bench/out/evidence-smoke/results   # smoke test
 
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from common import add_run_options, git_commit, machine, with_settings
 from koff.cli import main as koff_main
-from koff.experiments.sweep import run_sweep, sweep_markdown, train_or_resume
+from koff.experiments.concurrent import train_concurrently
+from koff.experiments.decompose import train_or_resume
+from koff.experiments.sweep import run_sweep, sweep_markdown
 from koff.io import write_json, write_text
 from koff.training import DecomposeConfig
 
@@ -101,6 +104,8 @@ def main() -> None:
                         "domain from there (missing folders are skipped)")
     parser.add_argument("--transfer-max-blocks", type=int, default=80, help="evenly spaced blocks per transfer source "
                         "(80 x 256 = 20k tokens)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (on one "
+                        "GPU a run of the 135M model leaves it mostly idle: 8 fit an H100)")
     add_run_options(parser)
     parser.add_argument("--out", default="bench/out/evidence")
     parser.add_argument("--results", default="bench/results")
@@ -117,11 +122,13 @@ def main() -> None:
                            final_fraction=0.4, target_warmup=0.25,
                            lr_mask=args.lr_mask, distill_every=args.distill_every, device=args.device)
     base = with_settings(base, args.set)
-    sweep = run_sweep(base, args.sparsities, out / "sweep")
+    sweep = run_sweep(base, args.sparsities, out / "sweep", jobs=args.jobs)
     koff_run = sweep["runs"][0.12]["koff"]
-    for memory in ("lora", "kv"):
-        cfg = DecomposeConfig(**{**base.to_dict(), "mask": f"file:{koff_run}", "memory": memory,
-                                 "out": str(out / f"same-mask-{memory}"), "eval": False})
+    same_mask = [DecomposeConfig(**{**base.to_dict(), "mask": f"file:{koff_run}", "memory": memory,
+                                    "out": str(out / f"same-mask-{memory}"), "eval": False}) for memory in ("lora", "kv")]
+    if args.jobs > 1:
+        train_concurrently(same_mask, args.jobs)
+    for cfg in same_mask:
         train_or_resume(cfg)
 
     table_dir, analysis_dir = out / "table", out / "analysis"

@@ -14,7 +14,8 @@ depend on the values, and nothing is downloaded). Per shape:
     python bench/scale.py                                   # on a GPU: every shape, bf16
     python bench/scale.py --shapes llama-3.2-1b --device cpu --steps 2 --batch-size 1 --block-len 128
 
-Writes bench/results/scale.json and scale.md (``--name`` changes the file names). On a CPU run it
+Writes bench/results/scale.json and scale.md (``--name`` changes the file names) after every shape;
+``--resume`` keeps the shapes a cut-off run of the same command measured. On a CPU run it
 is a smoke test: it shows the code runs at that size, not how fast a GPU is.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import shlex
 import shutil
 import sys
@@ -250,20 +252,40 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--out", default="bench/results", help="folder for the JSON and table")
     parser.add_argument("--name", default="scale")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the shapes that a cut-off run of the same command, machine and commit measured")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    commit = git_commit()  # before the runs: the tree they ran on
-    results = []
-    for shape in args.shapes:
-        results.append(measure(shape, args))
-        reset_peak(args.device)
-    report = {"command": command, "machine": machine(args.device), "commit": commit,
-              "batch": [args.batch_size, args.block_len], "domains": DOMAINS, "results": results}
+    # --resume is left out of the recorded command: a resumed run is the same request
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--resume")
     out = Path(args.out)
-    write_json(out / f"{args.name}.json", report)
-    text = f"# {args.name}\n\n`{command}`\n\n{report['machine']}, commit {report['commit']}\n\n{table(results)}\n"
-    write_text(out / f"{args.name}.md", text)
-    print(text)
+    report = {"command": command, "machine": machine(args.device), "commit": git_commit(),  # the tree the runs use
+              "batch": [args.batch_size, args.block_len], "domains": DOMAINS, "results": []}
+    done = finished_shapes(out / f"{args.name}.json", report) if args.resume else {}
+    for shape in args.shapes:
+        if shape in done:
+            print(f"{shape}: measured earlier by this request, reused", flush=True)
+            report["results"].append(done[shape])
+        else:
+            report["results"].append(measure(shape, args))
+            reset_peak(args.device)
+        write_report(out, args.name, report)  # after every shape: a run cut off keeps what it measured
+    print(write_report(out, args.name, report))
+
+
+def finished_shapes(path: Path, report: dict) -> dict[str, dict]:
+    """Shapes an earlier, cut-off run of the same request (command, machine, commit, batch) measured."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(k) == report[k] for k in ("command", "machine", "commit", "batch"))
+    return {r["shape"]: r for r in earlier["results"]} if same else {}
+
+
+def write_report(out: Path, name: str, report: dict) -> str:
+    write_json(out / f"{name}.json", report)
+    text = f"# {name}\n\n`{report['command']}`\n\n{report['machine']}, commit {report['commit']}\n\n{table(report['results'])}\n"
+    write_text(out / f"{name}.md", text)
+    return text
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ other-source text is the same for every seed.
 
     python scripts/real_corpora.py --out corpora
     python bench/transfer.py [--seeds 0,1,2] [--steps 80] [--out bench/out/transfer]
+    python bench/transfer.py --device cuda --steps 160 --batch-size 7 --jobs 6 --out bench/out/transfer-gpu --name transfer-gpu
 
 Runs resume if killed, and a seed's table is reused when it was made by the same request. Seed 0
-lives in OUT itself, seed s in OUT/seed{s}. Writes bench/results/transfer.json and transfer.md.
+lives in OUT itself, seed s in OUT/seed{s}. Writes bench/results/NAME.json and NAME.md (--name).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from common import git_commit, machine
 from koff.cli import main as koff_main
-from koff.experiments.sweep import train_or_resume
+from koff.experiments.concurrent import train_concurrently
+from koff.experiments.decompose import train_or_resume
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
@@ -46,12 +48,11 @@ def seed_folder(out: Path, seed: int) -> Path:
     return out if seed == 0 else out / f"seed{seed}"
 
 
-def train(args: argparse.Namespace, seed: int) -> None:
-    for name, (mask, _) in RUNS.items():
-        train_or_resume(DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
-                                        batch_size=args.batch_size, eval=False, checkpoint_every=20, mask=mask,
-                                        memory="lora+kv", device=args.device, seed=seed,
-                                        out=str(seed_folder(Path(args.out), seed) / name)))
+def configs(args: argparse.Namespace, seed: int) -> list[DecomposeConfig]:
+    return [DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
+                            batch_size=args.batch_size, eval=False, checkpoint_every=20, mask=mask, memory="lora+kv",
+                            device=args.device, seed=seed, out=str(seed_folder(Path(args.out), seed) / name))
+            for name, (mask, _) in RUNS.items()]
 
 
 def table_for(args: argparse.Namespace, seed: int) -> dict:
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--transfer-max-blocks", type=int, default=40)
     parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
+    parser.add_argument("--name", default="transfer", help="file names of the results (NAME.json, NAME.md)")
     parser.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
     parser.add_argument("--out", default="bench/out/transfer")
     parser.add_argument("--results", default="bench/results")
@@ -148,8 +151,11 @@ def main() -> None:
     if missing:
         sys.exit(f"missing other-source text {missing}: run python scripts/real_corpora.py --out {corpora}")
     start = time.perf_counter()
-    for seed in seeds:
-        train(args, seed)
+    runs = [c for seed in seeds for c in configs(args, seed)]
+    if args.jobs > 1:
+        train_concurrently(runs, args.jobs)
+    for config in runs:
+        train_or_resume(config)
     if args.train_only:
         return
     tables = {seed: table_for(args, seed) for seed in seeds}
@@ -162,10 +168,10 @@ def main() -> None:
               "goals_met_for_every_seed": met,
               "analysis_seed": seeds[0], "analysis": analysis, "wall_seconds": round(time.perf_counter() - start, 1)}
     results = Path(args.results)
-    write_json(results / "transfer.json", result)
+    write_json(results / f"{args.name}.json", result)
     price = summary["price_of_offloading_other_source_mean"]
     text = [
-        "# Recovery on real text, and the learned mask against a one-shot mask (issue 13, CPU part)", "",
+        "# Recovery on real text, and the learned mask against a one-shot mask (issue 13)", "",
         f"Command: `{command}`  ", f"Commit: {commit}  ", f"Machine: {result['machine']}; {args.steps} steps per run, "
         f"batch {args.batch_size} x 256, seeds {seeds}; {result['wall_seconds']:.0f} s (runs and tables reused from "
         "an earlier call count nothing)", "",
@@ -180,7 +186,7 @@ def main() -> None:
         text += [f"## Language-specific neurons: {label} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
     for seed in seeds:
         text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
-    write_text(results / "transfer.md", "\n".join(text))
+    write_text(results / f"{args.name}.md", "\n".join(text))
     print("\n".join(text))
 
 

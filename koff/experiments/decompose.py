@@ -3,6 +3,8 @@ result and record the evaluation in the run's summary.json."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval, evaluate_decomposition
 from koff.formats import run as run_folder
@@ -25,3 +27,8 @@ def evaluate(decomposer: Decomposer) -> DecompositionEval:
     cfg = decomposer.config
     return evaluate_decomposition(decomposer.model, decomposer.domains, cfg.eval_batch_size, cfg.eval_max_blocks,
                                   decomposer.accelerator.device)
+
+
+def train_or_resume(config: DecomposeConfig) -> tuple[Decomposer, dict]:
+    """Train one run, continuing from its checkpoints if a previous attempt left some."""
+    return decompose(config, resume=(Path(config.out) / run_folder.CHECKPOINTS).is_dir())

@@ -19,44 +19,62 @@ from koff.analysis.plot import plot_sparsity_sweep
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
 from koff.experiments.ablation import geomean_ratio, memory_parameters_per_domain
-from koff.experiments.decompose import decompose
-from koff.formats import run as run_folder
+from koff.experiments.concurrent import train_concurrently
+from koff.experiments.decompose import train_or_resume
 from koff.io import markdown_table, write_json, write_text
+from koff.plan import ModelSizes, memory_parameters, read_model_config
 from koff.training import Decomposer
 
 SERIES = ("KOFF", "mask, no memories", "one-shot mask + LoRA + KV", "prune, then LoRA", "one-shot mask, no memories")
 
 
-def equal_budget_rank(dec: Decomposer) -> int:
-    """The smallest LoRA rank whose parameters per domain reach those of the run's memories."""
-    memory = next(iter(dec.model.memories.values()))
-    per_rank = sum(p.numel() for p in memory.lora_parameters()) / memory.rank
-    return math.ceil(memory.num_parameters() / per_rank)
+def equal_budget_rank(config: DecomposeConfig) -> int:
+    """The smallest LoRA rank whose parameters per domain reach those of ``config``'s memories
+    (from the model's shapes alone, so every run of a sweep can be set up before any trains)."""
+    sizes = ModelSizes.of(read_model_config(config.model))
+    targets = config.memory_config().lora_targets
+    per_rank = sizes.layers * sum(i + o for name, (i, o) in sizes.lora_in_out.items() if name in targets)
+    return math.ceil(memory_parameters(sizes, config) / per_rank)
 
 
-def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -> dict:
-    """Run the sweep (resuming finished or killed runs under ``out``); write sweep.json and sweep.png."""
-    out = Path(out)
-    sweep: dict[str, dict[float, float]] = {name: {} for name in SERIES}
-    runs, budget = {}, {}
+def sweep_configs(base: DecomposeConfig, sparsities: list[float], out: str | Path) -> dict[float, dict[str, DecomposeConfig]]:
+    """Per sparsity, the three runs of the sweep: ``koff``, ``oneshot_lora_kv`` and ``prune_then_lora``."""
+    out, rank = Path(out), equal_budget_rank(replace(base, memory="lora+kv"))
+    configs = {}
     for sparsity in sparsities:
         tag = f"s{round(sparsity * 100):02d}"
-        koff, ev_koff = _run(replace(base, sparsity=sparsity, mask="learned", memory="lora+kv", out=str(out / f"koff-{tag}")))
-        oneshot, ev_oneshot = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora+kv",
-                                           out=str(out / f"oneshot-lora-kv-{tag}")))
-        rank = equal_budget_rank(koff)
-        pruned, ev_pruned = _run(replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
-                              lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")))
+        configs[sparsity] = {
+            "koff": replace(base, sparsity=sparsity, mask="learned", memory="lora+kv", out=str(out / f"koff-{tag}")),
+            "oneshot_lora_kv": replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora+kv",
+                                       out=str(out / f"oneshot-lora-kv-{tag}")),
+            "prune_then_lora": replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
+                                       lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")),
+        }
+    return configs
+
+
+def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, jobs: int = 1) -> dict:
+    """Run the sweep (resuming finished or killed runs under ``out``; with ``jobs`` > 1 that many
+    trainings at once, in their own processes); write sweep.json and sweep.png."""
+    out = Path(out)
+    configs = sweep_configs(replace(base, eval=True), sparsities, out)
+    if jobs > 1:
+        train_concurrently([c for runs in configs.values() for c in runs.values()], jobs)
+    sweep: dict[str, dict[float, float]] = {name: {} for name in SERIES}
+    runs, budget = {}, {}
+    for sparsity, config in configs.items():
+        koff, ev_koff = _run(config["koff"])
+        oneshot, ev_oneshot = _run(config["oneshot_lora_kv"])
+        pruned, ev_pruned = _run(config["prune_then_lora"])
         sweep["KOFF"][sparsity] = geomean_ratio(ev_koff.with_memories, ev_koff.dense)
         sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff.mask_only, ev_koff.dense)
         sweep["one-shot mask + LoRA + KV"][sparsity] = geomean_ratio(ev_oneshot.with_memories, ev_oneshot.dense)
         sweep["prune, then LoRA"][sparsity] = geomean_ratio(ev_pruned.with_memories, ev_pruned.dense)
         sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned.mask_only, ev_pruned.dense)
-        runs[sparsity] = {"koff": koff.config.out, "oneshot_lora_kv": oneshot.config.out,
-                          "prune_then_lora": pruned.config.out}
+        runs[sparsity] = {name: c.out for name, c in config.items()}
         budget[sparsity] = {
             "koff_memory_parameters_per_domain": memory_parameters_per_domain(koff.model),
-            "prune_then_lora_rank": rank,
+            "prune_then_lora_rank": config["prune_then_lora"].lora_rank,
             "prune_then_lora_parameters_per_domain": memory_parameters_per_domain(pruned.model),
         }
     result = {"sparsities": sparsities, "geomean_ratio_to_dense": sweep, "runs": runs, "trainable_budget": budget}
@@ -66,14 +84,9 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path) -
     return result
 
 
-def train_or_resume(config: DecomposeConfig) -> tuple[Decomposer, dict]:
-    """Train one run, continuing from its checkpoints if a previous attempt left some."""
-    return decompose(config, resume=(Path(config.out) / run_folder.CHECKPOINTS).is_dir())
-
-
 def _run(config: DecomposeConfig) -> tuple[Decomposer, DecompositionEval]:
     """Train (or resume) one run; the decomposer and its final evaluation."""
-    dec, summary = train_or_resume(replace(config, eval=True))
+    dec, summary = train_or_resume(config)
     return dec, DecompositionEval.from_dict(summary["eval"])
 
 
