@@ -180,6 +180,9 @@ def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
     summary = export_run(work / "run", work / "export")
     export_seconds = time.perf_counter() - start
     runtime = load(work / "export", device=args.device, dtype=settings.dtype)
+    # transformers 5 rebuilds a Qwen2 tokenizer from the saved vocabulary as byte-level BPE, which
+    # encodes the word-level "t123" prompt to nothing: the runtime gets the benchmark's own tokenizer.
+    runtime.tokenizer = word_tokenizer(config.vocab_size, config.eos_token_id)
     prompt = " ".join(f"t{i}" for i in domains[0].val[0, :32].tolist())
     koff_tps = greedy_tokens_per_s(
         lambda n: runtime.generate(prompt, memory="d0", max_new_tokens=n), args.new_tokens, args.device)

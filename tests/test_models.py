@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -107,3 +109,33 @@ def test_an_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_pa
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
     with pytest.raises(ModelLoadError, match="could not read GGUF"):
         load_model(str(tmp_path / "junk.gguf"))
+
+
+def test_gguf_conversion_started_by_several_processes_at_once_runs_once(tmp_path):
+    """Runs trained side by side all convert the embedded GGUF on first use: one converts, the others
+    wait and read its finished folder (a GPU run once failed reading a folder another process was
+    replacing)."""
+    import threading
+
+    from koff.models.loader import cached_conversion
+
+    calls, results = [], []
+
+    def convert(out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other threads to be waiting
+        (out / "weights").write_text("w")
+        (out / "config.json").write_text("{}")
+
+    def worker():
+        folder = cached_conversion(tmp_path / "models" / "m", convert)
+        results.append(sorted(p.name for p in folder.iterdir()))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [["config.json", "weights"]] * 4
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == ["m"]

@@ -10,6 +10,7 @@ A model spec is one of:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +185,10 @@ def _gguf_to_folder(gguf: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     check_model_type(_gguf_architecture(gguf), f"gguf:{gguf}")  # before minutes of dequantising
+    return cached_conversion(folder, lambda tmp: _dequantise(gguf, tmp))
+
+
+def _dequantise(gguf: Path, out: Path) -> None:
     log.info("converting %s to a cached safetensors folder (once)", gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -193,10 +199,29 @@ def _gguf_to_folder(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Write to a temporary folder and rename it, so a killed conversion leaves no half folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def cached_conversion(folder: Path, convert: Callable[[Path], None]) -> Path:
+    """``folder``, made by ``convert(tmp)`` into a temporary folder then renamed, so that a killed
+    conversion leaves no half folder. Under a file lock: when several processes start at once (runs
+    trained side by side) one converts and the others wait and reuse its folder; none ever removes
+    a folder another is reading."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (folder / "config.json").is_file():
+                return folder  # another process converted it while this one waited
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                convert(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # a half folder left by an older koff
+            os.replace(tmp, folder)
+            return folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
