@@ -187,12 +187,16 @@ def plan_decomposition(config: PretrainedConfig, cfg: DecomposeConfig, domains: 
         "loss_chunk": loss,
         "rotary_tables": 2 * tokens * sizes.head_dim * b,
     }
-    static = sum(parts.values())
-    without = static + sizes.layers * per_layer + per_layer  # + one layer's gradients in backward
-    with_ckpt = static + sizes.layers * tokens * sizes.hidden * b + 2 * per_layer  # inputs + one recomputed layer
+    # The loss chunk lives before backward reaches the layers and is freed by then: it adds to what
+    # the layers keep, but never to one layer's backward (a bound the H100 measurements of
+    # bench/scale.py showed the planner overestimating by 18-28% when it summed the two).
+    static = sum(parts.values()) - loss
+    without = static + sizes.layers * per_layer + max(loss, per_layer)  # per_layer: one layer's gradients
+    inputs = sizes.layers * tokens * sizes.hidden * b  # each layer's input, kept for the recomputation
+    with_ckpt = static + inputs + max(loss, 2 * per_layer)  # 2 * per_layer: one recomputed layer and its gradients
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and gpu_memory_gb is not None and without > HEADROOM * gpu_memory_gb * GiB)
-    parts["activations"] = (with_ckpt if checkpointing else without) - static
+    parts["activations"] = (with_ckpt if checkpointing else without) - static - loss  # what the peak holds beyond the loss
     serving = {
         "weights": int((sizes.params - cfg.sparsity * sizes.block_params) * b),
         "memories": domains * memory * FP32,
