@@ -30,8 +30,7 @@ from pathlib import Path
 
 from common import add_run_options, git_commit, machine, with_settings
 from koff.cli import main as koff_main
-from koff.experiments.concurrent import train_concurrently
-from koff.experiments.decompose import train_or_resume
+from koff.experiments.concurrent import train_all
 from koff.experiments.sweep import run_sweep, sweep_markdown
 from koff.io import write_json, write_text
 from koff.training import DecomposeConfig
@@ -126,10 +125,7 @@ def main() -> None:
     koff_run = sweep["runs"][0.12]["koff"]
     same_mask = [DecomposeConfig(**{**base.to_dict(), "mask": f"file:{koff_run}", "memory": memory,
                                     "out": str(out / f"same-mask-{memory}"), "eval": False}) for memory in ("lora", "kv")]
-    if args.jobs > 1:
-        train_concurrently(same_mask, args.jobs)
-    for cfg in same_mask:
-        train_or_resume(cfg)
+    train_all(same_mask, args.jobs)
 
     table_dir, analysis_dir = out / "table", out / "analysis"
     code = koff_main(["eval", koff_run, f"LoRA only, same mask={out / 'same-mask-lora'}",

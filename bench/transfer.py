@@ -32,8 +32,7 @@ from pathlib import Path
 
 from common import git_commit, machine
 from koff.cli import main as koff_main
-from koff.experiments.concurrent import train_concurrently
-from koff.experiments.decompose import train_or_resume
+from koff.experiments.concurrent import train_all
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
@@ -55,6 +54,17 @@ def configs(args: argparse.Namespace, seed: int) -> list[DecomposeConfig]:
             for name, (mask, _) in RUNS.items()]
 
 
+def koff_once(request: list[str], out: Path) -> None:
+    """Run the `koff` command ``request`` (which writes ``out``) unless the same request made ``out``
+    already; ``out/request.json`` records it."""
+    made_by = out / "request.json"
+    if made_by.is_file() and json.loads(made_by.read_text()) == request:
+        return
+    if koff_main(request):
+        sys.exit(f"koff {' '.join(request)} failed")
+    write_json(made_by, request)
+
+
 def table_for(args: argparse.Namespace, seed: int) -> dict:
     """The seed's ablation table with transfer columns, reused when the same request made it."""
     folder = seed_folder(Path(args.out), seed)
@@ -63,11 +73,7 @@ def table_for(args: argparse.Namespace, seed: int) -> dict:
     request = ["eval", str(folder / "koff"), f"{RUNS['oneshot-lora-kv'][1]}={folder / 'oneshot-lora-kv'}",
                "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
                *transfer, "--device", args.device, "--out", str(folder / "table")]
-    made_by = folder / "table" / "request.json"
-    if not (made_by.is_file() and json.loads(made_by.read_text()) == request):
-        if koff_main(request):
-            sys.exit(f"koff eval failed for seed {seed}")
-        write_json(made_by, request)
+    koff_once(request, folder / "table")
     return json.loads((folder / "table" / "table.json").read_text())
 
 
@@ -77,12 +83,7 @@ def analysis_for(args: argparse.Namespace, seed: int) -> dict[str, str]:
     folder, tables = seed_folder(Path(args.out), seed), {}
     for name in RUNS:
         out = folder / f"analysis-{name}"
-        request = ["analyze", str(folder / name), "--device", args.device, "--out", str(out)]
-        made_by = out / "request.json"
-        if not (made_by.is_file() and json.loads(made_by.read_text()) == request):
-            if koff_main(request):
-                sys.exit(f"koff analyze failed for {folder / name}")
-            write_json(made_by, request)
+        koff_once(["analyze", str(folder / name), "--device", args.device, "--out", str(out)], out)
         tables[name] = (out / "analysis.md").read_text().strip()
     return tables
 
@@ -151,11 +152,7 @@ def main() -> None:
     if missing:
         sys.exit(f"missing other-source text {missing}: run python scripts/real_corpora.py --out {corpora}")
     start = time.perf_counter()
-    runs = [c for seed in seeds for c in configs(args, seed)]
-    if args.jobs > 1:
-        train_concurrently(runs, args.jobs)
-    for config in runs:
-        train_or_resume(config)
+    train_all([c for seed in seeds for c in configs(args, seed)], args.jobs)
     if args.train_only:
         return
     tables = {seed: table_for(args, seed) for seed in seeds}

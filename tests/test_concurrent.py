@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from koff.errors import KoffError
-from koff.experiments.concurrent import PROCESS_LOG, finished, train_concurrently
+from koff.experiments.concurrent import PROCESS_LOG, finished, train_all, train_concurrently
 from koff.experiments.decompose import train_or_resume
 from koff.experiments.sweep import equal_budget_rank
 from koff.model import KoffModel
@@ -34,7 +34,19 @@ def test_runs_in_processes_equal_the_same_runs_in_this_one(tmp_path, corpus):
                 torch.testing.assert_close(mine, other, msg=key)
     mtimes = [(tmp_path / x / "summary.json").stat().st_mtime_ns for x in "ab"]
     train_concurrently(runs, jobs=2)  # finished runs start no process
+    train_all(runs)  # nor are they reloaded in this one
     assert [(tmp_path / x / "summary.json").stat().st_mtime_ns for x in "ab"] == mtimes
+
+
+def test_train_all_in_this_process_trains_what_is_unfinished(tmp_path, corpus):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    runs = [config(model_dir, corpus, tmp_path / "a"), config(model_dir, corpus, tmp_path / "b", seed=1)]
+    train_all(runs[:1])
+    mtime = (tmp_path / "a" / "summary.json").stat().st_mtime_ns
+    train_all(runs)
+    assert all(finished(c) for c in runs)
+    assert (tmp_path / "a" / "summary.json").stat().st_mtime_ns == mtime
+    assert not (tmp_path / "b" / PROCESS_LOG).exists()  # jobs=1: no process was started
 
 
 def test_a_failing_run_is_named_with_its_log(tmp_path, corpus):

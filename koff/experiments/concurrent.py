@@ -15,6 +15,7 @@ from pathlib import Path
 
 from koff.config import DecomposeConfig
 from koff.errors import KoffError
+from koff.experiments.decompose import train_or_resume
 from koff.formats import run as run_folder
 from koff.io import read_json, write_yaml
 
@@ -46,6 +47,16 @@ def train_concurrently(configs: list[DecomposeConfig], jobs: int) -> None:
         raise KoffError(f"{len(failed)} of {len(todo)} runs failed; see {PROCESS_LOG} in: {', '.join(failed)}")
 
 
+def train_all(configs: list[DecomposeConfig], jobs: int = 1) -> None:
+    """Train (or resume) every unfinished run: with ``jobs`` > 1 that many processes at a time,
+    else one after another in this process. Finished runs are left as they are, not reloaded."""
+    if jobs > 1:
+        train_concurrently(configs, jobs)
+    for config in configs:
+        if not finished(config):
+            train_or_resume(config)
+
+
 def _train_in_process(config: DecomposeConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,8 +67,6 @@ def _train_in_process(config: DecomposeConfig) -> int:
 
 
 def _main(config_path: str) -> None:
-    from koff.experiments.decompose import train_or_resume
-
     train_or_resume(DecomposeConfig.from_dict(run_folder.read_config_values(Path(config_path).parent)))
 
 
