@@ -22,22 +22,20 @@ is a smoke test: it shows the code runs at that size, not how fast a GPU is.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from common import git_commit, machine
+from decode import PROMPT_TOKENS, decode_speeds, export_random
+from random_base import DOMAINS, peak_bytes, random_domains, random_model, reset_peak, synchronize
 from koff.config import DecomposeConfig
-from koff.data.blocks import DomainData
 from koff.io import markdown_table, write_json, write_text
 from koff.models import resolve_dtype
 from koff.plan import GiB, plan_decomposition, read_model_config
@@ -45,37 +43,6 @@ from koff.training import Decomposer
 
 SHAPES = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b"]
 SMOKE_SHAPES = ["smollm2-135m"]  # for a quick check of the export part on a CPU
-DOMAINS = 5
-
-
-def random_model(shape: str, dtype: torch.dtype, device: str):
-    config = read_model_config("shape:" + shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval().requires_grad_(False), config
-
-
-def random_domains(vocab: int, block_len: int, blocks: int = 64) -> list[DomainData]:
-    g = torch.Generator().manual_seed(0)
-    return [DomainData(f"d{i}", "random", torch.randint(0, vocab, (blocks, block_len), generator=g),
-                       torch.randint(0, vocab, (4, block_len), generator=g)) for i in range(DOMAINS)]
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_bytes(device: str) -> int | None:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
 def timed_steps(step, steps: int, device: str) -> float:
@@ -136,68 +103,28 @@ def peft_step(shape: str, args, settings: DecomposeConfig, checkpointing: bool) 
     return result
 
 
-def word_tokenizer(vocab: int, eos: int):
-    """A tokenizer with one word per id ("t0" ... "tN"): the random models have no real one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", pad_token=f"t{eos}", unk_token="t0")
-
-
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in folder.rglob(pattern))
 
 
-def greedy_tokens_per_s(generate, new_tokens: int, device: str) -> float:
-    generate(4)  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    generate(new_tokens)
-    synchronize(device)
-    return new_tokens / (time.perf_counter() - start)
-
-
 def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
     """A short run through `koff decompose`'s own path on the random base saved as a model folder,
-    then `koff export` (time, size) and greedy decoding: exported backbone + a memory vs dense base."""
-    from koff.export import export_run
-    from koff.runtime import load
-
+    then `koff export` (time, size) and greedy decoding: exported backbone + a memory vs dense base
+    (``bench/decode.py`` breaks the decoding down further)."""
     work = Path(tempfile.mkdtemp(prefix="koff-scale-export-"))
-    dtype = resolve_dtype(settings.dtype, args.device)
-    base, config = random_model(shape, dtype, args.device)
-    base.save_pretrained(work / "base")
-    word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(work / "base")
-    domains = random_domains(config.vocab_size, args.block_len)
-    run = replace(settings, model=str(work / "base"), out=str(work / "run"), steps=2, checkpoint_every=2)
-    del base
-    reset_peak(args.device)
-    Decomposer(run, domains=domains).train()
-    reset_peak(args.device)
-    start = time.perf_counter()
-    summary = export_run(work / "run", work / "export")
-    export_seconds = time.perf_counter() - start
-    runtime = load(work / "export", device=args.device, dtype=settings.dtype)
-    # transformers 5 rebuilds a Qwen2 tokenizer from the saved vocabulary as byte-level BPE, which
-    # encodes the word-level "t123" prompt to nothing: the runtime gets the benchmark's own tokenizer.
-    runtime.tokenizer = word_tokenizer(config.vocab_size, config.eos_token_id)
-    prompt = " ".join(f"t{i}" for i in domains[0].val[0, :32].tolist())
-    koff_tps = greedy_tokens_per_s(
-        lambda n: runtime.generate(prompt, memory="d0", max_new_tokens=n), args.new_tokens, args.device)
-    del runtime
-    dense, _ = random_model(shape, dtype, args.device)
-    ids = domains[0].val[:1, :32].to(args.device)
-    dense_tps = greedy_tokens_per_s(lambda n: dense.generate(
-        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0), args.new_tokens, args.device)
-    result = {"export_seconds": export_seconds, "backbone_bytes": folder_bytes(work / "export" / "backbone"),
-              "dense_bytes": folder_bytes(work / "base"), "memory_bytes": folder_bytes(work / "export" / "memories" / "d0"),
-              "parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
-              "greedy_tokens_per_s_koff_with_memory": koff_tps, "greedy_tokens_per_s_dense": dense_tps}
-    del dense
-    shutil.rmtree(work, ignore_errors=True)
-    return result
+    try:
+        config, domains, export_seconds, summary = export_random(shape, settings, work)
+        speeds, _ = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
+                                  settings.dtype, args.new_tokens)
+        return {"export_seconds": export_seconds, "backbone_bytes": folder_bytes(work / "export" / "backbone"),
+                "dense_bytes": folder_bytes(work / "base"), "memory_bytes": folder_bytes(work / "export" / "memories" / "d0"),
+                "parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
+                "greedy_tokens_per_s_koff_with_memory": speeds["koff_memory"],
+                "greedy_tokens_per_s_koff_no_memory": speeds["koff_no_memory"],
+                "greedy_tokens_per_s_hf_backbone": speeds["hf_backbone"],
+                "greedy_tokens_per_s_dense": speeds["hf_dense"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def measure(shape: str, args) -> dict:
