@@ -1,0 +1,152 @@
+"""What makes the recovery carry over to new text, and what moves language-specific neurons? (issue 13, points 3 and 7)
+
+Controlled KOFF runs at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python), one change
+each against the baseline of ``bench/transfer.py`` (seed 0, same budget, the run is reused):
+
+* ``bundled``     the baseline: trained on the bundled corpus, today's defaults;
+* ``real``        trained on real text instead (Debian's ``debian-reference`` manuals, Python's
+                  standard library): a larger, human-written corpus;
+* ``distill-x4``  the distillation weight 4 instead of 1: the memories follow the dense teacher more
+                  and the training corpus less;
+* ``init-none``   the gates start from no importance (all kept, no one-shot ranking): does the
+                  one-shot start explain why language-specific neurons are removed less often?
+
+Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
+on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
+price of offloading (KOFF over the dense base with the same memories); and ``koff analyze`` (LAPE)
+of its mask, on its own training text.
+
+    python scripts/real_corpora.py --out corpora
+    python bench/recovery.py [--variants bundled,real,distill-x4,init-none] [--steps 80]
+
+Runs resume if killed; tables and analyses are reused when the same request made them. Writes
+bench/results/NAME.json and NAME.md (``--name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from common import git_commit, machine
+from koff.experiments.concurrent import train_all
+from koff.io import markdown_table, write_json, write_text
+from koff.training import DecomposeConfig
+from transfer import DOMAINS as BUNDLED, koff_once, named_rows
+
+REAL = ["eng=debian-reference/eng", "deu=debian-reference/deu", "fra=debian-reference/fra",
+        "spa=debian-reference/spa", "python=python-stdlib/python"]
+HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
+            "python": "python-site/python"}
+# name: (what changes, training domains, settings); "real" domains are read under --corpora
+VARIANTS = {
+    "bundled": ("baseline: the bundled corpus, today's defaults", "bundled", {}),
+    "real": ("trained on real text (debian-reference, Python stdlib)", "real", {}),
+    "distill-x4": ("distillation weight 4 (default 1)", "bundled", {"distill_weight": 4.0}),
+    "init-none": ("gates start from no importance (--init-from none)", "bundled", {"init_from": "none"}),
+}
+
+
+def run_folder(args: argparse.Namespace, name: str) -> Path:
+    """The baseline is bench/transfer.py's seed-0 KOFF run (same config), so it is trained once."""
+    return Path(args.transfer_out) / "koff" if name == "bundled" else Path(args.out) / name
+
+
+def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
+    _, data, settings = VARIANTS[name]
+    domains = BUNDLED if data == "bundled" else [f"{d.split('=')[0]}={Path(args.corpora) / d.split('=')[1]}" for d in REAL]
+    return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, steps=args.steps,
+                           batch_size=args.batch_size, eval=False, checkpoint_every=20, mask="learned",
+                           memory="lora+kv", device=args.device, seed=0, out=str(run_folder(args, name)), **settings)
+
+
+def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
+    """(koff eval table on the own split + held-out text, koff analyze markdown) of one run."""
+    run, out = run_folder(args, name), Path(args.out) / f"{name}-eval"
+    transfer = [f for d, sub in HELD_OUT.items() for f in ("--transfer", f"{d}={Path(args.corpora) / sub}")]
+    koff_once(["eval", str(run), "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks",
+               str(args.transfer_max_blocks), *transfer, "--device", args.device, "--out", str(out / "table")],
+              out / "table")
+    koff_once(["analyze", str(run), "--device", args.device, "--out", str(out / "analysis")], out / "analysis")
+    return (json.loads((out / "table" / "table.json").read_text()),
+            json.loads((out / "analysis" / "analysis.json").read_text()))
+
+
+def summary_row(name: str, table: dict, analysis: dict) -> dict:
+    rows = named_rows(table)
+    koff, bare, dense_mem = rows["KOFF"], rows["mask, no memories"], rows["dense base + memories (LoRA + KV)"]
+    columns = table["transfer"]
+    return {"variant": name, "change": VARIANTS[name][0],
+            "koff_own_split": koff["mean_ratio"], "koff_held_out": koff["transfer_mean_ratio"],
+            "koff_held_out_worst": max(koff["ratio_to_dense"][c] for c in columns),
+            "dense_memories_held_out": dense_mem["transfer_mean_ratio"],
+            "mask_alone_held_out": bare["transfer_mean_ratio"],
+            "price_of_offloading_held_out": sum(table["price_of_offloading"][c] for c in columns) / len(columns),
+            "lape": {k: analysis["removal"][f"specific_{k}"]
+                     for k in ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")}}
+
+
+def markdown(rows: list[dict]) -> str:
+    def f(x):
+        return "–" if x is None else f"{x:.3f}"
+
+    return markdown_table(
+        ["variant", "change", "KOFF, own split", "KOFF, held-out text", "worst domain", "dense + memories, held-out",
+         "mask alone, held-out", "price of offloading", "LAPE enrichment", "layer-adjusted", "activity-adjusted"],
+        [[r["variant"], r["change"], f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
+          f(r["dense_memories_held_out"]), f(r["mask_alone_held_out"]), f(r["price_of_offloading_held_out"]),
+          f(r["lape"]["enrichment"]), f(r["lape"]["layer_adjusted_enrichment"]),
+          f(r["lape"]["activity_adjusted_enrichment"])] for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--eval-max-blocks", type=int, default=20)
+    parser.add_argument("--transfer-max-blocks", type=int, default=40)
+    parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
+    parser.add_argument("--transfer-out", default="bench/out/transfer", help="bench/transfer.py's --out (the baseline)")
+    parser.add_argument("--out", default="bench/out/recovery")
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--name", default="recovery")
+    args = parser.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    needed = [Path(args.corpora) / p for p in [*HELD_OUT.values(), *(d.split("=")[1] for d in REAL)]]
+    missing = [str(p) for p in needed if not p.is_dir()]
+    if missing:
+        sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")
+    command, start = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter()
+    train_all([config(args, n) for n in names], args.jobs)
+    rows = [summary_row(n, *evaluate(args, n)) for n in names]
+    result = {"command": command, "commit": git_commit(), "machine": machine(args.device), "steps": args.steps,
+              "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows,
+              "wall_seconds": round(time.perf_counter() - start, 1)}
+    write_json(Path(args.results) / f"{args.name}.json", result)
+    text = "\n".join([
+        "# What carries the recovery to new text (issue 13, points 3 and 7)", "",
+        f"Command: `{command}`  ", f"Commit: {result['commit']}  ",
+        f"Machine: {result['machine']}; seed 0, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run; "
+        f"{result['wall_seconds']:.0f} s (runs and tables reused from an earlier call count nothing)", "",
+        "Mean perplexity / dense over eng/deu/fra/spa/python. Held-out text is text no run trained on: Debian's "
+        "maint-guide per language, third-party Python (python-site); "
+        f"{args.transfer_max_blocks} evenly spaced blocks of 256 tokens per domain. The own split is each run's "
+        "validation split of its training corpus (bundled or real). LAPE: language-specific FFN neurons removed, "
+        "relative to all neurons (1 = as often).", "",
+        markdown(rows), ""])
+    write_text(Path(args.results) / f"{args.name}.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
