@@ -79,16 +79,31 @@ def decode_speeds(shape: str, work: Path, config, prompt_ids: torch.Tensor, devi
         return lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    speeds = {"koff_memory": greedy_tokens_per_s(koff("d0"), new_tokens, device),
-              "koff_no_memory": greedy_tokens_per_s(koff(None), new_tokens, device),
-              "hf_backbone": greedy_tokens_per_s(hf(runtime.model.base), new_tokens, device)}
+    ways = {"koff_memory": koff("d0"), "koff_no_memory": koff(None), "hf_backbone": hf(runtime.model.base)}
+    speeds = {name: greedy_tokens_per_s(generate, new_tokens, device) for name, generate in ways.items()}
+    ops = {name: ops_per_token(generate) for name, generate in ways.items()}
     table = profile_table(koff("d0"), device) if profile else None
-    del runtime
+    del runtime, ways
     reset_peak(device)
     dense, _ = random_model(shape, dtype, device)
-    speeds["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device)
+    speeds["hf_dense"], ops["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device), ops_per_token(hf(dense))
     del dense
-    return speeds, table
+    return {"tokens_per_s": speeds, "ops_per_token": ops}, table
+
+
+def top_level_ops(generate, tokens: int) -> int:
+    """PyTorch operations ``generate(tokens)`` dispatches (each a kernel launch or more on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(tokens)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def ops_per_token(generate, short: int = 4, long: int = 12) -> float:
+    """Operations per decoding step: the difference of two generations, so the prefill cancels out."""
+    return (top_level_ops(generate, long) - top_level_ops(generate, short)) / (long - short)
 
 
 def profile_table(generate, device: str, tokens: int = 16) -> str:
@@ -109,12 +124,12 @@ def measure(shape: str, args) -> tuple[dict, str | None]:
     work = Path(tempfile.mkdtemp(prefix="koff-decode-"))
     try:
         config, domains, _, _ = export_random(shape, settings, work)
-        speeds, table = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
-                                      args.dtype, args.new_tokens, args.profile)
+        measured, table = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
+                                        args.dtype, args.new_tokens, args.profile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{shape}: {speeds}", flush=True)
-    return {"shape": shape, "tokens_per_s": speeds}, table
+    print(f"{shape}: {measured}", flush=True)
+    return {"shape": shape, **measured}, table
 
 
 COLUMNS = [("koff_memory", "koff + memory"), ("koff_no_memory", "koff, no memory"),
@@ -122,9 +137,12 @@ COLUMNS = [("koff_memory", "koff + memory"), ("koff_no_memory", "koff, no memory
 
 
 def table(results: list[dict]) -> str:
-    rows = [[r["shape"]] + [f"{r['tokens_per_s'][k]:.1f}" for k, _ in COLUMNS]
-            + [f"{r['tokens_per_s']['hf_dense'] / r['tokens_per_s']['koff_memory']:.2f}x"] for r in results]
-    return markdown_table(["shape"] + [title + " tok/s" for _, title in COLUMNS] + ["dense / koff + memory"], rows)
+    speed = [[r["shape"]] + [f"{r['tokens_per_s'][k]:.1f}" for k, _ in COLUMNS]
+             + [f"{r['tokens_per_s']['hf_dense'] / r['tokens_per_s']['koff_memory']:.2f}x"] for r in results]
+    ops = [[r["shape"]] + [f"{r['ops_per_token'][k]:.0f}" for k, _ in COLUMNS] for r in results]
+    return (markdown_table(["shape"] + [title + " tok/s" for _, title in COLUMNS] + ["dense / koff + memory"], speed)
+            + "\n\nPyTorch operations dispatched per decoded token (each one kernel launch or more on a GPU):\n\n"
+            + markdown_table(["shape"] + [title for _, title in COLUMNS], ops))
 
 
 def main() -> None:

@@ -114,8 +114,9 @@ def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
     work = Path(tempfile.mkdtemp(prefix="koff-scale-export-"))
     try:
         config, domains, export_seconds, summary = export_random(shape, settings, work)
-        speeds, _ = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
-                                  settings.dtype, args.new_tokens)
+        measured, _ = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
+                                    settings.dtype, args.new_tokens)
+        speeds = measured["tokens_per_s"]
         return {"export_seconds": export_seconds, "backbone_bytes": folder_bytes(work / "export" / "backbone"),
                 "dense_bytes": folder_bytes(work / "base"), "memory_bytes": folder_bytes(work / "export" / "memories" / "d0"),
                 "parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],

@@ -143,3 +143,37 @@ def test_decode_batch_forgets_samples_that_left():
     batch.step()
     batch.step()
     assert len(batch) == 0 and batch._by_key == {} and batch.rows == []
+
+
+def test_single_memory_inference_reuses_cast_factors_and_sees_updates():
+    # Decoding with one memory keeps its factors cast to the model's dtype (B already scaled): after
+    # the first step the memory adds no cast to the model's own, the output equals the training
+    # path's, and a memory updated in place is not served stale.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func.__name__.startswith("_to_copy")
+            return func(*args, **(kwargs or {}))
+
+    koff = KoffModel(tiny_model("llama").to(torch.bfloat16), MemoryConfig(kind="lora"))
+    perturb(koff.new_memory("a"))  # the memory stays in float32, as trained
+    koff.eval()
+    ids = torch.randint(0, 300, (1, 6))
+    training_path = koff(ids, "a")  # gradients enabled: the factors are cast on every call
+    with torch.no_grad():
+        assert torch.allclose(koff(ids, "a").float(), training_path.float(), atol=1e-2)
+        with Casts():
+            koff(ids, None)  # the model's own casts (norms in float32, ...)
+        bare, Casts.count = Casts.count, 0
+        with Casts():
+            koff(ids, "a")
+        assert Casts.count == bare > 0
+        before = koff(ids, "a")
+        for b in koff.memories["a"].lora_B.values():
+            b.mul_(3.0)
+        after = koff(ids, "a")
+    assert not torch.allclose(after.float(), before.float(), atol=1e-3)
+    assert torch.allclose(after.float(), koff(ids, "a").float(), atol=1e-2)  # the training path agrees

@@ -14,9 +14,10 @@ from koff.memories.router import MemoryRouter
 from koff.models.architecture import DecoderLayout
 
 
-# Sets of memories whose concatenated factors each wrapper keeps: the running batch's and the one
-# of the prompts being prefilled, so that they do not evict each other step after step.
-CACHED_SETS = 2
+# Sets of memories whose factors each wrapper keeps at inference: the running batch's and the one of
+# the prompts being prefilled, each as one memory or a mix, so that they do not evict each other
+# step after step.
+CACHED_SETS = 4
 
 
 class RoutedLoRALinear(nn.Module):
@@ -52,7 +53,10 @@ class RoutedLoRALinear(nn.Module):
             memory = router.single
             if memory is None or self.key not in memory.lora_A:
                 return y
-            return y + self._delta(memory, x)
+            if torch.is_grad_enabled():
+                return y + self._delta(memory, x)
+            a, scaled_b = self._single(memory, x.dtype)  # decoding: cast and scaled once, not every step
+            return y + F.linear(F.linear(x, a), scaled_b)
         if torch.is_grad_enabled() and self._batchable(router.per_sample):
             return y + self._batched_delta(router.per_sample, x)  # training: per-sample factors, no repeat
         return y + self._segmented_delta(router, x)  # inference: factors kept across decode steps
@@ -86,17 +90,30 @@ class RoutedLoRALinear(nn.Module):
         return F.linear(low, b)
 
     def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of ranks, in) and (out, sum of ranks) factors of the memories present. Kept between
-        calls when no gradient is recorded and neither the set of memories, their factors
-        (``_version`` counts in-place updates) nor their device changed: every step of a serving
-        batch whose samples come and go over the same memories reuses them."""
-        signature = (dtype, present[0].lora_A[self.key].device,
-                     tuple((id(m), m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
+        """(sum of ranks, in) and (out, sum of ranks) factors of the memories present."""
+        def build():
+            return (torch.cat([m.lora_A[self.key] for m in present]).to(dtype),
+                    torch.cat([m.lora_B[self.key] for m in present], dim=1).to(dtype))
+
+        return self._cached("mixed", present, dtype, build)
+
+    def _single(self, memory, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One memory's A and its B times its scaling, in ``dtype``."""
+        def build():
+            return memory.lora_A[self.key].to(dtype), (memory.lora_B[self.key] * memory.scaling).to(dtype)
+
+        return self._cached("single", [memory], dtype, build)
+
+    def _cached(self, kind: str, present, dtype: torch.dtype, build) -> tuple[torch.Tensor, torch.Tensor]:
+        """``build()``'s factors, kept between calls when no gradient is recorded and neither the set
+        of memories, their factors (``_version`` counts in-place updates) nor their device changed:
+        every step of a decoding batch whose samples come and go over the same memories reuses them."""
+        signature = (kind, dtype, present[0].lora_A[self.key].device,
+                     tuple((id(m), m.scaling, m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
         if signature in self._cache:
             self._cache.move_to_end(signature)
             return self._cache[signature][1:]
-        a = torch.cat([m.lora_A[self.key] for m in present]).to(dtype)
-        b = torch.cat([m.lora_B[self.key] for m in present], dim=1).to(dtype)
+        a, b = build()
         if not torch.is_grad_enabled():
             # The entry holds the memories too: while it lives, their ids cannot be reused by a
             # memory loaded later (whose fresh tensors would also be at _version 0).

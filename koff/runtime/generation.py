@@ -176,14 +176,17 @@ class DecodeBatch:
         """A token for each unfinished row; a row whose logits are not finite, or whose sampling
         fails, ends on its own (see ``take_failures``) and the others go on."""
         tokens = []
-        finite = torch.isfinite(logits).all(-1).tolist()
+        # One copy to the host for the whole batch (each is a wait for the GPU): which rows are
+        # finite, and every row's most likely token, which is the greedy rows' next one.
+        finite, best = torch.stack([torch.isfinite(logits).all(-1).long(), logits.argmax(-1)]).tolist()
         for i, row in enumerate(rows):
             if row.done:
                 continue
             try:
                 if not finite[i]:
                     raise GenerationError("the model's output for this sample is not finite (NaN or infinity)")
-                row.last = sample_next(logits[i], row.params, row.generator)
+                greedy = row.params.temperature < GREEDY_BELOW
+                row.last = best[i] if greedy else sample_next(logits[i], row.params, row.generator)
             except (GenerationError, RuntimeError) as err:
                 row.done, self._failed[row.key] = True, str(err)
                 continue
