@@ -12,7 +12,11 @@ The steps between them say what costs what: the loop (koff's vs transformers'), 
 shapes, the memory. ``--profile`` adds torch.profiler's table of the ``koff + memory`` decoding.
 
     python bench/decode.py                                   # on a GPU: Llama-3.2-1B and 3.1-8B shapes
-    python bench/decode.py --shapes smollm2-135m --device cpu --new-tokens 16
+    python bench/decode.py --shapes tiny-30 --device cpu --dtype bfloat16 --name decode-ops
+
+``tiny-30`` is SmolLM2's depth (30 layers, the same projections) at width 64: on a CPU it counts
+the operations a decoded token dispatches in seconds (each one a kernel launch on a GPU, where
+decoding at batch 1 is bound by launches); its speeds mean nothing.
 """
 
 from __future__ import annotations
@@ -27,15 +31,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from common import git_commit, machine
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
 from koff.models import resolve_dtype
+from koff.plan import read_model_config
 from random_base import DOMAINS, greedy_tokens_per_s, random_domains, random_model, reset_peak, word_tokenizer
 from koff.training import Decomposer
 
 PROMPT_TOKENS = 32
+TINY = "tiny-30"
+
+
+def base_model(shape: str, dtype: torch.dtype, device: str):
+    """A shipped shape, or ``tiny-30``: SmolLM2's 30 layers at width 64 (for counting operations)."""
+    if shape != TINY:
+        return random_model(shape, dtype, device)
+    config = read_model_config("shape:smollm2-135m")
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 16, "vocab_size": 512})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False), config
 
 
 def export_random(shape: str, settings: DecomposeConfig, work: Path):
@@ -45,7 +65,7 @@ def export_random(shape: str, settings: DecomposeConfig, work: Path):
     from koff.export import export_run
 
     dtype = resolve_dtype(settings.dtype, settings.device)
-    base, config = random_model(shape, dtype, settings.device)
+    base, config = base_model(shape, dtype, settings.device)
     base.save_pretrained(work / "base")
     word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(work / "base")
     del base
@@ -85,7 +105,7 @@ def decode_speeds(shape: str, work: Path, config, prompt_ids: torch.Tensor, devi
     table = profile_table(koff("d0"), device) if profile else None
     del runtime, ways
     reset_peak(device)
-    dense, _ = random_model(shape, dtype, device)
+    dense, _ = base_model(shape, dtype, device)
     speeds["hf_dense"], ops["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device), ops_per_token(hf(dense))
     del dense
     return {"tokens_per_s": speeds, "ops_per_token": ops}, table

@@ -36,7 +36,7 @@ from common import git_commit, machine
 from koff.experiments.concurrent import train_all
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
-from transfer import DOMAINS as BUNDLED, koff_once, named_rows
+from transfer import DOMAINS as BUNDLED, add_budget_options, koff_once, named_rows
 
 REAL = ["eng=debian-reference/eng", "deu=debian-reference/deu", "fra=debian-reference/fra",
         "spa=debian-reference/spa", "python=python-stdlib/python"]
@@ -106,13 +106,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--eval-max-blocks", type=int, default=20)
-    parser.add_argument("--transfer-max-blocks", type=int, default=40)
-    parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
+    add_budget_options(parser)
     parser.add_argument("--transfer-out", default="bench/out/transfer", help="bench/transfer.py's --out (the baseline)")
     parser.add_argument("--out", default="bench/out/recovery")
     parser.add_argument("--results", default="bench/results")
@@ -127,9 +121,10 @@ def main() -> None:
     if missing:
         sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")
     command, start = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter()
+    commit = git_commit()  # the tree the runs train with
     train_all([config(args, n) for n in names], args.jobs)
     rows = [summary_row(n, *evaluate(args, n)) for n in names]
-    result = {"command": command, "commit": git_commit(), "machine": machine(args.device), "steps": args.steps,
+    result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
               "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)

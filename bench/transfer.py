@@ -129,9 +129,8 @@ def summary_markdown(summary: dict) -> str:
     return markdown_table(["configuration", "mean ratio, bundled split", "mean ratio, other source"], rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+def add_budget_options(parser: argparse.ArgumentParser) -> None:
+    """Each run's budget, how much text scores it, and where it runs (shared with bench/recovery.py)."""
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--eval-max-blocks", type=int, default=20)
@@ -139,6 +138,12 @@ def main() -> None:
     parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    add_budget_options(parser)
     parser.add_argument("--name", default="transfer", help="file names of the results (NAME.json, NAME.md)")
     parser.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
     parser.add_argument("--out", default="bench/out/transfer")
