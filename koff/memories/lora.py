@@ -53,9 +53,7 @@ class RoutedLoRALinear(nn.Module):
             memory = router.single
             if memory is None or self.key not in memory.lora_A:
                 return y
-            if torch.is_grad_enabled():
-                return y + self._delta(memory, x)
-            a, scaled_b = self._single(memory, x.dtype)  # decoding: cast and scaled once, not every step
+            a, scaled_b = self._single(memory, x.dtype)  # kept between decoding steps, made anew in training
             return y + F.linear(F.linear(x, a), scaled_b)
         if torch.is_grad_enabled() and self._batchable(router.per_sample):
             return y + self._batched_delta(router.per_sample, x)  # training: per-sample factors, no repeat
@@ -108,23 +106,20 @@ class RoutedLoRALinear(nn.Module):
         """``build()``'s factors, kept between calls when no gradient is recorded and neither the set
         of memories, their factors (``_version`` counts in-place updates) nor their device changed:
         every step of a decoding batch whose samples come and go over the same memories reuses them."""
+        if torch.is_grad_enabled():
+            return build()  # training: the factors change every step, and gradients flow through the cast
         signature = (kind, dtype, present[0].lora_A[self.key].device,
                      tuple((id(m), m.scaling, m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
         if signature in self._cache:
             self._cache.move_to_end(signature)
             return self._cache[signature][1:]
         a, b = build()
-        if not torch.is_grad_enabled():
-            # The entry holds the memories too: while it lives, their ids cannot be reused by a
-            # memory loaded later (whose fresh tensors would also be at _version 0).
-            self._cache[signature] = (list(present), a, b)
-            if len(self._cache) > CACHED_SETS:
-                self._cache.popitem(last=False)
+        # The entry holds the memories too: while it lives, their ids cannot be reused by a memory
+        # loaded later (whose fresh tensors would also be at _version 0).
+        self._cache[signature] = (list(present), a, b)
+        if len(self._cache) > CACHED_SETS:
+            self._cache.popitem(last=False)
         return a, b
-
-    def _delta(self, memory, x: torch.Tensor) -> torch.Tensor:
-        a, b = memory.lora_A[self.key], memory.lora_B[self.key]
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * memory.scaling
 
 
 def install_lora(layout: DecoderLayout, targets: list[str], router: MemoryRouter) -> dict[str, tuple[int, int]]:
