@@ -39,6 +39,10 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise UserInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
@@ -52,7 +56,7 @@ class Sampling:
 
 def sample_next(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
     """One token from one row of logits: greedy, or temperature + nucleus (top-p) sampling."""
-    if params.temperature < GREEDY_BELOW:
+    if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
@@ -185,8 +189,7 @@ class DecodeBatch:
             try:
                 if not finite[i]:
                     raise GenerationError("the model's output for this sample is not finite (NaN or infinity)")
-                greedy = row.params.temperature < GREEDY_BELOW
-                row.last = best[i] if greedy else sample_next(logits[i], row.params, row.generator)
+                row.last = best[i] if row.params.greedy else sample_next(logits[i], row.params, row.generator)
             except (GenerationError, RuntimeError) as err:
                 row.done, self._failed[row.key] = True, str(err)
                 continue
