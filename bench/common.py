@@ -58,3 +58,10 @@ def with_settings(config: DecomposeConfig, settings: list[str]) -> DecomposeConf
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a decompose setting")
         values[name] = parse_setting(name, text)
     return DecomposeConfig.from_dict(values)
+
+
+def top_level_aten_ops(prof) -> int:
+    """PyTorch operations a profiled block dispatched: aten events not inside another aten event
+    (each one a kernel launch or more on a GPU)."""
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))

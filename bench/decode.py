@@ -31,13 +31,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from common import git_commit, machine
+from common import git_commit, machine, top_level_aten_ops
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
 from koff.models import resolve_dtype
-from koff.plan import read_model_config
 from random_base import DOMAINS, greedy_tokens_per_s, random_domains, random_model, reset_peak, word_tokenizer
 from koff.training import Decomposer
 
@@ -49,13 +47,8 @@ def base_model(shape: str, dtype: torch.dtype, device: str):
     """A shipped shape, or ``tiny-30``: SmolLM2's 30 layers at width 64 (for counting operations)."""
     if shape != TINY:
         return random_model(shape, dtype, device)
-    config = read_model_config("shape:smollm2-135m")
-    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-                   "head_dim": 16, "vocab_size": 512})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval().requires_grad_(False), config
+    return random_model("smollm2-135m", dtype, device, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=512)
 
 
 def export_random(shape: str, settings: DecomposeConfig, work: Path):
@@ -117,8 +110,7 @@ def top_level_ops(generate, tokens: int) -> int:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         generate(tokens)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return top_level_aten_ops(prof)
 
 
 def ops_per_token(generate, short: int = 4, long: int = 12) -> float:

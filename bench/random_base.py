@@ -15,8 +15,10 @@ from koff.plan import read_model_config
 DOMAINS = 5
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str):
+def random_model(shape: str, dtype: torch.dtype, device: str, **changes):
+    """A random model of a shipped shape, with ``changes`` to its config (e.g. a smaller width)."""
     config = read_model_config("shape:" + shape)
+    config.update(changes)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

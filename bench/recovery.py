@@ -36,10 +36,10 @@ from common import git_commit, machine
 from koff.experiments.concurrent import train_all
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
-from transfer import DOMAINS as BUNDLED, add_budget_options, koff_once, named_rows
+from transfer import DOMAINS as BUNDLED
+from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
+from transfer import add_budget_options, koff_once, named_rows
 
-REAL = ["eng=debian-reference/eng", "deu=debian-reference/deu", "fra=debian-reference/fra",
-        "spa=debian-reference/spa", "python=python-stdlib/python"]
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
 # name: (what changes, training domains, settings); "real" domains are read under --corpora
@@ -58,7 +58,7 @@ def run_folder(args: argparse.Namespace, name: str) -> Path:
 
 def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
     _, data, settings = VARIANTS[name]
-    domains = BUNDLED if data == "bundled" else [f"{d.split('=')[0]}={Path(args.corpora) / d.split('=')[1]}" for d in REAL]
+    domains = BUNDLED if data == "bundled" else [f"{name}={Path(args.corpora) / sub}" for name, sub in REAL.items()]
     return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, steps=args.steps,
                            batch_size=args.batch_size, eval=False, checkpoint_every=20, mask="learned",
                            memory="lora+kv", device=args.device, seed=0, out=str(run_folder(args, name)), **settings)
@@ -116,7 +116,7 @@ def main() -> None:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    needed = [Path(args.corpora) / p for p in [*HELD_OUT.values(), *(d.split("=")[1] for d in REAL)]]
+    needed = [Path(args.corpora) / p for p in [*HELD_OUT.values(), *REAL.values()]]
     missing = [str(p) for p in needed if not p.is_dir()]
     if missing:
         sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")

@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import git_commit, machine  # noqa: E402
+from common import git_commit, machine, top_level_aten_ops  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 from koff.data.blocks import DomainData  # noqa: E402
@@ -44,9 +44,7 @@ def dispatched_ops(dec: Decomposer, steps: int = 2) -> float:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             dec.train_step()
-    top = [e for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return len(top) / steps
+    return top_level_aten_ops(prof) / steps
 
 
 def step_seconds(dec: Decomposer, steps: int) -> float:
