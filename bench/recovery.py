@@ -10,6 +10,8 @@ each against the baseline of ``bench/transfer.py`` (seed 0, same budget, the run
                   and the training corpus less;
 * ``init-none``   the gates start from no importance (all kept, no one-shot ranking): does the
                   one-shot start explain why language-specific neurons are removed less often?
+* ``real-full``   ``real`` at the budget of the README's first command (160 steps of 5 x 256
+                  tokens, twice the tokens): is the rest of the gap to dense a matter of training longer?
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -48,6 +50,7 @@ VARIANTS = {
     "real": ("trained on real text (debian-reference, Python stdlib)", "real", {}),
     "distill-x4": ("distillation weight 4 (default 1)", "bundled", {"distill_weight": 4.0}),
     "init-none": ("gates start from no importance (--init-from none)", "bundled", {"init_from": "none"}),
+    "real-full": ("real text, the README's budget (160 steps of 5 x 256)", "real", {"steps": 160, "batch_size": 5}),
 }
 
 
@@ -59,9 +62,10 @@ def run_folder(args: argparse.Namespace, name: str) -> Path:
 def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
     _, data, settings = VARIANTS[name]
     domains = BUNDLED if data == "bundled" else [f"{name}={Path(args.corpora) / sub}" for name, sub in REAL.items()]
-    return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, steps=args.steps,
-                           batch_size=args.batch_size, eval=False, checkpoint_every=20, mask="learned",
-                           memory="lora+kv", device=args.device, seed=0, out=str(run_folder(args, name)), **settings)
+    fields = {"steps": args.steps, "batch_size": args.batch_size, **settings}  # a variant may change the budget
+    return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, eval=False, checkpoint_every=20,
+                           mask="learned", memory="lora+kv", device=args.device, seed=0,
+                           out=str(run_folder(args, name)), **fields)
 
 
 def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
@@ -76,11 +80,11 @@ def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
             json.loads((out / "analysis" / "analysis.json").read_text()))
 
 
-def summary_row(name: str, table: dict, analysis: dict) -> dict:
+def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict) -> dict:
     rows = named_rows(table)
     koff, bare, dense_mem = rows["KOFF"], rows["mask, no memories"], rows["dense base + memories (LoRA + KV)"]
     columns = table["transfer"]
-    return {"variant": name, "change": VARIANTS[name][0],
+    return {"variant": name, "change": VARIANTS[name][0], "steps": run.steps, "batch_size": run.batch_size,
             "koff_own_split": koff["mean_ratio"], "koff_held_out": koff["transfer_mean_ratio"],
             "koff_held_out_worst": max(koff["ratio_to_dense"][c] for c in columns),
             "dense_memories_held_out": dense_mem["transfer_mean_ratio"],
@@ -95,9 +99,9 @@ def markdown(rows: list[dict]) -> str:
         return "–" if x is None else f"{x:.3f}"
 
     return markdown_table(
-        ["variant", "change", "KOFF, own split", "KOFF, held-out text", "worst domain", "dense + memories, held-out",
+        ["variant", "change", "budget", "KOFF, own split", "KOFF, held-out text", "worst domain", "dense + memories, held-out",
          "mask alone, held-out", "price of offloading", "LAPE enrichment", "layer-adjusted", "activity-adjusted"],
-        [[r["variant"], r["change"], f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
+        [[r["variant"], r["change"], f"{r['steps']} x {r['batch_size']}", f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
           f(r["dense_memories_held_out"]), f(r["mask_alone_held_out"]), f(r["price_of_offloading_held_out"]),
           f(r["lape"]["enrichment"]), f(r["lape"]["layer_adjusted_enrichment"]),
           f(r["lape"]["activity_adjusted_enrichment"])] for r in rows])
@@ -122,8 +126,9 @@ def main() -> None:
         sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")
     command, start = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter()
     commit = git_commit()  # the tree the runs train with
-    train_all([config(args, n) for n in names], args.jobs)
-    rows = [summary_row(n, *evaluate(args, n)) for n in names]
+    runs = [config(args, n) for n in names]
+    train_all(runs, args.jobs)
+    rows = [summary_row(n, run, *evaluate(args, n)) for n, run in zip(names, runs)]
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
               "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows,
               "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -131,7 +136,8 @@ def main() -> None:
     text = "\n".join([
         "# What carries the recovery to new text (issue 13, points 3 and 7)", "",
         f"Command: `{command}`  ", f"Commit: {result['commit']}  ",
-        f"Machine: {result['machine']}; seed 0, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run; "
+        f"Machine: {result['machine']}; seed 0, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run "
+        "unless the budget column says otherwise; "
         f"{result['wall_seconds']:.0f} s (runs and tables reused from an earlier call count nothing)", "",
         "Mean perplexity / dense over eng/deu/fra/spa/python. Held-out text is text no run trained on: Debian's "
         "maint-guide per language, third-party Python (python-site); "
