@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from koff.cli import main
+from koff.errors import KoffError
 from koff.export import ExportError, export_run, load_run
 from koff.masks import BinaryMask
 from koff.model import UnknownMemoryError
@@ -261,3 +262,40 @@ def test_a_backbone_written_in_shards_loads_as_one(tmp_path, corpus, uniform):
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
         assert torch.equal(whole.model(ids, "eng"), sharded.model(ids, "eng"))
+
+
+def test_export_streams_the_base_a_shard_at_a_time_without_building_the_model(tmp_path, corpus, monkeypatch):
+    import koff.export.weights as weights
+
+    run_dir = make_run(tmp_path, corpus, "qwen2")
+    masked = load_run(run_dir).koff_model()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export loaded the whole base model")
+
+    written = []
+
+    def save_file(tensors, path, metadata=None):
+        written.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return real_save_file(tensors, path, metadata=metadata)
+
+    real_save_file = weights.save_file
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(weights, "save_file", save_file)
+    export_run(run_dir, tmp_path / "export", max_shard_size="40KB")
+    monkeypatch.undo()
+    largest_tensor = 300 * 64 * 4  # the embedding
+    assert len(written) > 2 and max(written) <= max(40_000, largest_tensor)  # one shard in memory at a time
+    runtime = load(tmp_path / "export")
+    ids = torch.randint(0, 300, (2, 10))
+    for name in (None, "eng"):
+        assert (runtime.model(ids, name) - masked(ids, name)).abs().max() <= 1e-4
+
+
+def test_export_refuses_a_base_whose_weights_are_gone(tmp_path, corpus):
+    run_dir = make_run(tmp_path, corpus)
+    for path in (tmp_path / "model-llama").glob("*.safetensors"):
+        path.unlink()
+    with pytest.raises(KoffError, match="holds no model.safetensors"):
+        export_run(run_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.utils.hub import convert_file_size_to_int
 
 from koff.errors import KoffError
-from koff.export.prune import layer_widths, prune_model, select_layers, slice_memory
-from koff.formats.backbone import DEFAULT_SHARD_SIZE, save_backbone
+from koff.export.prune import layer_widths, select_layers, slice_memory
+from koff.export.weights import base_weight_files, stored_dtype, write_backbone_weights
+from koff.formats.backbone import DEFAULT_SHARD_SIZE, finish_backbone, narrowed_config
 from koff.formats.export_folder import SUMMARY, is_export
 from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
-from koff.formats.run import load_run
+from koff.formats.run import RunOutputs, read_run
 from koff.io import staged_folder, write_json
 from koff.masks.units import UnitCosts
+from koff.models import load_tokenizer, model_folder, resolve_dtype
 from koff.models.architecture import decoder_layout
 
 
@@ -25,17 +29,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
                max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
     """Write ``out_dir``. Everything is checked before anything is written, and the export is
     written to a temporary folder renamed into place, so a refused or failed export leaves an
-    existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export."""
+    existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export.
+
+    The base is never loaded whole: its weights stream from its safetensors files a tensor at a
+    time into the backbone's shards (``koff.export.weights``), so an 8B model exports with a few
+    GB of host memory. The backbone keeps the dtype the base is stored in (a run with an explicit
+    ``--dtype`` exports in that dtype)."""
     out = Path(out_dir)
     check_shard_size(max_shard_size)
     check_target(Path(run_dir), out, force)
-    run = load_run(run_dir, keep_stored_dtype=True)  # the backbone keeps the base's dtype
+    run = read_run(run_dir)
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
         if not ffn.any() or not attn.any():
             kind = "FFN neuron" if not ffn.any() else "attention group"
             raise ExportError(f"the mask is not exportable: layer {i} keeps no {kind} (a stock layer needs at least one)")
     with staged_folder(out) as staged:
-        return _write_export(run, Path(run_dir), staged, uniform, max_shard_size)
+        return _write_export(run, staged, uniform, max_shard_size)
 
 
 def check_shard_size(size: str) -> None:
@@ -59,22 +68,29 @@ def check_target(run_dir: Path, out: Path, force: bool) -> None:
             raise ExportError(f"{out} is not a koff export (no {SUMMARY}); --force replaces only an earlier export")
 
 
-def _write_export(run, run_dir: Path, out: Path, uniform: bool, max_shard_size: str) -> dict:
-    model, layout = run.model, decoder_layout(run.model)
+def _write_export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str) -> dict:
+    base, _ = model_folder(run.config.model)
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):  # names, shapes and layout only: no memory
+        model = AutoModelForCausalLM.from_config(config)
+    layout = decoder_layout(model)
     dense_costs = UnitCosts.of(model, layout)
     selections = select_layers(run.mask, uniform)
-    module_names = peft_module_names(model)
-    prune_model(model, layout, selections)
-    params = sum(p.numel() for p in model.parameters())
+    config.dtype = export_dtype(run, config, base)
+    params = write_backbone_weights(base, model, layout, selections, config.dtype, out / "backbone", max_shard_size)
+    widths = layer_widths(selections)
     info = {
-        "source_run": str(run_dir.resolve()),
+        "source_run": str(run.folder.resolve()),
         "base_model": run.config.model,
         "mask": run.mask.stats(dense_costs),
         "dense_parameters": dense_costs.total_params,
         "parameters": params,
         "lora_targets": list(run.config.lora_targets),
     }
-    meta = save_backbone(model, run.tokenizer, out / "backbone", layer_widths(selections), uniform, info, max_shard_size)
+    config = narrowed_config(config, layout.head_dim, layout.heads_per_group, widths, uniform)
+    meta = finish_backbone(out / "backbone", config, load_tokenizer(base), generation_config(base, config), widths,
+                           uniform, info)
+    module_names = peft_module_names(model)
     memories = {}
     for name, memory in run.memories.items():
         state = slice_memory(memory, selections, layout.heads_per_group, layout.head_dim)
@@ -90,3 +106,18 @@ def _write_export(run, run_dir: Path, out: Path, uniform: bool, max_shard_size: 
                "dense_parameters": dense_costs.total_params, "memories": memories}
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def export_dtype(run: RunOutputs, config, base: Path) -> torch.dtype:
+    """The dtype the base is stored in, unless the run named one (``--dtype`` other than auto)."""
+    if run.config.dtype == "auto":
+        return stored_dtype(config, base_weight_files(base))
+    return resolve_dtype(run.config.dtype, "cpu")
+
+
+def generation_config(base: Path, config) -> GenerationConfig:
+    """The base's generation config, or the one ``from_pretrained`` would derive from its config."""
+    try:
+        return GenerationConfig.from_pretrained(base)
+    except OSError:
+        return GenerationConfig.from_model_config(config)

@@ -1,8 +1,8 @@
-"""Remove pruned units from the weights for real.
+"""Which units each layer keeps, and how that narrows each projection and each memory.
 
 Per layer, the kept FFN neurons keep their rows of gate_proj/up_proj and columns of down_proj;
 the kept KV groups keep their heads' rows of q/k/v_proj (and biases) and columns of o_proj. The
-modules stay stock ``nn.Linear``s, only narrower, so the layer is still a stock HF layer.
+projections stay stock ``nn.Linear``s, only narrower, so a layer is still a stock HF layer.
 
 ``uniform=True`` gives every layer the same width (the widest layer's) so the config is a plain
 one: a narrower layer is topped up with pruned units whose *consumer* columns (down_proj, o_proj)
@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory, parse_lora_key
-from koff.models.architecture import DecoderLayout
 
 
 @dataclass
@@ -62,44 +60,48 @@ def group_rows(groups: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def narrow_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new, smaller ``nn.Linear`` holding the selected output rows / input columns."""
-    weight = linear.weight.detach()
-    if rows is not None:
-        weight = weight[rows]
-    if cols is not None:
-        weight = weight[:, cols]
-    bias = None if linear.bias is None else linear.bias.detach()
-    if bias is not None and rows is not None:
-        bias = bias[rows]
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if bias is not None:
-            out.bias.copy_(bias)
-    return out.requires_grad_(False)
+@dataclass(frozen=True)
+class Narrowing:
+    """How one projection shrinks: the output rows it keeps, the input columns it keeps, and which
+    of those kept columns to zero (uniform padding: there for a stock config, adding nothing).
+
+    The same rule narrows the projection's weight (rows, then columns), its bias (rows) and a LoRA
+    pair on it: B (out x r) keeps the rows, A (r x in) the columns."""
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    dead_cols: torch.Tensor | None = None  # positions within the kept columns
+
+    def of_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+    def of_cols(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cols is None:
+            return t
+        t = t.index_select(1, self.cols)
+        if self.dead_cols is not None and len(self.dead_cols):
+            t[:, self.dead_cols] = 0
+        return t
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return self.of_cols(self.of_rows(t))
+
+    def out_features(self, dense: int) -> int:
+        return dense if self.rows is None else len(self.rows)
+
+    def in_features(self, dense: int) -> int:
+        return dense if self.cols is None else len(self.cols)
 
 
-@torch.no_grad()
-def prune_model(model: nn.Module, layout: DecoderLayout, selections: list[LayerSelection]) -> None:
-    """Replace each layer's projections by their narrowed versions, in place."""
-    rep, hd = layout.heads_per_group, layout.head_dim
-    for parts, sel in zip(layout.layers, selections):
-        mlp, attn = parts.mlp, parts.attention
-        mlp.gate_proj = narrow_linear(mlp.gate_proj, rows=sel.ffn)
-        mlp.up_proj = narrow_linear(mlp.up_proj, rows=sel.ffn)
-        mlp.down_proj = narrow_linear(mlp.down_proj, cols=sel.ffn)
-        mlp.down_proj.weight[:, ~sel.ffn_live] = 0
-        q_rows, kv_rows = head_rows(sel.groups, rep, hd), group_rows(sel.groups, hd)
-        attn.q_proj = narrow_linear(attn.q_proj, rows=q_rows)
-        attn.k_proj = narrow_linear(attn.k_proj, rows=kv_rows)
-        attn.v_proj = narrow_linear(attn.v_proj, rows=kv_rows)
-        attn.o_proj = narrow_linear(attn.o_proj, cols=q_rows)
-        dead_heads = head_rows(torch.arange(len(sel.groups))[~sel.groups_live], rep, hd)
-        attn.o_proj.weight[:, dead_heads] = 0
-        for name in ("intermediate_size",):
-            if hasattr(mlp, name):
-                setattr(mlp, name, len(sel.ffn))
+def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int) -> dict[str, Narrowing]:
+    """Each projection's narrowing for one layer's selection."""
+    q_rows, kv_rows = head_rows(sel.groups, heads_per_group, head_dim), group_rows(sel.groups, head_dim)
+    dead_neurons = (~sel.ffn_live).nonzero().flatten()
+    dead_heads = head_rows((~sel.groups_live).nonzero().flatten(), heads_per_group, head_dim)
+    return {"gate_proj": Narrowing(rows=sel.ffn), "up_proj": Narrowing(rows=sel.ffn),
+            "down_proj": Narrowing(cols=sel.ffn, dead_cols=dead_neurons),
+            "q_proj": Narrowing(rows=q_rows), "k_proj": Narrowing(rows=kv_rows), "v_proj": Narrowing(rows=kv_rows),
+            "o_proj": Narrowing(cols=q_rows, dead_cols=dead_heads)}
 
 
 def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:
@@ -109,22 +111,12 @@ def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:
 def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_per_group: int, head_dim: int) -> dict:
     """The memory's flat state restricted to the kept units of each layer."""
     state = {}
+    narrowings = [projection_narrowings(sel, heads_per_group, head_dim) for sel in selections]
     for key, a in memory.lora_A.items():
         layer, proj = parse_lora_key(key)
-        sel = selections[layer]
-        a, b = a.detach(), memory.lora_B[key].detach()
-        if proj in ("gate_proj", "up_proj"):
-            b = b[sel.ffn]
-        elif proj == "down_proj":
-            a = a[:, sel.ffn] * sel.ffn_live.to(a.dtype)
-        elif proj == "q_proj":
-            b = b[head_rows(sel.groups, heads_per_group, head_dim)]
-        elif proj in ("k_proj", "v_proj"):
-            b = b[group_rows(sel.groups, head_dim)]
-        elif proj == "o_proj":
-            live = sel.groups_live.repeat_interleave(heads_per_group * head_dim).to(a.dtype)
-            a = a[:, head_rows(sel.groups, heads_per_group, head_dim)] * live
-        state[f"lora_A.{key}"], state[f"lora_B.{key}"] = a.contiguous(), b.contiguous()
+        narrowing = narrowings[layer][proj]
+        state[f"lora_A.{key}"] = narrowing.of_cols(a.detach()).contiguous()
+        state[f"lora_B.{key}"] = narrowing.of_rows(memory.lora_B[key].detach()).contiguous()
     for i, (k, v) in enumerate(zip(memory.prefix_keys, memory.prefix_values)):
         groups = selections[i].groups
         state[f"prefix.keys.{i}"] = k.detach()[groups].contiguous()

@@ -44,22 +44,28 @@ def fingerprint(folder: Path) -> str:
 DEFAULT_SHARD_SIZE = "5GB"
 
 
-def save_backbone(model, tokenizer, folder: Path, widths: dict[str, list[int]], uniform: bool, info: dict,
-                  max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
-    layout = decoder_layout(model)
-    config = model.config
-    ffn, groups = max(widths["intermediate_size"]), max(widths["num_key_value_heads"])
-    config.head_dim = layout.head_dim  # keep it explicit: the head count changes below
-    config.intermediate_size = ffn
-    config.num_key_value_heads = groups
-    config.num_attention_heads = groups * layout.heads_per_group
+def narrowed_config(config, head_dim: int, heads_per_group: int, widths: dict[str, list[int]], uniform: bool):
+    """``config`` (changed in place) for a backbone of these widths: the widest layer's sizes in the
+    stock fields, and, per layer, ``koff_layer_widths`` unless every layer has the same width."""
+    config.head_dim = head_dim  # keep it explicit: the head count changes below
+    config.intermediate_size = max(widths["intermediate_size"])
+    config.num_key_value_heads = max(widths["num_key_value_heads"])
+    config.num_attention_heads = config.num_key_value_heads * heads_per_group
     if uniform:
         if hasattr(config, "koff_layer_widths"):
             del config.koff_layer_widths
     else:
         config.koff_layer_widths = widths
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)  # shards of at most this size, with an index
+    return config
+
+
+def finish_backbone(folder: Path, config, tokenizer, generation_config, widths: dict[str, list[int]], uniform: bool,
+                    info: dict) -> dict:
+    """Write everything but the weights (already in ``folder``): the config, the tokenizer, the
+    generation config and ``koff_backbone.json`` with the weights' fingerprint. Returns the latter."""
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta = {"format": FORMAT, "fingerprint": fingerprint(folder), "uniform": uniform, "layer_widths": widths, **info}
     write_json(folder / META_FILE, meta)

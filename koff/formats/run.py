@@ -21,7 +21,6 @@ from koff.io import read_yaml, write_json
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory
 from koff.models import load_model
-from koff.models.loader import STORED_DTYPE
 
 
 CONFIG = "config.yaml"
@@ -35,6 +34,17 @@ SUMMARY = "summary.json"
 
 class RunFolderError(KoffError, FileNotFoundError):
     """Not a (finished) koff run folder."""
+
+
+@dataclass
+class RunOutputs:
+    """A finished run's outputs, without its base model."""
+
+    folder: Path
+    config: DecomposeConfig
+    mask: BinaryMask
+    memories: dict[str, DomainMemory] = field(default_factory=dict)
+    manifests: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,20 +106,23 @@ def read_config(folder: Path) -> DecomposeConfig:
         raise RunFolderError(f"{folder / CONFIG}: {err}") from err
 
 
-def load_run(folder: str | Path, device: str = "cpu", keep_stored_dtype: bool = False) -> Run:
-    """The run's base model (with its mask, memories and tokenizer). ``keep_stored_dtype``: a run
-    made with ``--dtype auto`` loads its base in the dtype its weights are saved in, whatever the
-    device (export keeps a bf16 base bf16 on a CPU); an explicit dtype is always kept."""
+def read_run(folder: str | Path) -> RunOutputs:
+    """What a finished run wrote (config, mask, memories), without loading its base model."""
     folder = Path(folder)
     if not (folder / MASK).is_file():
         raise RunFolderError(f"{folder} is not a finished koff run: {MASK} is missing")
-    config = read_config(folder)
-    dtype = STORED_DTYPE if keep_stored_dtype and config.dtype == "auto" else config.dtype
-    loaded = load_model(config.model, dtype=dtype, device=device)
-    run = Run(folder, config, loaded.model, loaded.tokenizer, BinaryMask.load(folder / MASK))
+    outputs = RunOutputs(folder, read_config(folder), BinaryMask.load(folder / MASK))
     memories = folder / MEMORIES
     for path in sorted(memories.iterdir()) if memories.is_dir() else []:
         manifest, tensors = load_memory_state(path)
-        run.memories[path.name] = DomainMemory.from_flat_state(path.name, tensors, manifest["lora_alpha"])
-        run.manifests[path.name] = manifest
-    return run
+        outputs.memories[path.name] = DomainMemory.from_flat_state(path.name, tensors, manifest["lora_alpha"])
+        outputs.manifests[path.name] = manifest
+    return outputs
+
+
+def load_run(folder: str | Path, device: str = "cpu") -> Run:
+    """The run's base model (in the run's dtype) with its mask, memories and tokenizer."""
+    outputs = read_run(folder)
+    config = outputs.config
+    loaded = load_model(config.model, dtype=config.dtype, device=device)
+    return Run(outputs.folder, config, loaded.model, loaded.tokenizer, outputs.mask, outputs.memories, outputs.manifests)

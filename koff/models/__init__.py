@@ -5,7 +5,16 @@ from koff.models.architecture import (
     UnsupportedArchitectureError,
     decoder_layout,
 )
-from koff.models.loader import DTYPE_CHOICES, EMBEDDED_MODELS, LoadedModel, ModelLoadError, load_model, resolve_dtype
+from koff.models.loader import (
+    DTYPE_CHOICES,
+    EMBEDDED_MODELS,
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    model_folder,
+    resolve_dtype,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -18,5 +27,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "load_model",
+    "load_tokenizer",
+    "model_folder",
     "resolve_dtype",
 ]

@@ -40,7 +40,6 @@ EMBEDDED_MODELS = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-STORED_DTYPE = "stored"
 
 
 class ModelLoadError(KoffError, RuntimeError):
@@ -68,21 +67,37 @@ class LoadedModel:
 
 def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load ``spec`` as a frozen causal LM in eval mode, with its tokenizer."""
-    # "stored": the dtype the weights are saved in (from_pretrained's own "auto")
-    torch_dtype = "auto" if dtype == STORED_DTYPE else resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()
-    folder, source = _resolve_to_folder(spec)
-    check_model_type(_folder_model_type(Path(folder)), source)  # before any weight is read
+    folder, source = model_folder(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load model from {folder}: {err}") from err
+    tokenizer = load_tokenizer(folder)
     decoder_layout(model)  # fail early, with the list of supported architectures
     model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start)
+
+
+def model_folder(spec: str) -> tuple[Path, str]:
+    """The local Hugging Face folder ``spec`` stands for (a GGUF file is converted, a hub id
+    downloaded, once each) and where it came from; an architecture koff does not support is
+    refused before any weight is read."""
+    folder, source = _resolve_to_folder(spec)
+    check_model_type(_folder_model_type(Path(folder)), source)
+    return Path(folder), source
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``folder``, with a padding token (the EOS token where it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the tokenizer from {folder}: {err}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start)
+    return tokenizer
 
 
 def _resolve_to_folder(spec: str) -> tuple[str, str]:
