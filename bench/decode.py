@@ -94,28 +94,32 @@ def decode_speeds(shape: str, work: Path, config, prompt_ids: torch.Tensor, devi
 
     ways = {"koff_memory": koff("d0"), "koff_no_memory": koff(None), "hf_backbone": hf(runtime.model.base)}
     speeds = {name: greedy_tokens_per_s(generate, new_tokens, device) for name, generate in ways.items()}
-    ops = {name: ops_per_token(generate) for name, generate in ways.items()}
+    counts = {name: ops_per_token(generate) for name, generate in ways.items()}
     table = profile_table(koff("d0"), device) if profile else None
     del runtime, ways
     reset_peak(device)
     dense, _ = base_model(shape, dtype, device)
-    speeds["hf_dense"], ops["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device), ops_per_token(hf(dense))
+    speeds["hf_dense"], counts["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device), ops_per_token(hf(dense))
     del dense
-    return {"tokens_per_s": speeds, "ops_per_token": ops}, table
+    return {"tokens_per_s": speeds, "ops_per_token": {k: c[0] for k, c in counts.items()},
+            "host_reads_per_token": {k: c[1] for k, c in counts.items()}}, table
 
 
-def top_level_ops(generate, tokens: int) -> int:
-    """PyTorch operations ``generate(tokens)`` dispatches (each a kernel launch or more on a GPU)."""
+def counted_ops(generate, tokens: int) -> tuple[int, int]:
+    """(PyTorch operations ``generate(tokens)`` dispatches, each a kernel launch or more on a GPU;
+    reads of one value back to the host, each a wait for the GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         generate(tokens)
-    return top_level_aten_ops(prof)
+    return top_level_aten_ops(prof), sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
 
 
-def ops_per_token(generate, short: int = 4, long: int = 12) -> float:
-    """Operations per decoding step: the difference of two generations, so the prefill cancels out."""
-    return (top_level_ops(generate, long) - top_level_ops(generate, short)) / (long - short)
+def ops_per_token(generate, short: int = 4, long: int = 12) -> tuple[float, float]:
+    """Operations and host reads per decoding step: the difference of two generations, so the
+    prefill cancels out."""
+    (ops_long, waits_long), (ops_short, waits_short) = counted_ops(generate, long), counted_ops(generate, short)
+    return (ops_long - ops_short) / (long - short), (waits_long - waits_short) / (long - short)
 
 
 def profile_table(generate, device: str, tokens: int = 16) -> str:
@@ -151,9 +155,12 @@ COLUMNS = [("koff_memory", "koff + memory"), ("koff_no_memory", "koff, no memory
 def table(results: list[dict]) -> str:
     speed = [[r["shape"]] + [f"{r['tokens_per_s'][k]:.1f}" for k, _ in COLUMNS]
              + [f"{r['tokens_per_s']['hf_dense'] / r['tokens_per_s']['koff_memory']:.2f}x"] for r in results]
-    ops = [[r["shape"]] + [f"{r['ops_per_token'][k]:.0f}" for k, _ in COLUMNS] for r in results]
+    ops = [[r["shape"]] + [f"{r['ops_per_token'][k]:.0f} / {r['host_reads_per_token'][k]:.0f}" for k, _ in COLUMNS]
+           for r in results]
     return (markdown_table(["shape"] + [title + " tok/s" for _, title in COLUMNS] + ["dense / koff + memory"], speed)
-            + "\n\nPyTorch operations dispatched per decoded token (each one kernel launch or more on a GPU):\n\n"
+            + "\n\nPer decoded token: PyTorch operations dispatched (each one kernel launch or more on a GPU) / "
+            "single values read back to the host (each a wait for the GPU; koff also copies the batch's tokens "
+            "once per step):\n\n"
             + markdown_table(["shape"] + [title for _, title in COLUMNS], ops))
 
 
