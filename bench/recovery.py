@@ -1,7 +1,8 @@
 """What makes the recovery carry over to new text, and what moves language-specific neurons? (issue 13, points 3 and 7)
 
 Controlled KOFF runs at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python), seed 0 unless
-a variant says otherwise, one change each against the baseline of ``bench/transfer.py`` (seed 0, same budget, the run is reused):
+a variant says otherwise, one change each against the baseline of ``bench/transfer.py`` (seed 0,
+same budget, the run is reused):
 
 * ``bundled``     the baseline: trained on the bundled corpus, today's defaults;
 * ``real``        trained on real text instead (Debian's ``debian-reference`` manuals, Python's
