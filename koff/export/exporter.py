@@ -76,8 +76,9 @@ def _write_export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str
     layout = decoder_layout(model)
     dense_costs = UnitCosts.of(model, layout)
     selections = select_layers(run.mask, uniform)
-    config.dtype = export_dtype(run, config, base)
-    params = write_backbone_weights(base, model, layout, selections, config.dtype, out / "backbone", max_shard_size)
+    files = base_weight_files(base)
+    config.dtype = export_dtype(run, config, files)
+    params = write_backbone_weights(files, model, layout, selections, config.dtype, out / "backbone", max_shard_size)
     widths = layer_widths(selections)
     info = {
         "source_run": str(run.folder.resolve()),
@@ -108,10 +109,10 @@ def _write_export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str
     return summary
 
 
-def export_dtype(run: RunOutputs, config, base: Path) -> torch.dtype:
+def export_dtype(run: RunOutputs, config, files: dict[str, Path]) -> torch.dtype:
     """The dtype the base is stored in, unless the run named one (``--dtype`` other than auto)."""
     if run.config.dtype == "auto":
-        return stored_dtype(config, base_weight_files(base))
+        return stored_dtype(config, files)
     return resolve_dtype(run.config.dtype, "cpu")
 
 

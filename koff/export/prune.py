@@ -84,13 +84,21 @@ class Narrowing:
         return t
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` narrowed: rows, then (for a matrix) columns. ``Narrowing()`` leaves any tensor as it is."""
         return self.of_cols(self.of_rows(t))
 
-    def out_features(self, dense: int) -> int:
-        return dense if self.rows is None else len(self.rows)
+    def bias(self) -> "Narrowing":
+        """The narrowing of the projection's bias: its rows only."""
+        return Narrowing(rows=self.rows)
 
-    def in_features(self, dense: int) -> int:
-        return dense if self.cols is None else len(self.cols)
+    def shape(self, dense: torch.Size) -> tuple[int, ...]:
+        """The shape ``weight`` gives a tensor of shape ``dense``, without the tensor."""
+        out = list(dense)
+        if self.rows is not None:
+            out[0] = len(self.rows)
+        if self.cols is not None:
+            out[1] = len(self.cols)
+        return tuple(out)
 
 
 def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int) -> dict[str, Narrowing]:

@@ -54,16 +54,17 @@ def stored_dtype(config, files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
-def projection_tensors(model: nn.Module, layout: DecoderLayout, selections: list[LayerSelection]) -> dict[str, tuple]:
-    """Tensor name -> (narrowing, "weight" or "bias") for every projection of every layer."""
+def projection_narrowings_by_name(model: nn.Module, layout: DecoderLayout,
+                                  selections: list[LayerSelection]) -> dict[str, Narrowing]:
+    """Tensor name -> its narrowing, for the weight and bias of every projection of every layer."""
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for parts, sel in zip(layout.layers, selections):
         for proj, narrowing in projection_narrowings(sel, layout.heads_per_group, layout.head_dim).items():
             module = parts.projection(proj)
-            out[f"{names[id(module)]}.weight"] = (narrowing, "weight")
+            out[f"{names[id(module)]}.weight"] = narrowing
             if module.bias is not None:
-                out[f"{names[id(module)]}.bias"] = (narrowing, "bias")
+                out[f"{names[id(module)]}.bias"] = narrowing.bias()
     return out
 
 
@@ -75,28 +76,22 @@ def saved_tensor_names(model: nn.Module) -> list[str]:
     return [name for name in model.state_dict() if name in kept or name not in every]
 
 
-def narrowed_shape(shape: torch.Size, narrowing: Narrowing | None, kind: str) -> tuple[int, ...]:
-    if narrowing is None:
-        return tuple(shape)
-    if kind == "bias":
-        return (narrowing.out_features(shape[0]),)
-    return (narrowing.out_features(shape[0]), narrowing.in_features(shape[1]))
-
-
-def write_backbone_weights(base: Path, model: nn.Module, layout: DecoderLayout, selections: list[LayerSelection],
-                           dtype: torch.dtype, out: Path, max_shard_size: str) -> int:
-    """Write the narrowed weights of the base in ``base`` as safetensors shards into ``out``;
-    ``model`` is the base built on the meta device. Returns the number of parameters written."""
-    files = base_weight_files(base)
-    narrowings = projection_tensors(model, layout, selections)
+def write_backbone_weights(files: dict[str, Path], model: nn.Module, layout: DecoderLayout,
+                           selections: list[LayerSelection], dtype: torch.dtype, out: Path, max_shard_size: str) -> int:
+    """Write the narrowed weights of the base (``files``: ``base_weight_files`` of its folder) as
+    safetensors shards into ``out``; ``model`` is the base built on the meta device. Returns the
+    number of parameters written."""
+    narrowings = projection_narrowings_by_name(model, layout, selections)
     state = model.state_dict()
     names = saved_tensor_names(model)
     missing = [n for n in names if n not in files]
     if missing:
-        raise BaseWeightsError(f"{base}: the weight files lack {', '.join(missing[:3])}"
+        folder = next(iter(files.values())).parent if files else "the base folder"
+        raise BaseWeightsError(f"{folder}: the weight files lack {', '.join(missing[:3])}"
                                f"{' and more' if len(missing) > 3 else ''} (not the weights of this config?)")
-    shapes = {n: torch.empty(narrowed_shape(state[n].shape, *narrowings.get(n, (None, ""))), dtype=dtype, device="meta")
-              for n in names}
+    keep = Narrowing()
+    shapes = {n: torch.empty(narrowings.get(n, keep).shape(state[n].shape), dtype=dtype, device="meta") for n in names}
+    params = sum(t.numel() for t in shapes.values())
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,22 +105,14 @@ def write_backbone_weights(base: Path, model: nn.Module, layout: DecoderLayout, 
             return opened[path].get_tensor(name)
 
         for shard, shard_names in split.filename_to_tensors.items():
-            tensors = {n: cast(narrowed(read(n), *narrowings.get(n, (None, ""))), dtype) for n in shard_names}
+            tensors = {n: cast(narrowings.get(n, keep).weight(read(n)), dtype) for n in shard_names}
             save_file(tensors, str(out / shard), metadata={"format": "pt"})
             del tensors
     if split.is_sharded:
-        index = {"metadata": {"total_parameters": sum(t.numel() for t in shapes.values()), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
+        index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return sum(t.numel() for t in shapes.values())
+    return params
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
-
-
-def narrowed(tensor: torch.Tensor, narrowing: Narrowing | None, kind: str) -> torch.Tensor:
-    if narrowing is None:
-        return tensor
-    return narrowing.of_rows(tensor) if kind == "bias" else narrowing.weight(tensor)
-
