@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -65,3 +66,8 @@ def top_level_aten_ops(prof) -> int:
     (each one a kernel launch or more on a GPU)."""
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    """Bytes of the files under ``folder`` whose names match ``pattern``."""
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_speed_options, git_commit, machine
+from common import add_speed_options, folder_bytes, git_commit, machine
 from koff.export import export_run
 from koff.formats.run import read_config
 from koff.io import write_json, write_text
@@ -67,10 +67,6 @@ def generation_tokens_per_s(model: KoffModel, pad: int, batch: int, prompt: int,
     return batch * new / timed(run, repeats)
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="bench/out/decompose")
@@ -87,13 +83,13 @@ def main() -> None:
         t0 = time.perf_counter()
         exports[uniform] = export_run(args.run, out, uniform=uniform, force=True)
         exports[uniform]["seconds"] = round(time.perf_counter() - t0, 1)
-        exports[uniform]["backbone_bytes"] = folder_bytes(out / "backbone")
+        exports[uniform]["backbone_bytes"] = folder_bytes(out / "backbone", "*")
 
     dense_loaded = load_model(_base_spec(args.run))
     dense = KoffModel(dense_loaded.model).eval()
     with tempfile.TemporaryDirectory() as tmp:
         dense_loaded.model.save_pretrained(tmp)
-        dense_bytes = folder_bytes(Path(tmp))
+        dense_bytes = folder_bytes(Path(tmp), "*")
     runtime = load(args.out)
     pruned = runtime.model
     pad = runtime.tokenizer.pad_token_id

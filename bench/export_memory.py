@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import git_commit, machine
+from common import folder_bytes, git_commit, machine
 from random_base import random_model, word_tokenizer
 from koff.config import DecomposeConfig
 from koff.formats.run import CONFIG, write_outputs
@@ -116,10 +116,6 @@ def export_in_child(koff_root: Path | None, run: Path, out: Path, shard_size: st
     result = json.loads(done.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     return result
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
 def table(rows: list[dict]) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine
+from common import folder_bytes, git_commit, machine
 from decode import PROMPT_TOKENS, decode_speeds, export_random
 from random_base import DOMAINS, peak_bytes, random_domains, random_model, reset_peak, synchronize
 from koff.config import DecomposeConfig
@@ -101,10 +101,6 @@ def peft_step(shape: str, args, settings: DecomposeConfig, checkpointing: bool) 
               "peak_bytes": peak_bytes(args.device), "gradient_checkpointing": checkpointing}
     del model, base, optimizer
     return result
-
-
-def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
-    return sum(p.stat().st_size for p in folder.rglob(pattern))
 
 
 def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
