@@ -157,3 +157,15 @@ def test_export_of_an_auto_dtype_run_keeps_the_dtype_the_base_is_stored_in(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / "export").model(ids, "eng"), dec.model.eval()(ids, "eng"),
                                    atol=0.05, rtol=0.02)
+
+
+def test_recompute_finds_the_layer_cache_under_either_name():
+    """transformers 5.24 renamed the decoder layers' ``past_key_values`` argument to ``cache``; the
+    recompute must restore the layer's cache entry under both (with neither, the KV prefix is
+    appended twice and the recomputed attention fails)."""
+    from koff.models.recompute import layer_cache
+
+    cache = object()
+    assert layer_cache({"cache": cache}) is cache
+    assert layer_cache({"past_key_values": cache}) is cache
+    assert layer_cache({}) is None
