@@ -13,7 +13,8 @@ same budget, the run is reused):
                   one-shot start explain why language-specific neurons are removed less often?
 * ``real-full``   ``real`` at the budget of the README's first command (160 steps of 5 x 256
                   tokens, twice the tokens): is the rest of the gap to dense a matter of training longer?
-* ``real-full-seed1`` the same with seed 1 (the seed also draws the run's validation split).
+* ``real-full-seed1``, ``real-full-seed2`` the same with seeds 1 and 2 (the seed also draws the
+                  run's validation split).
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -54,6 +55,7 @@ VARIANTS = {
     "init-none": ("gates start from no importance (--init-from none)", "bundled", {"init_from": "none"}),
     "real-full": ("real text, the README's budget (160 steps of 5 x 256)", "real", {"steps": 160, "batch_size": 5}),
     "real-full-seed1": ("real-full with seed 1", "real", {"steps": 160, "batch_size": 5, "seed": 1}),
+    "real-full-seed2": ("real-full with seed 2", "real", {"steps": 160, "batch_size": 5, "seed": 2}),
 }
 
 

@@ -4,12 +4,15 @@ The CPU-sized part of issue 13: at 12% on the embedded SmolLM2-135M (eng/deu/fra
 the README's domains), per seed two runs through the same loop, budget and distillation:
 
 * KOFF (learned mask + LoRA + KV);
-* the row that isolates the mask: the one-shot Wanda mask with the very same LoRA + KV memories.
+* the row that isolates the mask: the one-shot Wanda mask with the very same LoRA + KV memories;
+* prune, then LoRA: the same one-shot mask with LoRA alone, at the smallest rank whose parameters
+  per domain reach KOFF's memories (equal budget, never in KOFF's favour).
 
 Then, per seed, one `koff eval` table: every row on the bundled validation split and, per domain,
 on real text from another source (Debian's manuals, Python's standard library;
 `scripts/real_corpora.py`), with the price of offloading (KOFF over the dense base with the same
-memories); and `koff analyze` (language-specific neurons, LAPE) of both masks of the first seed. Across seeds: mean, min and max of each row, and every goal is met only if it holds for
+memories); and `koff analyze` (language-specific neurons, LAPE) of the learned and the one-shot mask of the first seed
+(prune-then-LoRA has the one-shot mask too). Across seeds: mean, min and max of each row, and every goal is met only if it holds for
 every seed. The seed also draws the validation split, so the bundled columns move with it; the
 other-source text is the same for every seed.
 
@@ -28,18 +31,24 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import git_commit, machine
 from koff.cli import main as koff_main
 from koff.experiments.concurrent import train_all
+from koff.experiments.sweep import equal_budget_rank
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
 OTHER_SOURCES = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "fra": "debian-reference/fra",
                  "spa": "debian-reference/spa", "python": "python-stdlib/python"}
-RUNS = {"koff": ("learned", "KOFF"), "oneshot-lora-kv": ("oneshot:wanda", "one-shot mask + LoRA + KV")}
+# run folder: (mask, memory, row label in the table)
+RUNS = {"koff": ("learned", "lora+kv", "KOFF"),
+        "oneshot-lora-kv": ("oneshot:wanda", "lora+kv", "one-shot mask + LoRA + KV"),
+        "prune-then-lora": ("oneshot:wanda", "lora", "prune, then LoRA (equal budget)")}
+ANALYSED = ("koff", "oneshot-lora-kv")  # the distinct masks
 
 
 def seed_folder(out: Path, seed: int) -> Path:
@@ -48,10 +57,14 @@ def seed_folder(out: Path, seed: int) -> Path:
 
 
 def configs(args: argparse.Namespace, seed: int) -> list[DecomposeConfig]:
-    return [DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
-                            batch_size=args.batch_size, eval=False, checkpoint_every=20, mask=mask, memory="lora+kv",
-                            device=args.device, seed=seed, out=str(seed_folder(Path(args.out), seed) / name))
-            for name, (mask, _) in RUNS.items()]
+    common = DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
+                             batch_size=args.batch_size, eval=False, checkpoint_every=20, memory="lora+kv",
+                             device=args.device, seed=seed)
+    rank = equal_budget_rank(common)
+    lora_only = {"lora_rank": rank, "lora_alpha": 2.0 * rank}
+    return [replace(common, mask=mask, memory=memory, out=str(seed_folder(Path(args.out), seed) / name),
+                    **(lora_only if memory == "lora" else {}))
+            for name, (mask, memory, _) in RUNS.items()]
 
 
 def koff_once(request: list[str], out: Path) -> None:
@@ -70,7 +83,8 @@ def table_for(args: argparse.Namespace, seed: int) -> dict:
     folder = seed_folder(Path(args.out), seed)
     corpora = Path(args.corpora)
     transfer = [flag for name, sub in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / sub}")]
-    request = ["eval", str(folder / "koff"), f"{RUNS['oneshot-lora-kv'][1]}={folder / 'oneshot-lora-kv'}",
+    others = [f"{label}={folder / name}" for name, (_, _, label) in RUNS.items() if name != "koff"]
+    request = ["eval", str(folder / "koff"), *others,
                "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
                *transfer, "--device", args.device, "--out", str(folder / "table")]
     koff_once(request, folder / "table")
@@ -78,10 +92,10 @@ def table_for(args: argparse.Namespace, seed: int) -> dict:
 
 
 def analysis_for(args: argparse.Namespace, seed: int) -> dict[str, str]:
-    """`koff analyze` (LAPE) of both masks of one seed, as markdown by run name; reused when the same
-    request made it."""
+    """`koff analyze` (LAPE) of the distinct masks of one seed, as markdown by run name; reused when the
+    same request made it."""
     folder, tables = seed_folder(Path(args.out), seed), {}
-    for name in RUNS:
+    for name in ANALYSED:
         out = folder / f"analysis-{name}"
         koff_once(["analyze", str(folder / name), "--device", args.device, "--out", str(out)], out)
         tables[name] = (out / "analysis.md").read_text().strip()
@@ -95,7 +109,8 @@ def named_rows(table: dict) -> dict[str, dict]:
 
 def goals(table: dict) -> dict[str, bool]:
     rows = named_rows(table)
-    koff, oneshot, bare = rows["KOFF"], rows[RUNS["oneshot-lora-kv"][1]], rows["mask, no memories"]
+    koff, oneshot, bare = rows["KOFF"], rows[RUNS["oneshot-lora-kv"][2]], rows["mask, no memories"]
+    pruned = rows[RUNS["prune-then-lora"][2]]
     return {
         "koff_within_5pct_on_average_other_source": koff["transfer_mean_ratio"] <= 1.05,
         "koff_within_10pct_worst_other_source": max(koff["ratio_to_dense"][c] for c in table["transfer"]) <= 1.10,
@@ -103,6 +118,8 @@ def goals(table: dict) -> dict[str, bool]:
         "learned_mask_beats_oneshot_with_the_same_memories_in_distribution": koff["mean_ratio"] < oneshot["mean_ratio"],
         "learned_mask_beats_oneshot_with_the_same_memories_other_source":
             koff["transfer_mean_ratio"] < oneshot["transfer_mean_ratio"],
+        "koff_beats_prune_then_lora_in_distribution": koff["mean_ratio"] < pruned["mean_ratio"],
+        "koff_beats_prune_then_lora_other_source": koff["transfer_mean_ratio"] < pruned["transfer_mean_ratio"],
     }
 
 
@@ -184,8 +201,8 @@ def main() -> None:
             f"{k}: {'met' if v else 'NOT met'} ({sum(g[k] for g in per_seed.values())}/{len(seeds)} seeds)"
             for k, v in met.items()), "",
     ]
-    for name, (_, label) in RUNS.items():
-        text += [f"## Language-specific neurons: {label} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
+    for name in ANALYSED:
+        text += [f"## Language-specific neurons: {RUNS[name][2]} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
     for seed in seeds:
         text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
     write_text(results / f"{args.name}.md", "\n".join(text))
