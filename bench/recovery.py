@@ -43,7 +43,7 @@ from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
 from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
-from transfer import add_budget_options, koff_once, named_rows
+from transfer import add_budget_options, koff_once, named_rows, spread
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
@@ -57,6 +57,12 @@ VARIANTS = {
     "real-full-seed1": ("real-full with seed 1", "real", {"steps": 160, "batch_size": 5, "seed": 1}),
     "real-full-seed2": ("real-full with seed 2", "real", {"steps": 160, "batch_size": 5, "seed": 2}),
 }
+
+# one configuration trained with several seeds: its variants, summarised across seeds
+SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2")}
+GOALS = {"koff_held_out": ("KOFF within 5% of dense on average", lambda x: x <= 1.05),
+         "koff_held_out_worst": ("KOFF within 10% in the worst domain", lambda x: x <= 1.10),
+         "mask_alone_held_out": ("bare backbone at least 25% worse", lambda x: x >= 1.25)}
 
 
 def run_folder(args: argparse.Namespace, name: str) -> Path:
@@ -112,6 +118,36 @@ def markdown(rows: list[dict]) -> str:
           f(r["lape"]["activity_adjusted_enrichment"])] for r in rows])
 
 
+def across_seeds(rows: list[dict]) -> dict:
+    """For each configuration of SEEDED whose every seed is among ``rows``: mean / min / max of the
+    held-out numbers, and whether issue 13's goals hold for every seed."""
+    by_name, summary = {r["variant"]: r for r in rows}, {}
+    for name, variants in SEEDED.items():
+        if not all(v in by_name for v in variants):
+            continue
+        seeded = [by_name[v] for v in variants]
+        keys = ("koff_held_out", "koff_held_out_worst", "mask_alone_held_out", "price_of_offloading_held_out")
+        summary[name] = {"variants": list(variants), **{k: spread([r[k] for r in seeded]) for k in keys},
+                         "goals_met_for_every_seed": {label: all(ok(r[k]) for r in seeded)
+                                                      for k, (label, ok) in GOALS.items()}}
+    return summary
+
+
+def across_seeds_markdown(summary: dict) -> list[str]:
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+    text = []
+    for name, s in summary.items():
+        text += [f"## {name} across seeds ({', '.join(s['variants'])}): mean [min, max]", "",
+                 markdown_table(["KOFF, held-out text", "worst domain", "mask alone, held-out", "price of offloading"],
+                                [[cell(s[k]) for k in ("koff_held_out", "koff_held_out_worst", "mask_alone_held_out",
+                                                       "price_of_offloading_held_out")]]), "",
+                 "Goals, met only if met for every seed: " + "; ".join(
+                     f"{label}: {'met' if ok else 'NOT met'}" for label, ok in s["goals_met_for_every_seed"].items()), ""]
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
@@ -134,8 +170,9 @@ def main() -> None:
     runs = [config(args, n) for n in names]
     train_all(runs, args.jobs)
     rows = [summary_row(n, run, *evaluate(args, n)) for n, run in zip(names, runs)]
+    seeds = across_seeds(rows)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
-              "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows,
+              "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows, "across_seeds": seeds,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)
     text = "\n".join([
@@ -149,7 +186,7 @@ def main() -> None:
         f"{args.transfer_max_blocks} evenly spaced blocks of 256 tokens per domain. The own split is each run's "
         "validation split of its training corpus (bundled or real). LAPE: language-specific FFN neurons removed, "
         "relative to all neurons (1 = as often).", "",
-        markdown(rows), ""])
+        markdown(rows), "", *across_seeds_markdown(seeds)])
     write_text(Path(args.results) / f"{args.name}.md", text)
     print(text)
 
