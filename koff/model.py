@@ -23,6 +23,7 @@ from koff.memories.memory import DomainMemory, MemoryConfig
 from koff.memories.prefix import prefix_from_text, prefix_inputs, prefix_shapes
 from koff.memories.router import MemoryRouter
 from koff.models.architecture import decoder_layout
+from koff.models.cache_api import cache_inputs
 from koff.models.recompute import disable_layer_checkpointing, enable_layer_checkpointing, layer_checkpointing_enabled
 
 Domains = str | None | Sequence[str | None]
@@ -177,7 +178,7 @@ class KoffModel(nn.Module):
         cache, full_mask, positions = prefix_inputs(per_sample, self.base.config, self.dtype, attention_mask)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if cache is not None:
-            inputs |= {"attention_mask": full_mask, "past_key_values": cache, "position_ids": positions}
+            inputs |= {"attention_mask": full_mask, "position_ids": positions, **cache_inputs(self.base, cache)}
         if hidden:
             return self.base.get_decoder()(**inputs).last_hidden_state
         return self.base(**inputs).logits

@@ -169,3 +169,27 @@ def test_recompute_finds_the_layer_cache_under_either_name():
     assert layer_cache({"cache": cache}) is cache
     assert layer_cache({"past_key_values": cache}) is cache
     assert layer_cache({}) is None
+
+
+def test_the_cache_goes_in_and_comes_out_under_the_name_the_model_takes():
+    """transformers 5.24 renamed the models' ``past_key_values`` argument and output to ``cache`` (the
+    old argument goes in 5.40); koff passes and reads whichever the model has."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from koff.models.cache_api import cache_inputs, returned_cache
+
+    class Before(nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return past_key_values
+
+    class After(nn.Module):
+        def forward(self, input_ids, cache=None):
+            return cache
+
+    cache = object()
+    for model in (Before(), After()):
+        assert model(None, **cache_inputs(model, cache)) is cache
+    assert returned_cache(SimpleNamespace(cache=cache, past_key_values=None)) is cache
+    assert returned_cache(SimpleNamespace(past_key_values=cache)) is cache

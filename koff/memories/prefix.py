@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from koff.memories.memory import DomainMemory
+from koff.models.cache_api import returned_cache
 
 
 def prefix_shapes(model, layout) -> list[tuple[int, int]]:
@@ -64,5 +65,5 @@ def prefix_inputs(
 @torch.no_grad()
 def prefix_from_text(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The model's own keys and values over ``input_ids`` (1D): the initial value of a KV memory."""
-    cache = model(input_ids=input_ids[None], use_cache=True).past_key_values
+    cache = returned_cache(model(input_ids=input_ids[None], use_cache=True))
     return [layer.keys[0].float().clone() for layer in cache.layers], [layer.values[0].float().clone() for layer in cache.layers]

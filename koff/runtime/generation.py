@@ -20,6 +20,7 @@ from koff.errors import KoffError, UserInputError
 from koff.memories.memory import DomainMemory
 from koff.memories.prefix import prefix_inputs
 from koff.model import KoffModel
+from koff.models.cache_api import cache_inputs, returned_cache
 
 
 # Temperatures below this sample the most likely token anyway; dividing logits by them overflows
@@ -153,9 +154,9 @@ class DecodeBatch:
         ids = torch.tensor([r.last for r in rows], device=device)[:, None]
         self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=device)], dim=1)
         with self.model.activate([r.memory for r in rows]):
-            out = self.model.base(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache,
-                                  position_ids=self.next_position, use_cache=True)
-        self.cache, self.next_position = out.past_key_values, self.next_position + 1
+            out = self.model.base(input_ids=ids, attention_mask=self.mask, position_ids=self.next_position,
+                                  use_cache=True, **cache_inputs(self.model.base, self.cache))
+        self.cache, self.next_position = returned_cache(out), self.next_position + 1
         return self._sample(rows, out.logits[:, -1])
 
     def _prefill(self) -> list[tuple[int, int]]:
@@ -171,9 +172,10 @@ class DecodeBatch:
         with model.activate([r.memory for r in rows]) as active:
             cache, mask, positions = prefix_inputs(active, model.base.config, model.dtype, prompt_mask)
             cache = cache if cache is not None else DynamicCache(config=model.base.config)
-            out = model.base(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions, use_cache=True)
+            out = model.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **cache_inputs(model.base, cache))
         tokens = self._sample(rows, out.logits[:, -1])
-        self._merge(rows, out.past_key_values, mask, positions[:, -1:] + 1)
+        self._merge(rows, returned_cache(out), mask, positions[:, -1:] + 1)
         return tokens
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, int]]:
