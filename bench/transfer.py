@@ -1,7 +1,7 @@
 """Does the recovery hold on real text, and does the *learned* mask beat a one-shot one, for every seed? (issue 13)
 
 The CPU-sized part of issue 13: at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python,
-the README's domains), per seed two runs through the same loop, budget and distillation:
+the README's domains), per seed three runs through the same loop, budget and distillation:
 
 * KOFF (learned mask + LoRA + KV);
 * the row that isolates the mask: the one-shot Wanda mask with the very same LoRA + KV memories;
