@@ -159,18 +159,6 @@ def test_export_of_an_auto_dtype_run_keeps_the_dtype_the_base_is_stored_in(tmp_p
                                    atol=0.05, rtol=0.02)
 
 
-def test_recompute_finds_the_layer_cache_under_either_name():
-    """transformers 5.24 renamed the decoder layers' ``past_key_values`` argument to ``cache``; the
-    recompute must restore the layer's cache entry under both (with neither, the KV prefix is
-    appended twice and the recomputed attention fails)."""
-    from koff.models.recompute import layer_cache
-
-    cache = object()
-    assert layer_cache({"cache": cache}) is cache
-    assert layer_cache({"past_key_values": cache}) is cache
-    assert layer_cache({}) is None
-
-
 def test_the_cache_goes_in_and_comes_out_under_the_name_the_model_takes():
     """transformers 5.24 renamed the models' ``past_key_values`` argument and output to ``cache`` (the
     old argument goes in 5.40); koff passes and reads whichever the model has."""
@@ -178,7 +166,7 @@ def test_the_cache_goes_in_and_comes_out_under_the_name_the_model_takes():
 
     from torch import nn
 
-    from koff.models.cache_api import cache_inputs, returned_cache
+    from koff.models.cache_api import cache_inputs, given_cache, returned_cache
 
     class Before(nn.Module):
         def forward(self, input_ids, past_key_values=None):
@@ -193,3 +181,7 @@ def test_the_cache_goes_in_and_comes_out_under_the_name_the_model_takes():
         assert model(None, **cache_inputs(model, cache)) is cache
     assert returned_cache(SimpleNamespace(cache=cache, past_key_values=None)) is cache
     assert returned_cache(SimpleNamespace(past_key_values=cache)) is cache
+    # a checkpointed decoder layer's recompute must restore its cache entry under either name (with
+    # neither, the KV prefix is appended twice and the recomputed attention fails)
+    assert given_cache({"cache": cache}) is cache and given_cache({"past_key_values": cache}) is cache
+    assert given_cache({}) is None

@@ -18,6 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from koff.models.architecture import DecoderLayout
+from koff.models.cache_api import given_cache
 
 Restorer = Callable[[], ContextManager]
 
@@ -52,7 +53,7 @@ def _checkpointed(forward: Callable, index: int, states: Sequence[PassState]) ->
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         restorers = [state.snapshot() for state in states]
-        restorers.append(_cache_snapshot(layer_cache(kwargs), index))
+        restorers.append(_cache_snapshot(given_cache(kwargs), index))
 
         def context_fn():
             return nullcontext(), _all(restorers)
@@ -87,12 +88,6 @@ def attribute_snapshot(owner, names: Sequence[str]) -> Restorer:
                 setattr(owner, name, value)
 
     return restore
-
-
-def layer_cache(kwargs: dict):
-    """The cache a decoder layer is called with: ``cache`` since transformers 5.24, which renamed
-    the layers' ``past_key_values`` argument."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _cache_snapshot(cache, index: int) -> Restorer:
