@@ -37,17 +37,17 @@ from pathlib import Path
 from common import git_commit, machine
 from koff.cli import main as koff_main
 from koff.experiments.concurrent import train_all
-from koff.experiments.sweep import equal_budget_rank
+from koff.experiments.sweep import equal_budget_runs
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
 OTHER_SOURCES = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "fra": "debian-reference/fra",
                  "spa": "debian-reference/spa", "python": "python-stdlib/python"}
-# run folder: (mask, memory, row label in the table)
-RUNS = {"koff": ("learned", "lora+kv", "KOFF"),
-        "oneshot-lora-kv": ("oneshot:wanda", "lora+kv", "one-shot mask + LoRA + KV"),
-        "prune-then-lora": ("oneshot:wanda", "lora", "prune, then LoRA (equal budget)")}
+# run folder: (its run in koff.experiments.sweep.equal_budget_runs, row label in the table)
+RUNS = {"koff": ("koff", "KOFF"),
+        "oneshot-lora-kv": ("oneshot_lora_kv", "one-shot mask + LoRA + KV"),
+        "prune-then-lora": ("prune_then_lora", "prune, then LoRA (equal budget)")}
 ANALYSED = ("koff", "oneshot-lora-kv")  # the distinct masks
 
 
@@ -57,14 +57,10 @@ def seed_folder(out: Path, seed: int) -> Path:
 
 
 def configs(args: argparse.Namespace, seed: int) -> list[DecomposeConfig]:
-    common = DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
-                             batch_size=args.batch_size, eval=False, checkpoint_every=20, memory="lora+kv",
-                             device=args.device, seed=seed)
-    rank = equal_budget_rank(common)
-    lora_only = {"lora_rank": rank, "lora_alpha": 2.0 * rank}
-    return [replace(common, mask=mask, memory=memory, out=str(seed_folder(Path(args.out), seed) / name),
-                    **(lora_only if memory == "lora" else {}))
-            for name, (mask, memory, _) in RUNS.items()]
+    runs = equal_budget_runs(DecomposeConfig(model="smollm2-135m", domain=DOMAINS, sparsity=0.12, steps=args.steps,
+                                             batch_size=args.batch_size, eval=False, checkpoint_every=20,
+                                             device=args.device, seed=seed))
+    return [replace(runs[run], out=str(seed_folder(Path(args.out), seed) / name)) for name, (run, _) in RUNS.items()]
 
 
 def koff_once(request: list[str], out: Path) -> None:
@@ -83,7 +79,7 @@ def table_for(args: argparse.Namespace, seed: int) -> dict:
     folder = seed_folder(Path(args.out), seed)
     corpora = Path(args.corpora)
     transfer = [flag for name, sub in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / sub}")]
-    others = [f"{label}={folder / name}" for name, (_, _, label) in RUNS.items() if name != "koff"]
+    others = [f"{label}={folder / name}" for name, (_, label) in RUNS.items() if name != "koff"]
     request = ["eval", str(folder / "koff"), *others,
                "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
                *transfer, "--device", args.device, "--out", str(folder / "table")]
@@ -109,8 +105,8 @@ def named_rows(table: dict) -> dict[str, dict]:
 
 def goals(table: dict) -> dict[str, bool]:
     rows = named_rows(table)
-    koff, oneshot, bare = rows["KOFF"], rows[RUNS["oneshot-lora-kv"][2]], rows["mask, no memories"]
-    pruned = rows[RUNS["prune-then-lora"][2]]
+    koff, oneshot, bare = rows["KOFF"], rows[RUNS["oneshot-lora-kv"][1]], rows["mask, no memories"]
+    pruned = rows[RUNS["prune-then-lora"][1]]
     return {
         "koff_within_5pct_on_average_other_source": koff["transfer_mean_ratio"] <= 1.05,
         "koff_within_10pct_worst_other_source": max(koff["ratio_to_dense"][c] for c in table["transfer"]) <= 1.10,
@@ -202,7 +198,7 @@ def main() -> None:
             for k, v in met.items()), "",
     ]
     for name in ANALYSED:
-        text += [f"## Language-specific neurons: {RUNS[name][2]} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
+        text += [f"## Language-specific neurons: {RUNS[name][1]} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
     for seed in seeds:
         text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
     write_text(results / f"{args.name}.md", "\n".join(text))

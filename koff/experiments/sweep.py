@@ -37,19 +37,24 @@ def equal_budget_rank(config: DecomposeConfig) -> int:
     return math.ceil(memory_parameters(sizes, config) / per_rank)
 
 
+def equal_budget_runs(base: DecomposeConfig) -> dict[str, DecomposeConfig]:
+    """The three runs compared at ``base``'s sparsity, through the same loop and budget: ``koff``,
+    ``oneshot_lora_kv`` (the one-shot Wanda mask with the same memories) and ``prune_then_lora``
+    (that mask with LoRA alone at the equal-budget rank); each keeps ``base``'s ``out``."""
+    rank = equal_budget_rank(replace(base, memory="lora+kv"))
+    return {"koff": replace(base, mask="learned", memory="lora+kv"),
+            "oneshot_lora_kv": replace(base, mask="oneshot:wanda", memory="lora+kv"),
+            "prune_then_lora": replace(base, mask="oneshot:wanda", memory="lora", lora_rank=rank, lora_alpha=2.0 * rank)}
+
+
 def sweep_configs(base: DecomposeConfig, sparsities: list[float], out: str | Path) -> dict[float, dict[str, DecomposeConfig]]:
-    """Per sparsity, the three runs of the sweep: ``koff``, ``oneshot_lora_kv`` and ``prune_then_lora``."""
-    out, rank = Path(out), equal_budget_rank(replace(base, memory="lora+kv"))
+    """Per sparsity, the three ``equal_budget_runs``, each in its own folder of ``out``."""
     configs = {}
     for sparsity in sparsities:
         tag = f"s{round(sparsity * 100):02d}"
-        configs[sparsity] = {
-            "koff": replace(base, sparsity=sparsity, mask="learned", memory="lora+kv", out=str(out / f"koff-{tag}")),
-            "oneshot_lora_kv": replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora+kv",
-                                       out=str(out / f"oneshot-lora-kv-{tag}")),
-            "prune_then_lora": replace(base, sparsity=sparsity, mask="oneshot:wanda", memory="lora", lora_rank=rank,
-                                       lora_alpha=2.0 * rank, out=str(out / f"prune-then-lora-{tag}")),
-        }
+        runs = equal_budget_runs(replace(base, sparsity=sparsity))
+        configs[sparsity] = {name: replace(config, out=str(Path(out) / f"{name.replace('_', '-')}-{tag}"))
+                             for name, config in runs.items()}
     return configs
 
 
