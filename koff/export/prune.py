@@ -91,15 +91,6 @@ class Narrowing:
         """The narrowing of the projection's bias: its rows only."""
         return Narrowing(rows=self.rows)
 
-    def shape(self, dense: torch.Size) -> tuple[int, ...]:
-        """The shape ``weight`` gives a tensor of shape ``dense``, without the tensor."""
-        out = list(dense)
-        if self.rows is not None:
-            out[0] = len(self.rows)
-        if self.cols is not None:
-            out[1] = len(self.cols)
-        return tuple(out)
-
 
 def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int) -> dict[str, Narrowing]:
     """Each projection's narrowing for one layer's selection."""

@@ -90,7 +90,8 @@ def write_backbone_weights(files: dict[str, Path], model: nn.Module, layout: Dec
         raise BaseWeightsError(f"{folder}: the weight files lack {', '.join(missing[:3])}"
                                f"{' and more' if len(missing) > 3 else ''} (not the weights of this config?)")
     keep = Narrowing()
-    shapes = {n: torch.empty(narrowings.get(n, keep).shape(state[n].shape), dtype=dtype, device="meta") for n in names}
+    # the meta model's tensors, narrowed: the shapes the shards will hold, with no memory
+    shapes = {n: narrowings.get(n, keep).weight(state[n]).to(dtype) for n in names}
     params = sum(t.numel() for t in shapes.values())
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
