@@ -43,7 +43,7 @@ from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
 from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
-from transfer import add_budget_options, koff_once, named_rows, spread
+from transfer import add_budget_options, koff_once, named_rows, spread, spread_cell
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
@@ -60,6 +60,9 @@ VARIANTS = {
 
 # one configuration trained with several seeds: its variants, summarised across seeds
 SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2")}
+# the numbers summarised across seeds, and their column titles
+SEEDED_COLUMNS = {"koff_held_out": "KOFF, held-out text", "koff_held_out_worst": "worst domain",
+                  "mask_alone_held_out": "mask alone, held-out", "price_of_offloading_held_out": "price of offloading"}
 GOALS = {"koff_held_out": ("KOFF within 5% of dense on average", lambda x: x <= 1.05),
          "koff_held_out_worst": ("KOFF within 10% in the worst domain", lambda x: x <= 1.10),
          "mask_alone_held_out": ("bare backbone at least 25% worse", lambda x: x >= 1.25)}
@@ -126,23 +129,17 @@ def across_seeds(rows: list[dict]) -> dict:
         if not all(v in by_name for v in variants):
             continue
         seeded = [by_name[v] for v in variants]
-        keys = ("koff_held_out", "koff_held_out_worst", "mask_alone_held_out", "price_of_offloading_held_out")
-        summary[name] = {"variants": list(variants), **{k: spread([r[k] for r in seeded]) for k in keys},
+        summary[name] = {"variants": list(variants), **{k: spread([r[k] for r in seeded]) for k in SEEDED_COLUMNS},
                          "goals_met_for_every_seed": {label: all(ok(r[k]) for r in seeded)
                                                       for k, (label, ok) in GOALS.items()}}
     return summary
 
 
 def across_seeds_markdown(summary: dict) -> list[str]:
-    def cell(s: dict) -> str:
-        return f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-
     text = []
     for name, s in summary.items():
         text += [f"## {name} across seeds ({', '.join(s['variants'])}): mean [min, max]", "",
-                 markdown_table(["KOFF, held-out text", "worst domain", "mask alone, held-out", "price of offloading"],
-                                [[cell(s[k]) for k in ("koff_held_out", "koff_held_out_worst", "mask_alone_held_out",
-                                                       "price_of_offloading_held_out")]]), "",
+                 markdown_table(list(SEEDED_COLUMNS.values()), [[spread_cell(s[k]) for k in SEEDED_COLUMNS]]), "",
                  "Goals, met only if met for every seed: " + "; ".join(
                      f"{label}: {'met' if ok else 'NOT met'}" for label, ok in s["goals_met_for_every_seed"].items()), ""]
     return text

@@ -123,22 +123,25 @@ def spread(values: list[float]) -> dict:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
 
 
+def spread_cell(s: dict) -> str:
+    """A ``spread`` as a table cell: mean [min, max]."""
+    return f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
 def across_seeds(tables: dict[int, dict]) -> dict:
     """Per row: mean ratio on the bundled split and on other-source text, as mean / min / max over seeds;
     the price of offloading on other-source text likewise."""
-    names = list(named_rows(next(iter(tables.values()))))
-    rows = {name: {key: spread([named_rows(t)[name][key] for t in tables.values()])
-                   for key in ("mean_ratio", "transfer_mean_ratio")} for name in names}
+    named = [named_rows(t) for t in tables.values()]
+    rows = {name: {key: spread([n[name][key] for n in named]) for key in ("mean_ratio", "transfer_mean_ratio")}
+            for name in named[0]}
     price = spread([sum(t["price_of_offloading"][c] for c in t["transfer"]) / len(t["transfer"])
                     for t in tables.values()])
     return {"rows": rows, "price_of_offloading_other_source_mean": price}
 
 
 def summary_markdown(summary: dict) -> str:
-    def cell(s: dict) -> str:
-        return f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-
-    rows = [[name, cell(r["mean_ratio"]), cell(r["transfer_mean_ratio"])] for name, r in summary["rows"].items()]
+    rows = [[name, spread_cell(r["mean_ratio"]), spread_cell(r["transfer_mean_ratio"])]
+            for name, r in summary["rows"].items()]
     return markdown_table(["configuration", "mean ratio, bundled split", "mean ratio, other source"], rows)
 
 
