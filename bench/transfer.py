@@ -129,11 +129,12 @@ def spread_cell(s: dict) -> str:
 
 
 def across_seeds(tables: dict[int, dict]) -> dict:
-    """Per row: mean ratio on the bundled split and on other-source text, as mean / min / max over seeds;
-    the price of offloading on other-source text likewise."""
+    """Per row of every seed's table: mean ratio on the bundled split and on other-source text, as
+    mean / min / max over seeds; the price of offloading on other-source text likewise. (A table made
+    before `koff eval` scored each mask alone once has one more row: it is left out.)"""
     named = [named_rows(t) for t in tables.values()]
     rows = {name: {key: spread([n[name][key] for n in named]) for key in ("mean_ratio", "transfer_mean_ratio")}
-            for name in named[0]}
+            for name in named[0] if all(name in n for n in named)}
     price = spread([sum(t["price_of_offloading"][c] for c in t["transfer"]) / len(t["transfer"])
                     for t in tables.values()])
     return {"rows": rows, "price_of_offloading_other_source_mean": price}

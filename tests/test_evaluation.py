@@ -48,13 +48,17 @@ def test_eval_table_of_a_run_and_its_comparison_runs(tmp_path, corpus, capsys):
     model_dir = save_tiny(tmp_path / "model", "llama")
     koff = decompose(model_dir, corpus, tmp_path / "koff")
     lora = decompose(model_dir, corpus, tmp_path / "lora", mask=f"file:{koff}", memory="lora")
-    pruned = decompose(model_dir, corpus, tmp_path / "oneshot", mask="oneshot:wanda", memory="lora")
-    assert main(["eval", koff, lora, f"prune-then-LoRA={pruned}", "--max-blocks", "2", "--out", str(tmp_path / "t")]) == 0
+    pruned = decompose(model_dir, corpus, tmp_path / "oneshot", mask="oneshot:activation", memory="lora")
+    pruned_kv = decompose(model_dir, corpus, tmp_path / "oneshot-kv", mask="oneshot:activation", memory="kv")
+    assert main(["eval", koff, lora, f"prune-then-LoRA={pruned}", f"prune-then-KV={pruned_kv}", "--max-blocks", "2",
+                 "--out", str(tmp_path / "t")]) == 0
     table = json.loads((tmp_path / "t" / "table.json").read_text())
     names = [r["configuration"] for r in table["rows"]]
+    # a mask is scored alone once: the fixed mask is KOFF's, and both one-shot runs have the same mask
+    # (with the activation importance: three steps from the Wanda start leave KOFF's mask where Wanda's is)
     assert names == ["dense base", "dense base + memories (LoRA + KV)", "mask, no memories",
                      "KOFF: learned mask + LoRA + KV", "fixed mask + LoRA only",
-                     "prune-then-LoRA, mask without memories", "prune-then-LoRA"]
+                     "prune-then-LoRA, mask without memories", "prune-then-LoRA", "prune-then-KV"]
     rows = {r["configuration"]: r for r in table["rows"]}
     assert all(r == 1.0 for r in rows["dense base"]["ratio_to_dense"].values())
     assert table["domains"] == ["eng", "code"]

@@ -4,9 +4,9 @@ The main run (a KOFF decomposition) gives four rows without further training: th
 dense base with the run's memories (a reference: what the memories add without pruning), the mask
 alone, and the mask with the memories. Every comparison run (``koff decompose`` with another
 ``--mask`` / ``--memory``: LoRA only or KV only on the same mask, a one-shot mask with LoRA trained
-after it, ...) adds its own row, and the row of its mask alone unless it trained on the main run's
-mask (``--mask file:``). All rows score the same validation blocks, so their numbers are
-comparable by construction.
+after it, ...) adds its own row, and the row of its mask alone unless the table has that mask alone
+already (it trained on the main run's mask with ``--mask file:``, or two runs share one one-shot
+mask). All rows score the same validation blocks, so their numbers are comparable by construction.
 
 *Transfer* columns score each row on text of a domain from another source than the one it trained
 on (``--transfer NAME=SOURCE``: the memory of NAME on that text): what a memory carries beyond its
@@ -68,14 +68,15 @@ def memory_parameters_per_domain(model) -> int:
     return round(sum(counts) / len(counts)) if counts else 0
 
 
-def run_configurations(run: Run, label: str | None, main: BinaryMask | None) -> Iterator[Configuration]:
-    """The rows one run contributes; ``main`` is the main run's mask (None for the main run itself)."""
+def run_configurations(run: Run, label: str | None, shown: list[BinaryMask] | None) -> Iterator[Configuration]:
+    """The rows one run contributes. ``shown``: the masks the table already scores alone (None for the
+    main run, which opens the table); a comparison run's mask alone is scored only if it is new."""
     model = run.koff_model()
     dense_params = model.costs.total_params
     masked = dense_params - run.mask.removed_params(model.costs)
     memories = memory_parameters_per_domain(model)
     bare = lambda ids, domain: model(ids, None)  # noqa: E731
-    if main is None:
+    if shown is None:
         yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense)
         if memories:
             yield Configuration(f"dense base + memories ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
@@ -84,7 +85,7 @@ def run_configurations(run: Run, label: str | None, main: BinaryMask | None) -> 
         if memories:
             yield Configuration(f"KOFF: {label or describe(run)}", model.scorer(), masked, memories)
         return
-    if run.config.mask_kind != "file" or not _same_mask(run.mask, main):  # its own mask: show it alone too
+    if not any(_same_mask(run.mask, mask) for mask in shown):
         yield Configuration(f"{label or describe(run)}, mask without memories", bare, masked)
     if memories:
         yield Configuration(label or describe(run), model.scorer(), masked, memories)
@@ -232,13 +233,15 @@ def ablation_table(specs: list[str], batch_size: int = 4, max_blocks: int | None
 
     def configurations() -> Iterator[Configuration]:
         yield from run_configurations(main, label, None)
+        shown = [main.mask]
         for spec in specs[1:]:
             other_label, other_path = run_label(spec)
             other = load_run(other_path, device=device)
             if other.config.model != cfg.model or sorted(other.config.domain) != sorted(cfg.domain):
                 raise TableError(f"{other_path} was trained on another model or other domains than {path}; "
                                  "rows of one table must score the same data")
-            yield from run_configurations(other, other_label, main.mask)
+            yield from run_configurations(other, other_label, shown)
+            shown.append(other.mask)
 
     other = transfer_domains(list(transfer), [d.name for d in domains], main.tokenizer, cfg.block_len,
                              transfer_max_blocks)
