@@ -15,6 +15,8 @@ same budget, the run is reused):
                   tokens, twice the tokens): is the rest of the gap to dense a matter of training longer?
 * ``real-full-seed1``, ``real-full-seed2`` the same with seeds 1 and 2 (the seed also draws the
                   run's validation split).
+* ``bundled-full`` the baseline at that budget: do more gate steps alone move language-specific
+                  neurons (and the held-out gap), without real text?
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -56,6 +58,8 @@ VARIANTS = {
     "real-full": ("real text, the README's budget (160 steps of 5 x 256)", "real", {"steps": 160, "batch_size": 5}),
     "real-full-seed1": ("real-full with seed 1", "real", {"steps": 160, "batch_size": 5, "seed": 1}),
     "real-full-seed2": ("real-full with seed 2", "real", {"steps": 160, "batch_size": 5, "seed": 2}),
+    "bundled-full": ("bundled corpus, the README's budget (160 steps of 5 x 256)", "bundled",
+                     {"steps": 160, "batch_size": 5}),
 }
 
 # one configuration trained with several seeds: its variants, summarised across seeds
