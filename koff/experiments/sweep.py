@@ -49,11 +49,11 @@ def equal_budget_runs(base: DecomposeConfig) -> dict[str, DecomposeConfig]:
 
 def sweep_configs(base: DecomposeConfig, sparsities: list[float], out: str | Path) -> dict[float, dict[str, DecomposeConfig]]:
     """Per sparsity, the three ``equal_budget_runs``, each in its own folder of ``out``."""
-    configs = {}
+    runs, configs = equal_budget_runs(base), {}  # the equal-budget rank does not depend on the sparsity
     for sparsity in sparsities:
         tag = f"s{round(sparsity * 100):02d}"
-        runs = equal_budget_runs(replace(base, sparsity=sparsity))
-        configs[sparsity] = {name: replace(config, out=str(Path(out) / f"{name.replace('_', '-')}-{tag}"))
+        configs[sparsity] = {name: replace(config, sparsity=sparsity,
+                                           out=str(Path(out) / f"{name.replace('_', '-')}-{tag}"))
                              for name, config in runs.items()}
     return configs
 
