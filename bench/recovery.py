@@ -17,6 +17,7 @@ same budget, the run is reused):
                   run's validation split).
 * ``bundled-full`` the baseline at that budget: do more gate steps alone move language-specific
                   neurons (and the held-out gap), without real text?
+* ``bundled-full-seed1``, ``bundled-full-seed2`` the same with seeds 1 and 2.
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -60,13 +61,17 @@ VARIANTS = {
     "real-full-seed2": ("real-full with seed 2", "real", {"steps": 160, "batch_size": 5, "seed": 2}),
     "bundled-full": ("bundled corpus, the README's budget (160 steps of 5 x 256)", "bundled",
                      {"steps": 160, "batch_size": 5}),
+    "bundled-full-seed1": ("bundled-full with seed 1", "bundled", {"steps": 160, "batch_size": 5, "seed": 1}),
+    "bundled-full-seed2": ("bundled-full with seed 2", "bundled", {"steps": 160, "batch_size": 5, "seed": 2}),
 }
 
 # one configuration trained with several seeds: its variants, summarised across seeds
-SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2")}
+SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
+          "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2")}
 # the numbers summarised across seeds, and their column titles
 SEEDED_COLUMNS = {"koff_held_out": "KOFF, held-out text", "koff_held_out_worst": "worst domain",
-                  "mask_alone_held_out": "mask alone, held-out", "price_of_offloading_held_out": "price of offloading"}
+                  "mask_alone_held_out": "mask alone, held-out", "price_of_offloading_held_out": "price of offloading",
+                  "lape_enrichment": "LAPE enrichment"}
 GOALS = {"koff_held_out": ("KOFF within 5% of dense on average", lambda x: x <= 1.05),
          "koff_held_out_worst": ("KOFF within 10% in the worst domain", lambda x: x <= 1.10),
          "mask_alone_held_out": ("bare backbone at least 25% worse", lambda x: x >= 1.25)}
@@ -108,6 +113,7 @@ def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict) ->
             "dense_memories_held_out": dense_mem["transfer_mean_ratio"],
             "mask_alone_held_out": bare["transfer_mean_ratio"],
             "price_of_offloading_held_out": sum(table["price_of_offloading"][c] for c in columns) / len(columns),
+            "lape_enrichment": analysis["removal"]["specific_enrichment"],
             "lape": {k: analysis["removal"][f"specific_{k}"]
                      for k in ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")}}
 
