@@ -65,6 +65,8 @@ VARIANTS = {
     "bundled-full-seed2": ("bundled-full with seed 2", "bundled", {"steps": 160, "batch_size": 5, "seed": 2}),
 }
 
+# koff analyze's rates of language-specific neurons removed, relative to all neurons
+LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")
 # one configuration trained with several seeds: its variants, summarised across seeds
 SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
           "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2")}
@@ -113,9 +115,7 @@ def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict) ->
             "dense_memories_held_out": dense_mem["transfer_mean_ratio"],
             "mask_alone_held_out": bare["transfer_mean_ratio"],
             "price_of_offloading_held_out": sum(table["price_of_offloading"][c] for c in columns) / len(columns),
-            "lape_enrichment": analysis["removal"]["specific_enrichment"],
-            "lape": {k: analysis["removal"][f"specific_{k}"]
-                     for k in ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")}}
+            **{f"lape_{k}": analysis["removal"][f"specific_{k}"] for k in LAPE_MEASURES}}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -127,8 +127,7 @@ def markdown(rows: list[dict]) -> str:
          "mask alone, held-out", "price of offloading", "LAPE enrichment", "layer-adjusted", "activity-adjusted"],
         [[r["variant"], r["change"], f"{r['steps']} x {r['batch_size']}", f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
           f(r["dense_memories_held_out"]), f(r["mask_alone_held_out"]), f(r["price_of_offloading_held_out"]),
-          f(r["lape"]["enrichment"]), f(r["lape"]["layer_adjusted_enrichment"]),
-          f(r["lape"]["activity_adjusted_enrichment"])] for r in rows])
+          *[f(r[f"lape_{k}"]) for k in LAPE_MEASURES]] for r in rows])
 
 
 def across_seeds(rows: list[dict]) -> dict:
