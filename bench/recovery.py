@@ -1,4 +1,5 @@
-"""What makes the recovery carry over to new text, and what moves language-specific neurons? (issue 13, points 3 and 7)
+"""What makes the recovery carry over to new text, does the learned mask still pay there, and what moves
+language-specific neurons? (issue 13, points 3, 4 and 7)
 
 Controlled KOFF runs at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python), seed 0 unless
 a variant says otherwise, one change each against the baseline of ``bench/transfer.py`` (seed 0,
@@ -18,6 +19,10 @@ same budget, the run is reused):
 * ``bundled-full`` the baseline at that budget: do more gate steps alone move language-specific
                   neurons (and the held-out gap), without real text?
 * ``bundled-full-seed1``, ``bundled-full-seed2`` the same with seeds 1 and 2.
+* ``oneshot-real-full`` (and ``-seed1``, ``-seed2``) the row that isolates the mask, on real text:
+                  ``real-full`` with the one-shot Wanda mask instead of the learned one and the very
+                  same LoRA + KV memories, loop, budget and distillation. Does *learning* the mask
+                  still pay where the memories generalise?
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -63,13 +68,21 @@ VARIANTS = {
                      {"steps": 160, "batch_size": 5}),
     "bundled-full-seed1": ("bundled-full with seed 1", "bundled", {"steps": 160, "batch_size": 5, "seed": 1}),
     "bundled-full-seed2": ("bundled-full with seed 2", "bundled", {"steps": 160, "batch_size": 5, "seed": 2}),
+    **{f"oneshot-real-full{tag}": (f"real-full{tag or ''} with the one-shot Wanda mask (same memories)", "real",
+                                   {"steps": 160, "batch_size": 5, "seed": seed, "mask": "oneshot:wanda"})
+       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
 }
 
 # koff analyze's rates of language-specific neurons removed, relative to all neurons
 LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")
 # one configuration trained with several seeds: its variants, summarised across seeds
 SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
-          "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2")}
+          "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2"),
+          "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2")}
+# (learned-mask configuration, the one-shot configuration that isolates its mask), seed by seed
+MASK_PAIRS = {"real text, the README's budget": ("real-full", "oneshot-real-full")}
+# the numbers on which the learned mask must beat the one-shot one for every seed
+MASK_COMPARED = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
 # the numbers summarised across seeds, and their column titles
 SEEDED_COLUMNS = {"koff_held_out": "KOFF, held-out text", "koff_held_out_worst": "worst domain",
                   "mask_alone_held_out": "mask alone, held-out", "price_of_offloading_held_out": "price of offloading",
@@ -87,10 +100,10 @@ def run_folder(args: argparse.Namespace, name: str) -> Path:
 def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
     _, data, settings = VARIANTS[name]
     domains = BUNDLED if data == "bundled" else [f"{name}={Path(args.corpora) / sub}" for name, sub in REAL.items()]
-    fields = {"steps": args.steps, "batch_size": args.batch_size, "seed": 0, **settings}  # a variant may change them
+    fields = {"steps": args.steps, "batch_size": args.batch_size, "seed": 0, "mask": "learned",
+              **settings}  # a variant may change them
     return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, eval=False, checkpoint_every=20,
-                           mask="learned", memory="lora+kv", device=args.device, out=str(run_folder(args, name)),
-                           **fields)
+                           memory="lora+kv", device=args.device, out=str(run_folder(args, name)), **fields)
 
 
 def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
@@ -144,6 +157,36 @@ def across_seeds(rows: list[dict]) -> dict:
     return summary
 
 
+def learned_against_oneshot(rows: list[dict]) -> dict:
+    """For each pair of MASK_PAIRS whose every seed is among ``rows``: per seed, the learned and the
+    one-shot mask's KOFF numbers, and whether the learned mask is better for every seed."""
+    by_name, result = {r["variant"]: r for r in rows}, {}
+    for label, (learned, oneshot) in MASK_PAIRS.items():
+        pairs = list(zip(SEEDED[learned], SEEDED[oneshot]))
+        if not all(a in by_name and b in by_name for a, b in pairs):
+            continue
+        result[label] = {"pairs": pairs, **{k: {"learned": [by_name[a][k] for a, _ in pairs],
+                                                 "oneshot": [by_name[b][k] for _, b in pairs],
+                                                 "learned_better_for_every_seed": all(
+                                                     by_name[a][k] < by_name[b][k] for a, b in pairs)}
+                                             for k in MASK_COMPARED}}
+    return result
+
+
+def learned_against_oneshot_markdown(result: dict) -> list[str]:
+    text = []
+    for label, r in result.items():
+        text += [f"## Learned mask against the one-shot mask with the same memories: {label}", "",
+                 markdown_table(["seed pair", *(f"{t}: learned / one-shot" for t in MASK_COMPARED.values())],
+                                [[f"{a} / {b}", *(f"{r[k]['learned'][i]:.3f} / {r[k]['oneshot'][i]:.3f}"
+                                                  for k in MASK_COMPARED)]
+                                 for i, (a, b) in enumerate(r["pairs"])]), "",
+                 "Learned mask better for every seed: " + "; ".join(
+                     f"{t}: {'yes' if r[k]['learned_better_for_every_seed'] else 'NO'}"
+                     for k, t in MASK_COMPARED.items()), ""]
+    return text
+
+
 def across_seeds_markdown(summary: dict) -> list[str]:
     text = []
     for name, s in summary.items():
@@ -176,13 +219,14 @@ def main() -> None:
     runs = [config(args, n) for n in names]
     train_all(runs, args.jobs)
     rows = [summary_row(n, run, *evaluate(args, n)) for n, run in zip(names, runs)]
-    seeds = across_seeds(rows)
+    seeds, masks = across_seeds(rows), learned_against_oneshot(rows)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
               "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows, "across_seeds": seeds,
+              "learned_against_oneshot": masks,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)
     text = "\n".join([
-        "# What carries the recovery to new text (issue 13, points 3 and 7)", "",
+        "# What carries the recovery to new text (issue 13, points 3, 4 and 7)", "",
         f"Command: `{command}`  ", f"Commit: {result['commit']}  ",
         f"Machine: {result['machine']}; seed 0 unless the change says otherwise, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run "
         "unless the budget column says otherwise; "
@@ -192,7 +236,7 @@ def main() -> None:
         f"{args.transfer_max_blocks} evenly spaced blocks of 256 tokens per domain. The own split is each run's "
         "validation split of its training corpus (bundled or real). LAPE: language-specific FFN neurons removed, "
         "relative to all neurons (1 = as often).", "",
-        markdown(rows), "", *across_seeds_markdown(seeds)])
+        markdown(rows), "", *across_seeds_markdown(seeds), *learned_against_oneshot_markdown(masks)])
     write_text(Path(args.results) / f"{args.name}.md", text)
     print(text)
 
