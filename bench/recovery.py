@@ -32,13 +32,18 @@ of its mask, on its own training text.
     python scripts/real_corpora.py --out corpora
     python bench/recovery.py [--variants bundled,real,distill-x4,init-none] [--steps 80]
 
-Runs resume if killed; tables and analyses are reused when the same request made them. Writes
+Runs resume if killed; tables and analyses are reused when the same request made them. A variant
+whose run is not on this machine keeps its row from an earlier NAME.json when that row was scored
+the same way (the same numbers of blocks, and the same held-out text where the row records its
+fingerprint), so a new variant is added without retraining the others; ``--fresh`` trains and
+scores every variant asked for. Each row records the commit that scored it. Writes
 bench/results/NAME.json and NAME.md (``--name``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -46,7 +51,7 @@ import time
 from pathlib import Path
 
 from common import git_commit, machine
-from koff.experiments.concurrent import train_all
+from koff.experiments.concurrent import finished, train_all
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
@@ -118,16 +123,47 @@ def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
             json.loads((out / "analysis" / "analysis.json").read_text()))
 
 
-def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict) -> dict:
+def held_out_fingerprint(corpora: Path) -> dict[str, str]:
+    """Per held-out domain, a sha256 over its files' names and bytes: ``python-site`` is the installed
+    packages' source, so it changes with them, and rows scored on other text must not be compared."""
+    prints = {}
+    for domain, sub in HELD_OUT.items():
+        digest = hashlib.sha256()
+        for path in sorted((corpora / sub).iterdir()):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        prints[domain] = digest.hexdigest()[:16]
+    return prints
+
+
+def scoring(args: argparse.Namespace, fingerprint: dict[str, str]) -> dict:
+    """How a row was scored: rows scored another way are not reused."""
+    return {"eval_max_blocks": args.eval_max_blocks, "transfer_max_blocks": args.transfer_max_blocks,
+            "held_out_fingerprint": fingerprint}
+
+
+def reusable_rows(path: Path, how: dict) -> dict[str, dict]:
+    """The rows of an earlier results file scored as ``how`` says, by variant. A row from before rows
+    recorded the held-out text's fingerprint is taken as scored on today's text."""
+    if not path.is_file():
+        return {}
+    fingerprint = how["held_out_fingerprint"]
+    return {r["variant"]: r for r in json.loads(path.read_text())["rows"]
+            if all(r.get(k) == how[k] for k in ("eval_max_blocks", "transfer_max_blocks"))
+            and r.get("held_out_fingerprint", fingerprint) == fingerprint}
+
+
+def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict, commit: str, how: dict) -> dict:
     rows = named_rows(table)
     koff, bare, dense_mem = rows["KOFF"], rows["mask, no memories"], rows["dense base + memories (LoRA + KV)"]
     columns = table["transfer"]
     return {"variant": name, "change": VARIANTS[name][0], "steps": run.steps, "batch_size": run.batch_size,
+            "commit": commit, **how,
             "koff_own_split": koff["mean_ratio"], "koff_held_out": koff["transfer_mean_ratio"],
             "koff_held_out_worst": max(koff["ratio_to_dense"][c] for c in columns),
             "dense_memories_held_out": dense_mem["transfer_mean_ratio"],
             "mask_alone_held_out": bare["transfer_mean_ratio"],
             "price_of_offloading_held_out": sum(table["price_of_offloading"][c] for c in columns) / len(columns),
+            "koff_held_out_by_domain": {c: koff["ratio_to_dense"][c] for c in columns},
             **{f"lape_{k}": analysis["removal"][f"specific_{k}"] for k in LAPE_MEASURES}}
 
 
@@ -136,9 +172,9 @@ def markdown(rows: list[dict]) -> str:
         return "–" if x is None else f"{x:.3f}"
 
     return markdown_table(
-        ["variant", "change", "budget", "KOFF, own split", "KOFF, held-out text", "worst domain", "dense + memories, held-out",
+        ["variant", "change", "budget", "scored at", "KOFF, own split", "KOFF, held-out text", "worst domain", "dense + memories, held-out",
          "mask alone, held-out", "price of offloading", "LAPE enrichment", "layer-adjusted", "activity-adjusted"],
-        [[r["variant"], r["change"], f"{r['steps']} x {r['batch_size']}", f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
+        [[r["variant"], r["change"], f"{r['steps']} x {r['batch_size']}", r["commit"], f(r["koff_own_split"]), f(r["koff_held_out"]), f(r["koff_held_out_worst"]),
           f(r["dense_memories_held_out"]), f(r["mask_alone_held_out"]), f(r["price_of_offloading_held_out"]),
           *[f(r[f"lape_{k}"]) for k in LAPE_MEASURES]] for r in rows])
 
@@ -205,6 +241,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/recovery")
     parser.add_argument("--results", default="bench/results")
     parser.add_argument("--name", default="recovery")
+    parser.add_argument("--fresh", action="store_true", help="train and score every variant, reusing no earlier row")
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -216,12 +253,18 @@ def main() -> None:
         sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")
     command, start = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter()
     commit = git_commit()  # the tree the runs train with
-    runs = [config(args, n) for n in names]
-    train_all(runs, args.jobs)
-    rows = [summary_row(n, run, *evaluate(args, n)) for n, run in zip(names, runs)]
+    how = scoring(args, held_out_fingerprint(Path(args.corpora)))
+    runs = {n: config(args, n) for n in names}
+    earlier = {} if args.fresh else reusable_rows(Path(args.results) / f"{args.name}.json", how)
+    kept = {n: earlier[n] for n in names if n in earlier and not finished(runs[n])}
+    todo = [n for n in names if n not in kept]
+    train_all([runs[n] for n in todo], args.jobs)
+    scored = {n: summary_row(n, runs[n], *evaluate(args, n), commit, how) for n in todo}
+    rows = [kept.get(n) or scored[n] for n in names]
     seeds, masks = across_seeds(rows), learned_against_oneshot(rows)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
-              "batch_size": args.batch_size, "held_out": HELD_OUT, "rows": rows, "across_seeds": seeds,
+              "batch_size": args.batch_size, **how, "held_out": HELD_OUT,
+              "reused_rows": sorted(kept), "rows": rows, "across_seeds": seeds,
               "learned_against_oneshot": masks,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)
@@ -230,7 +273,9 @@ def main() -> None:
         f"Command: `{command}`  ", f"Commit: {result['commit']}  ",
         f"Machine: {result['machine']}; seed 0 unless the change says otherwise, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run "
         "unless the budget column says otherwise; "
-        f"{result['wall_seconds']:.0f} s (runs and tables reused from an earlier call count nothing)", "",
+        f"{result['wall_seconds']:.0f} s (runs and tables reused from an earlier call count nothing; "
+        f"rows kept from the earlier results file: {', '.join(sorted(kept)) or 'none'}, each scored at the "
+        "commit its row names)", "",
         "Mean perplexity / dense over eng/deu/fra/spa/python. Held-out text is text no run trained on: Debian's "
         "maint-guide per language, third-party Python (python-site); "
         f"{args.transfer_max_blocks} evenly spaced blocks of 256 tokens per domain. The own split is each run's "
