@@ -188,7 +188,7 @@ def across_seeds(rows: list[dict]) -> dict:
         if len(variants) < 2:
             continue
         seeded = [by_name[v] for v in variants]
-        summary[name] = {"variants": list(variants), **{k: spread([r[k] for r in seeded]) for k in SEEDED_COLUMNS},
+        summary[name] = {"variants": variants, **{k: spread([r[k] for r in seeded]) for k in SEEDED_COLUMNS},
                          "goals_met_for_every_seed": {label: all(ok(r[k]) for r in seeded)
                                                       for k, (label, ok) in GOALS.items()}}
     return summary
