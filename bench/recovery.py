@@ -56,7 +56,7 @@ from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
 from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
-from transfer import add_budget_options, koff_once, named_rows, spread, spread_cell
+from transfer import add_budget_options, koff_once, made_at, named_rows, spread, spread_cell
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
@@ -111,8 +111,9 @@ def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
                            memory="lora+kv", device=args.device, out=str(run_folder(args, name)), **fields)
 
 
-def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
-    """(koff eval table on the own split + held-out text, koff analyze markdown) of one run."""
+def evaluate(args: argparse.Namespace, name: str, commit: str) -> tuple[dict, dict, str]:
+    """(koff eval table on the own split + held-out text, koff analyze result, the commit that made the
+    table: ``commit`` unless an earlier call made it) of one run."""
     run, out = run_folder(args, name), Path(args.out) / f"{name}-eval"
     transfer = [f for d, sub in HELD_OUT.items() for f in ("--transfer", f"{d}={Path(args.corpora) / sub}")]
     koff_once(["eval", str(run), "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks",
@@ -120,7 +121,7 @@ def evaluate(args: argparse.Namespace, name: str) -> tuple[dict, str]:
               out / "table")
     koff_once(["analyze", str(run), "--device", args.device, "--out", str(out / "analysis")], out / "analysis")
     return (json.loads((out / "table" / "table.json").read_text()),
-            json.loads((out / "analysis" / "analysis.json").read_text()))
+            json.loads((out / "analysis" / "analysis.json").read_text()), made_at(out / "table", commit))
 
 
 def held_out_fingerprint(corpora: Path) -> dict[str, str]:
@@ -260,7 +261,7 @@ def main() -> None:
     kept = {n: earlier[n] for n in names if n in earlier and not finished(runs[n])}
     todo = [n for n in names if n not in kept]
     train_all([runs[n] for n in todo], args.jobs)
-    scored = {n: summary_row(n, runs[n], *evaluate(args, n), commit, how) for n in todo}
+    scored = {n: summary_row(n, runs[n], *evaluate(args, n, commit), how) for n in todo}
     rows = [kept.get(n) or scored[n] for n in names]
     seeds, masks = across_seeds(rows), learned_against_oneshot(rows)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
@@ -275,7 +276,7 @@ def main() -> None:
         f"Machine: {result['machine']}; seed 0 unless the change says otherwise, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run "
         "unless the budget column says otherwise; "
         f"{result['wall_seconds']:.0f} s (runs and tables reused from an earlier call count nothing; "
-        f"rows kept from the earlier results file: {', '.join(sorted(kept)) or 'none'}, each scored at the "
+        f"rows kept from the earlier results file: {', '.join(result['reused_rows']) or 'none'}, each scored at the "
         "commit its row names)", "",
         "Mean perplexity / dense over eng/deu/fra/spa/python. Held-out text is text no run trained on: Debian's "
         "maint-guide per language, third-party Python (python-site); "

@@ -49,6 +49,7 @@ RUNS = {"koff": ("koff", "KOFF"),
         "oneshot-lora-kv": ("oneshot_lora_kv", "one-shot mask + LoRA + KV"),
         "prune-then-lora": ("prune_then_lora", "prune, then LoRA (equal budget)")}
 ANALYSED = ("koff", "oneshot-lora-kv")  # the distinct masks
+MADE_AT = "made_at.txt"  # in a koff_once folder: the commit whose code made it
 
 
 def seed_folder(out: Path, seed: int) -> Path:
@@ -65,13 +66,21 @@ def configs(args: argparse.Namespace, seed: int) -> list[DecomposeConfig]:
 
 def koff_once(request: list[str], out: Path) -> None:
     """Run the `koff` command ``request`` (which writes ``out``) unless the same request made ``out``
-    already; ``out/request.json`` records it."""
+    already; ``out/request.json`` records it, ``out/made_at.txt`` the commit whose code ran it."""
     made_by = out / "request.json"
     if made_by.is_file() and json.loads(made_by.read_text()) == request:
         return
     if koff_main(request):
         sys.exit(f"koff {' '.join(request)} failed")
     write_json(made_by, request)
+    write_text(out / MADE_AT, git_commit())
+
+
+def made_at(out: Path, default: str) -> str:
+    """The commit whose code made the ``koff_once`` folder ``out``; ``default`` for a folder made
+    before folders recorded it."""
+    path = out / MADE_AT
+    return path.read_text().strip() if path.is_file() else default
 
 
 def table_for(args: argparse.Namespace, seed: int) -> dict:
