@@ -37,7 +37,8 @@ whose run is not on this machine keeps its row from an earlier NAME.json when th
 the same way (the same numbers of blocks, and the same held-out text where the row records its
 fingerprint), so a new variant is added without retraining the others; ``--fresh`` trains and
 scores every variant asked for. Each row records the commit that scored it. Writes
-bench/results/NAME.json and NAME.md (``--name``).
+bench/results/NAME.json and NAME.md (``--name``). Scoring present runs on more text keeps the
+committed tables: ``--transfer-max-blocks 80 --name recovery-80`` writes its tables beside them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
 from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
-from transfer import add_budget_options, koff_once, made_at, named_rows, spread, spread_cell
+from transfer import (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS, add_budget_options, koff_once, made_at, named_rows,
+                      spread, spread_cell)
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
@@ -111,17 +113,25 @@ def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
                            memory="lora+kv", device=args.device, out=str(run_folder(args, name)), **fields)
 
 
+def table_folder(args: argparse.Namespace, name: str) -> Path:
+    """Where a run's ``koff eval`` table goes: scoring with other numbers of blocks than the committed
+    tables' writes beside their table, not over it."""
+    blocks = (args.eval_max_blocks, args.transfer_max_blocks)
+    table = "table" if blocks == (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS) else "table-{}-{}".format(*blocks)
+    return Path(args.out) / f"{name}-eval" / table
+
+
 def evaluate(args: argparse.Namespace, name: str, commit: str) -> tuple[dict, dict, str]:
     """(koff eval table on the own split + held-out text, koff analyze result, the commit that made the
     table: ``commit`` unless an earlier call made it) of one run."""
-    run, out = run_folder(args, name), Path(args.out) / f"{name}-eval"
+    run, table = run_folder(args, name), table_folder(args, name)
+    analysis = table.parent / "analysis"  # the mask's, whatever the blocks
     transfer = [f for d, sub in HELD_OUT.items() for f in ("--transfer", f"{d}={Path(args.corpora) / sub}")]
     koff_once(["eval", str(run), "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks",
-               str(args.transfer_max_blocks), *transfer, "--device", args.device, "--out", str(out / "table")],
-              out / "table")
-    koff_once(["analyze", str(run), "--device", args.device, "--out", str(out / "analysis")], out / "analysis")
-    return (json.loads((out / "table" / "table.json").read_text()),
-            json.loads((out / "analysis" / "analysis.json").read_text()), made_at(out / "table", commit))
+               str(args.transfer_max_blocks), *transfer, "--device", args.device, "--out", str(table)], table)
+    koff_once(["analyze", str(run), "--device", args.device, "--out", str(analysis)], analysis)
+    return (json.loads((table / "table.json").read_text()),
+            json.loads((analysis / "analysis.json").read_text()), made_at(table, commit))
 
 
 def held_out_fingerprint(corpora: Path) -> dict[str, str]:

@@ -155,12 +155,15 @@ def summary_markdown(summary: dict) -> str:
     return markdown_table(["configuration", "mean ratio, bundled split", "mean ratio, other source"], rows)
 
 
+EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS = 20, 40  # the committed tables' blocks of 256 tokens per domain
+
+
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """Each run's budget, how much text scores it, and where it runs (shared with bench/recovery.py)."""
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--eval-max-blocks", type=int, default=20)
-    parser.add_argument("--transfer-max-blocks", type=int, default=40)
+    parser.add_argument("--eval-max-blocks", type=int, default=EVAL_MAX_BLOCKS)
+    parser.add_argument("--transfer-max-blocks", type=int, default=TRANSFER_MAX_BLOCKS)
     parser.add_argument("--corpora", default="corpora", help="folder written by scripts/real_corpora.py")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
