@@ -57,8 +57,7 @@ from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
 from transfer import OTHER_SOURCES as REAL  # transfer.py's other source is the real training text here
-from transfer import (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS, add_budget_options, koff_once, made_at, named_rows,
-                      spread, spread_cell)
+from transfer import add_budget_options, koff_once, made_at, named_rows, spread, spread_cell, table_name
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
@@ -113,18 +112,10 @@ def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
                            memory="lora+kv", device=args.device, out=str(run_folder(args, name)), **fields)
 
 
-def table_folder(args: argparse.Namespace, name: str) -> Path:
-    """Where a run's ``koff eval`` table goes: scoring with other numbers of blocks than the committed
-    tables' writes beside their table, not over it."""
-    blocks = (args.eval_max_blocks, args.transfer_max_blocks)
-    table = "table" if blocks == (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS) else "table-{}-{}".format(*blocks)
-    return Path(args.out) / f"{name}-eval" / table
-
-
 def evaluate(args: argparse.Namespace, name: str, commit: str) -> tuple[dict, dict, str]:
     """(koff eval table on the own split + held-out text, koff analyze result, the commit that made the
     table: ``commit`` unless an earlier call made it) of one run."""
-    run, table = run_folder(args, name), table_folder(args, name)
+    run, table = run_folder(args, name), Path(args.out) / f"{name}-eval" / table_name(args)
     analysis = table.parent / "analysis"  # the mask's, whatever the blocks
     transfer = [f for d, sub in HELD_OUT.items() for f in ("--transfer", f"{d}={Path(args.corpora) / sub}")]
     koff_once(["eval", str(run), "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks",

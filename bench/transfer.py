@@ -50,6 +50,7 @@ RUNS = {"koff": ("koff", "KOFF"),
         "prune-then-lora": ("prune_then_lora", "prune, then LoRA (equal budget)")}
 ANALYSED = ("koff", "oneshot-lora-kv")  # the distinct masks
 MADE_AT = "made_at.txt"  # in a koff_once folder: the commit whose code made it
+EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS = 20, 40  # the committed tables' blocks of 256 tokens per domain
 
 
 def seed_folder(out: Path, seed: int) -> Path:
@@ -83,17 +84,25 @@ def made_at(out: Path, default: str) -> str:
     return path.read_text().strip() if path.is_file() else default
 
 
+def table_name(args: argparse.Namespace) -> str:
+    """The folder name of a ``koff eval`` table: one scored with other numbers of blocks than the
+    committed tables' goes beside theirs, not over it."""
+    blocks = (args.eval_max_blocks, args.transfer_max_blocks)
+    return "table" if blocks == (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS) else "table-{}-{}".format(*blocks)
+
+
 def table_for(args: argparse.Namespace, seed: int) -> dict:
     """The seed's ablation table with transfer columns, reused when the same request made it."""
     folder = seed_folder(Path(args.out), seed)
+    table = folder / table_name(args)
     corpora = Path(args.corpora)
     transfer = [flag for name, sub in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / sub}")]
     others = [f"{label}={folder / name}" for name, (_, label) in RUNS.items() if name != "koff"]
     request = ["eval", str(folder / "koff"), *others,
                "--max-blocks", str(args.eval_max_blocks), "--transfer-max-blocks", str(args.transfer_max_blocks),
-               *transfer, "--device", args.device, "--out", str(folder / "table")]
-    koff_once(request, folder / "table")
-    return json.loads((folder / "table" / "table.json").read_text())
+               *transfer, "--device", args.device, "--out", str(table)]
+    koff_once(request, table)
+    return json.loads((table / "table.json").read_text())
 
 
 def analysis_for(args: argparse.Namespace, seed: int) -> dict[str, str]:
@@ -153,9 +162,6 @@ def summary_markdown(summary: dict) -> str:
     rows = [[name, spread_cell(r["mean_ratio"]), spread_cell(r["transfer_mean_ratio"])]
             for name, r in summary["rows"].items()]
     return markdown_table(["configuration", "mean ratio, bundled split", "mean ratio, other source"], rows)
-
-
-EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS = 20, 40  # the committed tables' blocks of 256 tokens per domain
 
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
