@@ -71,10 +71,11 @@ def koff_once(request: list[str], out: Path) -> None:
     made_by = out / "request.json"
     if made_by.is_file() and json.loads(made_by.read_text()) == request:
         return
+    commit = git_commit()  # before it runs: a commit made while it runs did not make it
     if koff_main(request):
         sys.exit(f"koff {' '.join(request)} failed")
     write_json(made_by, request)
-    write_text(out / MADE_AT, git_commit())
+    write_text(out / MADE_AT, commit)
 
 
 def made_at(out: Path, default: str) -> str:
