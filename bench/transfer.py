@@ -92,10 +92,14 @@ def table_name(args: argparse.Namespace) -> str:
     return "table" if blocks == (EVAL_MAX_BLOCKS, TRANSFER_MAX_BLOCKS) else "table-{}-{}".format(*blocks)
 
 
+def table_folder(args: argparse.Namespace, seed: int) -> Path:
+    """Where the seed's ablation table lies (``koff eval --out``)."""
+    return seed_folder(Path(args.out), seed) / table_name(args)
+
+
 def table_for(args: argparse.Namespace, seed: int) -> dict:
     """The seed's ablation table with transfer columns, reused when the same request made it."""
-    folder = seed_folder(Path(args.out), seed)
-    table = folder / table_name(args)
+    folder, table = seed_folder(Path(args.out), seed), table_folder(args, seed)
     corpora = Path(args.corpora)
     transfer = [flag for name, sub in OTHER_SOURCES.items() for flag in ("--transfer", f"{name}={corpora / sub}")]
     others = [f"{label}={folder / name}" for name, (_, label) in RUNS.items() if name != "koff"]
@@ -197,13 +201,14 @@ def main() -> None:
     if args.train_only:
         return
     tables = {seed: table_for(args, seed) for seed in seeds}
+    table_commits = {seed: made_at(table_folder(args, seed), commit) for seed in seeds}
     analysis = analysis_for(args, seeds[0])
     per_seed = {seed: goals(t) for seed, t in tables.items()}
     met = {goal: all(g[goal] for g in per_seed.values()) for goal in per_seed[seeds[0]]}
     summary = across_seeds(tables)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
-              "seeds": seeds, "tables": tables, "across_seeds": summary, "goals_per_seed": per_seed,
-              "goals_met_for_every_seed": met,
+              "seeds": seeds, "tables": tables, "table_commits": table_commits, "across_seeds": summary,
+              "goals_per_seed": per_seed, "goals_met_for_every_seed": met,
               "analysis_seed": seeds[0], "analysis": analysis, "wall_seconds": round(time.perf_counter() - start, 1)}
     results = Path(args.results)
     write_json(results / f"{args.name}.json", result)
@@ -223,7 +228,8 @@ def main() -> None:
     for name in ANALYSED:
         text += [f"## Language-specific neurons: {RUNS[name][1]} mask (koff analyze, seed {seeds[0]})", "", analysis[name], ""]
     for seed in seeds:
-        text += [f"## Seed {seed}", "", (seed_folder(Path(args.out), seed) / "table" / "table.md").read_text().strip(), ""]
+        text += [f"## Seed {seed} (table made at {table_commits[seed]})", "",
+                 (table_folder(args, seed) / "table.md").read_text().strip(), ""]
     write_text(results / f"{args.name}.md", "\n".join(text))
     print("\n".join(text))
 
