@@ -1,5 +1,5 @@
 """What makes the recovery carry over to new text, does the learned mask still pay there, and what moves
-language-specific neurons? (issue 13, points 3, 4 and 7)
+language-specific neurons, and does KOFF beat prune-then-LoRA there? (issue 13, points 3, 4, 5 and 7)
 
 Controlled KOFF runs at 12% on the embedded SmolLM2-135M (eng/deu/fra/spa + Python), seed 0 unless
 a variant says otherwise, one change each against the baseline of ``bench/transfer.py`` (seed 0,
@@ -23,6 +23,10 @@ same budget, the run is reused):
                   ``real-full`` with the one-shot Wanda mask instead of the learned one and the very
                   same LoRA + KV memories, loop, budget and distillation. Does *learning* the mask
                   still pay where the memories generalise?
+* ``prune-lora-real-full`` (and ``-seed1``, ``-seed2``) prune, then LoRA, on real text: the one-shot
+                  mask with LoRA alone at the equal-budget rank (``koff.experiments.sweep``), the
+                  same loop, budget and distillation. Does KOFF still beat plain pruning plus LoRA
+                  where the adapters train on text that generalises?
 
 Every run is scored with ``koff eval`` on its own validation split and on text that *no* run trained
 on: Debian's ``maint-guide`` in each language and third-party Python (``python-site``), with the
@@ -53,6 +57,7 @@ from pathlib import Path
 
 from common import git_commit, machine
 from koff.experiments.concurrent import finished, train_all
+from koff.experiments.sweep import equal_budget_runs
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
@@ -77,6 +82,11 @@ VARIANTS = {
     **{f"oneshot-real-full{tag}": (f"real-full{tag or ''} with the one-shot Wanda mask (same memories)", "real",
                                    {"steps": 160, "batch_size": 5, "seed": seed, "mask": "oneshot:wanda"})
        for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
+    # "equal_budget_run" picks that run of koff.experiments.sweep.equal_budget_runs (mask, memory, rank)
+    **{f"prune-lora-real-full{tag}": (f"real-full{tag or ''} as prune, then LoRA (one-shot mask, LoRA alone, "
+                                      "equal budget)", "real",
+                                      {"steps": 160, "batch_size": 5, "seed": seed, "equal_budget_run": "prune_then_lora"})
+       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
 }
 
 # koff analyze's rates of language-specific neurons removed, relative to all neurons
@@ -84,11 +94,15 @@ LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_e
 # one configuration trained with several seeds: its variants, summarised across seeds
 SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
           "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2"),
-          "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2")}
-# (learned-mask configuration, the one-shot configuration that isolates its mask), seed by seed
-MASK_PAIRS = {"real text, the README's budget": ("real-full", "oneshot-real-full")}
-# the numbers on which the learned mask must beat the one-shot one for every seed
-MASK_COMPARED = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
+          "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2"),
+          "prune-lora-real-full": ("prune-lora-real-full", "prune-lora-real-full-seed1", "prune-lora-real-full-seed2")}
+# result key: (what is compared, KOFF's configuration, the configuration it must beat), seed by seed
+COMPARED = {"learned_against_oneshot": ("the learned mask against the one-shot mask with the same memories, real text, "
+                                        "the README's budget", "real-full", "oneshot-real-full"),
+            "koff_against_prune_then_lora": ("KOFF against prune, then LoRA (equal budget), real text, the README's budget",
+                                             "real-full", "prune-lora-real-full")}
+# the numbers on which KOFF must beat the other configuration for every seed
+COMPARED_NUMBERS = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
 # the numbers summarised across seeds, and their column titles
 SEEDED_COLUMNS = {"koff_held_out": "KOFF, held-out text", "koff_held_out_worst": "worst domain",
                   "mask_alone_held_out": "mask alone, held-out", "price_of_offloading_held_out": "price of offloading",
@@ -105,11 +119,14 @@ def run_folder(args: argparse.Namespace, name: str) -> Path:
 
 def config(args: argparse.Namespace, name: str) -> DecomposeConfig:
     _, data, settings = VARIANTS[name]
+    settings = dict(settings)
+    equal_budget_run = settings.pop("equal_budget_run", None)
     domains = BUNDLED if data == "bundled" else [f"{name}={Path(args.corpora) / sub}" for name, sub in REAL.items()]
     fields = {"steps": args.steps, "batch_size": args.batch_size, "seed": 0, "mask": "learned",
               **settings}  # a variant may change them
-    return DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, eval=False, checkpoint_every=20,
+    base = DecomposeConfig(model="smollm2-135m", domain=domains, sparsity=0.12, eval=False, checkpoint_every=20,
                            memory="lora+kv", device=args.device, out=str(run_folder(args, name)), **fields)
+    return equal_budget_runs(base)[equal_budget_run] if equal_budget_run else base
 
 
 def evaluate(args: argparse.Namespace, name: str, commit: str) -> tuple[dict, dict, str]:
@@ -156,7 +173,8 @@ def reusable_rows(path: Path, how: dict) -> dict[str, dict]:
 
 def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict, commit: str, how: dict) -> dict:
     rows = named_rows(table)
-    koff, bare, dense_mem = rows["KOFF"], rows["mask, no memories"], rows["dense base + memories (LoRA + KV)"]
+    koff, bare = rows["KOFF"], rows["mask, no memories"]
+    dense_mem = next(r for label, r in rows.items() if label.startswith("dense base + memories"))
     columns = table["transfer"]
     return {"variant": name, "change": VARIANTS[name][0], "steps": run.steps, "batch_size": run.batch_size,
             "commit": commit, **how,
@@ -196,33 +214,33 @@ def across_seeds(rows: list[dict]) -> dict:
     return summary
 
 
-def learned_against_oneshot(rows: list[dict]) -> dict:
-    """For each pair of MASK_PAIRS with a seed whose two runs are among ``rows``: per such seed, the
-    learned and the one-shot mask's KOFF numbers, and whether the learned mask is better for each."""
+def koff_against_others(rows: list[dict]) -> dict:
+    """For each comparison of COMPARED with a seed whose two runs are among ``rows``: per such seed, the
+    KOFF numbers of both configurations, and whether KOFF is better on each for every such seed."""
     by_name, result = {r["variant"]: r for r in rows}, {}
-    for label, (learned, oneshot) in MASK_PAIRS.items():
-        pairs = [(a, b) for a, b in zip(SEEDED[learned], SEEDED[oneshot]) if a in by_name and b in by_name]
+    for key, (label, koff, other) in COMPARED.items():
+        pairs = [(a, b) for a, b in zip(SEEDED[koff], SEEDED[other]) if a in by_name and b in by_name]
         if not pairs:
             continue
-        result[label] = {"pairs": pairs, **{k: {"learned": [by_name[a][k] for a, _ in pairs],
-                                                 "oneshot": [by_name[b][k] for _, b in pairs],
-                                                 "learned_better_for_every_seed": all(
-                                                     by_name[a][k] < by_name[b][k] for a, b in pairs)}
-                                             for k in MASK_COMPARED}}
+        result[key] = {"label": label, "pairs": pairs,
+                       **{k: {"koff": [by_name[a][k] for a, _ in pairs], "other": [by_name[b][k] for _, b in pairs],
+                              "koff_better_for_every_seed": all(by_name[a][k] < by_name[b][k] for a, b in pairs)}
+                          for k in COMPARED_NUMBERS}}
     return result
 
 
-def learned_against_oneshot_markdown(result: dict) -> list[str]:
+def koff_against_others_markdown(result: dict) -> list[str]:
     text = []
-    for label, r in result.items():
-        text += [f"## Learned mask against the one-shot mask with the same memories: {label}", "",
-                 markdown_table(["seed pair", *(f"{t}: learned / one-shot" for t in MASK_COMPARED.values())],
-                                [[f"{a} / {b}", *(f"{r[k]['learned'][i]:.3f} / {r[k]['oneshot'][i]:.3f}"
-                                                  for k in MASK_COMPARED)]
+    for key, r in result.items():
+        koff = COMPARED[key][1]
+        text += [f"## {r['label'][0].upper() + r['label'][1:]}", "",
+                 markdown_table(["seed pair (KOFF / other)", *COMPARED_NUMBERS.values()],
+                                [[f"{a} / {b}", *(f"{r[k]['koff'][i]:.3f} / {r[k]['other'][i]:.3f}"
+                                                  for k in COMPARED_NUMBERS)]
                                  for i, (a, b) in enumerate(r["pairs"])]), "",
-                 f"Learned mask better for every seed scored ({len(r['pairs'])} of {len(SEEDED[MASK_PAIRS[label][0]])}): " + "; ".join(
-                     f"{t}: {'yes' if r[k]['learned_better_for_every_seed'] else 'NO'}"
-                     for k, t in MASK_COMPARED.items()), ""]
+                 f"KOFF better for every seed scored ({len(r['pairs'])} of {len(SEEDED[koff])}): " + "; ".join(
+                     f"{t}: {'yes' if r[k]['koff_better_for_every_seed'] else 'NO'}"
+                     for k, t in COMPARED_NUMBERS.items()), ""]
     return text
 
 
@@ -264,11 +282,11 @@ def main() -> None:
     train_all([runs[n] for n in todo], args.jobs)
     scored = {n: summary_row(n, runs[n], *evaluate(args, n, commit), how) for n in todo}
     rows = [kept.get(n) or scored[n] for n in names]
-    seeds, masks = across_seeds(rows), learned_against_oneshot(rows)
+    seeds, compared = across_seeds(rows), koff_against_others(rows)
     result = {"command": command, "commit": commit, "machine": machine(args.device), "steps": args.steps,
               "batch_size": args.batch_size, **how, "held_out": HELD_OUT,
               "reused_rows": sorted(kept), "rows": rows, "across_seeds": seeds,
-              "learned_against_oneshot": masks,
+              **compared,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)
     text = "\n".join([
@@ -284,7 +302,7 @@ def main() -> None:
         f"{args.transfer_max_blocks} evenly spaced blocks of 256 tokens per domain. The own split is each run's "
         "validation split of its training corpus (bundled or real). LAPE: language-specific FFN neurons removed, "
         "relative to all neurons (1 = as often).", "",
-        markdown(rows), "", *across_seeds_markdown(seeds), *learned_against_oneshot_markdown(masks)])
+        markdown(rows), "", *across_seeds_markdown(seeds), *koff_against_others_markdown(compared)])
     write_text(Path(args.results) / f"{args.name}.md", text)
     print(text)
 
