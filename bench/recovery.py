@@ -97,7 +97,7 @@ SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
           "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2"),
           "prune-lora-real-full": ("prune-lora-real-full", "prune-lora-real-full-seed1", "prune-lora-real-full-seed2")}
 # result key: (what is compared, KOFF's configuration, the configuration it must beat), seed by seed
-COMPARED = {"learned_against_oneshot": ("the learned mask against the one-shot mask with the same memories, real text, "
+COMPARED = {"learned_against_oneshot": ("The learned mask against the one-shot mask with the same memories, real text, "
                                         "the README's budget", "real-full", "oneshot-real-full"),
             "koff_against_prune_then_lora": ("KOFF against prune, then LoRA (equal budget), real text, the README's budget",
                                              "real-full", "prune-lora-real-full")}
@@ -233,7 +233,7 @@ def koff_against_others_markdown(result: dict) -> list[str]:
     text = []
     for key, r in result.items():
         koff = COMPARED[key][1]
-        text += [f"## {r['label'][0].upper() + r['label'][1:]}", "",
+        text += [f"## {r['label']}", "",
                  markdown_table(["seed pair (KOFF / other)", *COMPARED_NUMBERS.values()],
                                 [[f"{a} / {b}", *(f"{r[k]['koff'][i]:.3f} / {r[k]['other'][i]:.3f}"
                                                   for k in COMPARED_NUMBERS)]
@@ -290,7 +290,7 @@ def main() -> None:
               "wall_seconds": round(time.perf_counter() - start, 1)}
     write_json(Path(args.results) / f"{args.name}.json", result)
     text = "\n".join([
-        "# What carries the recovery to new text (issue 13, points 3, 4 and 7)", "",
+        "# What carries the recovery to new text (issue 13, points 3, 4, 5 and 7)", "",
         f"Command: `{command}`  ", f"Commit: {result['commit']}  ",
         f"Machine: {result['machine']}; seed 0 unless the change says otherwise, 12%, {args.steps} steps of {args.batch_size} x 256 tokens per run "
         "unless the budget column says otherwise; "
