@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from common import git_commit, machine
+from koff.experiments.ablation import dense_with_memories_row
 from koff.experiments.concurrent import finished, train_all
 from koff.experiments.sweep import equal_budget_runs
 from koff.io import markdown_table, write_json, write_text
@@ -173,8 +174,7 @@ def reusable_rows(path: Path, how: dict) -> dict[str, dict]:
 
 def summary_row(name: str, run: DecomposeConfig, table: dict, analysis: dict, commit: str, how: dict) -> dict:
     rows = named_rows(table)
-    koff, bare = rows["KOFF"], rows["mask, no memories"]
-    dense_mem = next(r for label, r in rows.items() if label.startswith("dense base + memories"))
+    koff, bare, dense_mem = rows["KOFF"], rows["mask, no memories"], dense_with_memories_row(table["rows"])
     columns = table["transfer"]
     return {"variant": name, "change": VARIANTS[name][0], "steps": run.steps, "batch_size": run.batch_size,
             "commit": commit, **how,

@@ -40,6 +40,7 @@ class TableError(UserInputError):
     """Runs that cannot share one table (other model, other domains, no recorded data)."""
 
 
+DENSE_WITH_MEMORIES = "dense base + memories"  # the label that opens that row, before the memory kind
 MEMORY_NAMES = {"lora+kv": "LoRA + KV", "lora": "LoRA only", "kv": "KV only", "none": "no memories"}
 
 
@@ -79,7 +80,7 @@ def run_configurations(run: Run, label: str | None, shown: list[BinaryMask] | No
     if shown is None:
         yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense)
         if memories:
-            yield Configuration(f"dense base + memories ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
+            yield Configuration(f"{DENSE_WITH_MEMORIES} ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
                                 dense_params, memories, setting=lambda: _without_mask(model))
         yield Configuration("mask, no memories", bare, masked)
         if memories:
@@ -139,10 +140,15 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
     return table
 
 
+def dense_with_memories_row(rows: list[dict]) -> dict | None:
+    """The table's row of the dense base with the run's memories (its label names the memory kind)."""
+    return next((r for r in rows if r["configuration"].startswith(DENSE_WITH_MEMORIES)), None)
+
+
 def price_of_offloading(rows: list[dict], columns: list[str]) -> dict | None:
     """KOFF's perplexity over the dense base's with the same memories, per column (None without both rows)."""
     koff = next((r for r in rows if r["configuration"].startswith("KOFF")), None)
-    reference = next((r for r in rows if r["configuration"].startswith("dense base + memories")), None)
+    reference = dense_with_memories_row(rows)
     if koff is None or reference is None:
         return None
     return {c: koff["perplexity"][c] / reference["perplexity"][c] for c in columns}
