@@ -40,7 +40,8 @@ Runs resume if killed; tables and analyses are reused when the same request made
 whose run is not on this machine keeps its row from an earlier NAME.json when that row was scored
 the same way (the same numbers of blocks, and the same held-out text where the row records its
 fingerprint), so a new variant is added without retraining the others; ``--fresh`` trains and
-scores every variant asked for. Each row records the commit that scored it. Writes
+scores every variant asked for, and ``--keep`` keeps a variant's earlier row although its run is here
+(a retrained run must not replace the committed row). Each row records the commit that scored it. Writes
 bench/results/NAME.json and NAME.md (``--name``). Scoring present runs on more text keeps the
 committed tables: ``--transfer-max-blocks 80 --name recovery-80`` writes its tables beside them.
 """
@@ -263,6 +264,8 @@ def main() -> None:
     parser.add_argument("--results", default="bench/results")
     parser.add_argument("--name", default="recovery")
     parser.add_argument("--fresh", action="store_true", help="train and score every variant, reusing no earlier row")
+    parser.add_argument("--keep", default="", help="comma-separated variants whose row from the earlier results "
+                        "file is kept even though their run is on this machine (e.g. a retrained run)")
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -277,7 +280,11 @@ def main() -> None:
     how = scoring(args, held_out_fingerprint(Path(args.corpora)))
     runs = {n: config(args, n) for n in names}
     earlier = {} if args.fresh else reusable_rows(Path(args.results) / f"{args.name}.json", how)
-    kept = {n: earlier[n] for n in names if n in earlier and not finished(runs[n])}
+    keep = [v for v in args.keep.split(",") if v]
+    unkept = [v for v in keep if v not in names or v not in earlier]
+    if unkept:
+        sys.exit(f"--keep {unkept}: no row scored this way in {args.results}/{args.name}.json among --variants")
+    kept = {n: earlier[n] for n in names if n in earlier and (n in keep or not finished(runs[n]))}
     todo = [n for n in names if n not in kept]
     train_all([runs[n] for n in todo], args.jobs)
     scored = {n: summary_row(n, runs[n], *evaluate(args, n, commit), how) for n in todo}
