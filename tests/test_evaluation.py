@@ -9,6 +9,9 @@ import yaml
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
 from koff.evaluation import evaluate, hf_scorer
+from koff.experiments import sweep as sweep_module
+from koff.experiments.ablation import memory_parameters_per_domain
+from koff.experiments.decompose import train_or_resume
 from koff.experiments.sweep import run_sweep
 from koff.export import export_run
 from koff.training import DecomposeConfig, Decomposer
@@ -137,3 +140,27 @@ def test_sparsity_sweep_writes_numbers_and_plot(tmp_path, corpus):
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["sparsities"] == [0.0, 0.3]
     assert "| KOFF |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_concurrent_sweep_reads_each_evaluation_its_process_wrote(tmp_path, corpus, monkeypatch):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    base = DecomposeConfig(model=model_dir, domain=[f"eng={corpus['eng']}", f"code={corpus['code']}"], block_len=32,
+                           batch_size=2, kv_slots=4, steps=2, eval_max_blocks=1)
+    trained = []
+    monkeypatch.setattr(sweep_module, "train_concurrently", lambda configs, jobs: trained.extend(
+        train_or_resume(c) for c in configs))  # what the processes leave: finished, evaluated runs
+
+    def not_again(config):
+        raise AssertionError(f"{config.out} was trained or evaluated a second time")
+
+    monkeypatch.setattr(sweep_module, "train_or_resume", not_again)
+    result = run_sweep(base, [0.3], tmp_path / "sweep", jobs=2)
+    assert len(trained) == 3
+    again = run_sweep(base, [0.3], tmp_path / "sweep", jobs=2)  # a rerun of a finished sweep reads it back
+    assert again["geomean_ratio_to_dense"] == result["geomean_ratio_to_dense"]
+    by_name = {Path(out).name: out for out in result["runs"][0.3].values()}
+    for (dec, summary), name in zip(trained, ("koff-s30", "oneshot-lora-kv-s30", "prune-then-lora-s30")):
+        assert json.loads((Path(by_name[name]) / "summary.json").read_text())["eval"] == summary["eval"]
+    budget = result["trainable_budget"][0.3]
+    assert budget["koff_memory_parameters_per_domain"] == memory_parameters_per_domain(trained[0][0].model)
+    assert budget["prune_then_lora_parameters_per_domain"] == memory_parameters_per_domain(trained[2][0].model)

@@ -34,8 +34,8 @@ def finished(config: DecomposeConfig) -> bool:
 def train_concurrently(configs: list[DecomposeConfig], jobs: int) -> None:
     """Train (or resume) every unfinished run, ``jobs`` processes at a time; raise if one fails.
 
-    Each process writes its output to ``PROCESS_LOG`` in its run folder. Runs the caller loads
-    afterwards (``train_or_resume``) find them finished and only evaluate.
+    Each process writes its output to ``PROCESS_LOG`` in its run folder, and evaluates its run
+    there when the config asks for it (the evaluation lands in the run's summary.json).
     """
     todo = [c for c in configs if not finished(c)]
     if not todo:

@@ -18,12 +18,12 @@ from pathlib import Path
 from koff.analysis.plot import plot_sparsity_sweep
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
-from koff.experiments.ablation import geomean_ratio, memory_parameters_per_domain
-from koff.experiments.concurrent import train_concurrently
+from koff.experiments.ablation import geomean_ratio
+from koff.experiments.concurrent import finished, train_concurrently
 from koff.experiments.decompose import train_or_resume
-from koff.io import markdown_table, write_json, write_text
+from koff.formats import run as run_folder
+from koff.io import markdown_table, read_json, write_json, write_text
 from koff.plan import ModelSizes, memory_parameters, read_model_config
-from koff.training import Decomposer
 
 SERIES = ("KOFF", "mask, no memories", "one-shot mask + LoRA + KV", "prune, then LoRA", "one-shot mask, no memories")
 
@@ -68,9 +68,8 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, j
     sweep: dict[str, dict[float, float]] = {name: {} for name in SERIES}
     runs, budget = {}, {}
     for sparsity, config in configs.items():
-        koff, ev_koff = _run(config["koff"])
-        oneshot, ev_oneshot = _run(config["oneshot_lora_kv"])
-        pruned, ev_pruned = _run(config["prune_then_lora"])
+        (ev_koff, koff_memory), (ev_oneshot, _), (ev_pruned, pruned_memory) = (
+            _result(config[name]) for name in ("koff", "oneshot_lora_kv", "prune_then_lora"))
         sweep["KOFF"][sparsity] = geomean_ratio(ev_koff.with_memories, ev_koff.dense)
         sweep["mask, no memories"][sparsity] = geomean_ratio(ev_koff.mask_only, ev_koff.dense)
         sweep["one-shot mask + LoRA + KV"][sparsity] = geomean_ratio(ev_oneshot.with_memories, ev_oneshot.dense)
@@ -78,9 +77,9 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, j
         sweep["one-shot mask, no memories"][sparsity] = geomean_ratio(ev_pruned.mask_only, ev_pruned.dense)
         runs[sparsity] = {name: c.out for name, c in config.items()}
         budget[sparsity] = {
-            "koff_memory_parameters_per_domain": memory_parameters_per_domain(koff.model),
+            "koff_memory_parameters_per_domain": koff_memory,
             "prune_then_lora_rank": config["prune_then_lora"].lora_rank,
-            "prune_then_lora_parameters_per_domain": memory_parameters_per_domain(pruned.model),
+            "prune_then_lora_parameters_per_domain": pruned_memory,
         }
     result = {"sparsities": sparsities, "geomean_ratio_to_dense": sweep, "runs": runs, "trainable_budget": budget}
     write_json(out / "sweep.json", result)
@@ -89,10 +88,19 @@ def run_sweep(base: DecomposeConfig, sparsities: list[float], out: str | Path, j
     return result
 
 
-def _run(config: DecomposeConfig) -> tuple[Decomposer, DecompositionEval]:
-    """Train (or resume) one run; the decomposer and its final evaluation."""
-    dec, summary = train_or_resume(config)
-    return dec, DecompositionEval.from_dict(summary["eval"])
+def _result(config: DecomposeConfig) -> tuple[DecompositionEval, int]:
+    """One run's final evaluation and its memories' trainable parameters per domain.
+
+    A run the concurrent trainings finished has both in its summary.json: they are read from there,
+    not evaluated a second time in this process (one run after another, while the GPU sits idle).
+    Any other run is trained (or resumed) and evaluated here.
+    """
+    summary_path = Path(config.out) / run_folder.SUMMARY
+    summary = read_json(summary_path) if finished(config) else {}
+    if "eval" not in summary:
+        _, summary = train_or_resume(config)
+    counts = list(summary["memory_parameters"].values())
+    return DecompositionEval.from_dict(summary["eval"]), round(sum(counts) / len(counts)) if counts else 0
 
 
 def sweep_markdown(result: dict) -> str:
