@@ -159,7 +159,7 @@ def test_concurrent_sweep_reads_each_evaluation_its_process_wrote(tmp_path, corp
     again = run_sweep(base, [0.3], tmp_path / "sweep", jobs=2)  # a rerun of a finished sweep reads it back
     assert again["geomean_ratio_to_dense"] == result["geomean_ratio_to_dense"]
     by_name = {Path(out).name: out for out in result["runs"][0.3].values()}
-    for (dec, summary), name in zip(trained, ("koff-s30", "oneshot-lora-kv-s30", "prune-then-lora-s30")):
+    for (_, summary), name in zip(trained, ("koff-s30", "oneshot-lora-kv-s30", "prune-then-lora-s30")):
         assert json.loads((Path(by_name[name]) / "summary.json").read_text())["eval"] == summary["eval"]
     budget = result["trainable_budget"][0.3]
     assert budget["koff_memory_parameters_per_domain"] == memory_parameters_per_domain(trained[0][0].model)

@@ -95,8 +95,7 @@ def _result(config: DecomposeConfig) -> tuple[DecompositionEval, int]:
     not evaluated a second time in this process (one run after another, while the GPU sits idle).
     Any other run is trained (or resumed) and evaluated here.
     """
-    summary_path = Path(config.out) / run_folder.SUMMARY
-    summary = read_json(summary_path) if finished(config) else {}
+    summary = read_json(Path(config.out) / run_folder.SUMMARY) if finished(config) else {}
     if "eval" not in summary:
         _, summary = train_or_resume(config)
     counts = list(summary["memory_parameters"].values())
