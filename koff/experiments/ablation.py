@@ -65,7 +65,11 @@ def describe(run: Run) -> str:
 
 def memory_parameters_per_domain(model) -> int:
     """Trainable parameters of one memory (the mean over the model's memories; 0 without any)."""
-    counts = [m.num_parameters() for m in model.memories.values()]
+    return mean_memory_parameters([m.num_parameters() for m in model.memories.values()])
+
+
+def mean_memory_parameters(counts: list[int]) -> int:
+    """The mean of per-memory parameter counts (a run summary's ``memory_parameters``); 0 for none."""
     return round(sum(counts) / len(counts)) if counts else 0
 
 

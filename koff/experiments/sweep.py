@@ -18,7 +18,7 @@ from pathlib import Path
 from koff.analysis.plot import plot_sparsity_sweep
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
-from koff.experiments.ablation import geomean_ratio
+from koff.experiments.ablation import geomean_ratio, mean_memory_parameters
 from koff.experiments.concurrent import finished, train_concurrently
 from koff.experiments.decompose import train_or_resume
 from koff.formats import run as run_folder
@@ -98,8 +98,8 @@ def _result(config: DecomposeConfig) -> tuple[DecompositionEval, int]:
     summary = read_json(Path(config.out) / run_folder.SUMMARY) if finished(config) else {}
     if "eval" not in summary:
         _, summary = train_or_resume(config)
-    counts = list(summary["memory_parameters"].values())
-    return DecompositionEval.from_dict(summary["eval"]), round(sum(counts) / len(counts)) if counts else 0
+    memory = mean_memory_parameters(list(summary["memory_parameters"].values()))
+    return DecompositionEval.from_dict(summary["eval"]), memory
 
 
 def sweep_markdown(result: dict) -> str:
