@@ -23,6 +23,9 @@ same budget, the run is reused):
                   ``real-full`` with the one-shot Wanda mask instead of the learned one and the very
                   same LoRA + KV memories, loop, budget and distillation. Does *learning* the mask
                   still pay where the memories generalise?
+* ``init-none-real-full`` (and ``-seed1``, ``-seed2``) ``real-full`` with gates that start from no
+                  importance: does the start that moved language-specific neurons on the bundled
+                  corpus move them on real text too, and at what cost in quality?
 * ``prune-lora-real-full`` (and ``-seed1``, ``-seed2``) prune, then LoRA, on real text: the one-shot
                   mask with LoRA alone at the equal-budget rank (``koff.experiments.sweep``), the
                   same loop, budget and distillation. Does KOFF still beat plain pruning plus LoRA
@@ -84,6 +87,9 @@ VARIANTS = {
     **{f"oneshot-real-full{tag}": (f"real-full{tag or ''} with the one-shot Wanda mask (same memories)", "real",
                                    {"steps": 160, "batch_size": 5, "seed": seed, "mask": "oneshot:wanda"})
        for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
+    **{f"init-none-real-full{tag}": (f"real-full{tag or ''} with gates from no importance (--init-from none)", "real",
+                                     {"steps": 160, "batch_size": 5, "seed": seed, "init_from": "none"})
+       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
     # "equal_budget_run" picks that run of koff.experiments.sweep.equal_budget_runs (mask, memory, rank)
     **{f"prune-lora-real-full{tag}": (f"real-full{tag or ''} as prune, then LoRA (one-shot mask, LoRA alone, "
                                       "equal budget)", "real",
@@ -97,13 +103,16 @@ LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_e
 SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
           "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2"),
           "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2"),
-          "prune-lora-real-full": ("prune-lora-real-full", "prune-lora-real-full-seed1", "prune-lora-real-full-seed2")}
-# result key: (what is compared, KOFF's configuration, the configuration it must beat), seed by seed
+          "prune-lora-real-full": ("prune-lora-real-full", "prune-lora-real-full-seed1", "prune-lora-real-full-seed2"),
+          "init-none-real-full": ("init-none-real-full", "init-none-real-full-seed1", "init-none-real-full-seed2")}
+# result key: (what is compared, the configuration, the configuration it must beat), seed by seed
 COMPARED = {"learned_against_oneshot": ("The learned mask against the one-shot mask with the same memories, real text, "
                                         "the README's budget", "real-full", "oneshot-real-full"),
             "koff_against_prune_then_lora": ("KOFF against prune, then LoRA (equal budget), real text, the README's budget",
-                                             "real-full", "prune-lora-real-full")}
-# the numbers on which KOFF must beat the other configuration for every seed
+                                             "real-full", "prune-lora-real-full"),
+            "init_none_against_wanda_start": ("Gates from no importance against the Wanda start (today's default), "
+                                              "real text, the README's budget", "init-none-real-full", "real-full")}
+# the numbers on which the configuration must beat the other configuration for every seed
 COMPARED_NUMBERS = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
 # the numbers summarised across seeds, and their column titles
 SEEDED_COLUMNS = {"koff_held_out": "KOFF, held-out text", "koff_held_out_worst": "worst domain",
@@ -217,7 +226,8 @@ def across_seeds(rows: list[dict]) -> dict:
 
 def koff_against_others(rows: list[dict]) -> dict:
     """For each comparison of COMPARED with a seed whose two runs are among ``rows``: per such seed, the
-    KOFF numbers of both configurations, and whether KOFF is better on each for every such seed."""
+    KOFF numbers (mask + memories) of both configurations, and whether the first one's are better on
+    each for every such seed."""
     by_name, result = {r["variant"]: r for r in rows}, {}
     for key, (label, koff, other) in COMPARED.items():
         pairs = [(a, b) for a, b in zip(SEEDED[koff], SEEDED[other]) if a in by_name and b in by_name]
@@ -233,13 +243,14 @@ def koff_against_others(rows: list[dict]) -> dict:
 def koff_against_others_markdown(result: dict) -> list[str]:
     text = []
     for key, r in result.items():
-        koff = COMPARED[key][1]
+        _, koff, other = COMPARED[key]
         text += [f"## {r['label']}", "",
-                 markdown_table(["seed pair (KOFF / other)", *COMPARED_NUMBERS.values()],
+                 markdown_table([f"seed pair ({koff} / {other})", *COMPARED_NUMBERS.values()],
                                 [[f"{a} / {b}", *(f"{r[k]['koff'][i]:.3f} / {r[k]['other'][i]:.3f}"
                                                   for k in COMPARED_NUMBERS)]
                                  for i, (a, b) in enumerate(r["pairs"])]), "",
-                 f"KOFF better for every seed scored ({len(r['pairs'])} of {len(SEEDED[koff])}): " + "; ".join(
+                 f"{koff} better than {other} for every seed scored ({len(r['pairs'])} of {len(SEEDED[koff])}): "
+                 + "; ".join(
                      f"{t}: {'yes' if r[k]['koff_better_for_every_seed'] else 'NO'}"
                      for k, t in COMPARED_NUMBERS.items()), ""]
     return text
