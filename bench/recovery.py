@@ -71,6 +71,8 @@ from transfer import add_budget_options, koff_once, made_at, named_rows, spread,
 
 HELD_OUT = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
             "python": "python-site/python"}
+# the seeds a configuration is trained with, and the tag each adds to its variant's name
+SEEDS = ((0, ""), (1, "-seed1"), (2, "-seed2"))
 # name: (what changes, training domains, settings); "real" domains are read under --corpora
 VARIANTS = {
     "bundled": ("baseline: the bundled corpus, today's defaults", "bundled", {}),
@@ -86,25 +88,22 @@ VARIANTS = {
     "bundled-full-seed2": ("bundled-full with seed 2", "bundled", {"steps": 160, "batch_size": 5, "seed": 2}),
     **{f"oneshot-real-full{tag}": (f"real-full{tag or ''} with the one-shot Wanda mask (same memories)", "real",
                                    {"steps": 160, "batch_size": 5, "seed": seed, "mask": "oneshot:wanda"})
-       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
+       for seed, tag in SEEDS},
     **{f"init-none-real-full{tag}": (f"real-full{tag or ''} with gates from no importance (--init-from none)", "real",
                                      {"steps": 160, "batch_size": 5, "seed": seed, "init_from": "none"})
-       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
+       for seed, tag in SEEDS},
     # "equal_budget_run" picks that run of koff.experiments.sweep.equal_budget_runs (mask, memory, rank)
     **{f"prune-lora-real-full{tag}": (f"real-full{tag or ''} as prune, then LoRA (one-shot mask, LoRA alone, "
                                       "equal budget)", "real",
                                       {"steps": 160, "batch_size": 5, "seed": seed, "equal_budget_run": "prune_then_lora"})
-       for seed, tag in ((0, ""), (1, "-seed1"), (2, "-seed2"))},
+       for seed, tag in SEEDS},
 }
 
 # koff analyze's rates of language-specific neurons removed, relative to all neurons
 LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")
 # one configuration trained with several seeds: its variants, summarised across seeds
-SEEDED = {"real-full": ("real-full", "real-full-seed1", "real-full-seed2"),
-          "bundled-full": ("bundled-full", "bundled-full-seed1", "bundled-full-seed2"),
-          "oneshot-real-full": ("oneshot-real-full", "oneshot-real-full-seed1", "oneshot-real-full-seed2"),
-          "prune-lora-real-full": ("prune-lora-real-full", "prune-lora-real-full-seed1", "prune-lora-real-full-seed2"),
-          "init-none-real-full": ("init-none-real-full", "init-none-real-full-seed1", "init-none-real-full-seed2")}
+SEEDED = {name: tuple(f"{name}{tag}" for _, tag in SEEDS)
+          for name in ("real-full", "bundled-full", "oneshot-real-full", "prune-lora-real-full", "init-none-real-full")}
 # result key: (what is compared, the configuration, the configuration it must beat), seed by seed
 COMPARED = {"learned_against_oneshot": ("The learned mask against the one-shot mask with the same memories, real text, "
                                         "the README's budget", "real-full", "oneshot-real-full"),
