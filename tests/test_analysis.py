@@ -12,6 +12,7 @@ from koff.analysis import (
     classify,
     language_rates,
     lape_scores,
+    outlier_neurons,
     removal_rates,
     spread_blocks,
 )
@@ -20,7 +21,7 @@ from koff.data import DomainData
 from koff.masks import BinaryMask
 from koff.models import decoder_layout
 from koff.training import DecomposeConfig, Decomposer
-from tiny import save_tiny, tiny_model
+from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 # The constructed case: token ids 10..49 are "language 1", 50..99 "language 2".
 LANG1, LANG2 = range(10, 50), range(50, 100)
@@ -149,6 +150,39 @@ def test_removal_rates_on_a_hand_made_mask():
         removal_rates(mask, specific[:2], general[:2])
 
 
+def test_outlier_neurons_ranks_over_all_layers_and_reads_the_mask():
+    importance = [torch.tensor([1.0, 2.0, 900.0]), torch.tensor([3.0, 1.0, 1.5, 4000.0])]
+    mask = BinaryMask([torch.tensor([True, True, False]), torch.tensor([True, True, True, True])],
+                      [torch.ones(1, dtype=torch.bool)] * 2)
+    top = outlier_neurons(importance, mask, top=3)
+    assert [(o["layer"], o["neuron"], o["kept"]) for o in top] == [(1, 3, True), (0, 2, False), (1, 0, True)]
+    assert top[0]["times_median"] == pytest.approx(4000.0 / 2.0)  # median of all seven scores
+    with pytest.raises(ValueError, match="7 neurons, the mask 6"):
+        outlier_neurons(importance, BinaryMask([m[:2] if i == 0 else m for i, m in enumerate(mask.ffn)], mask.attn))
+
+
+def test_cli_analyze_reports_a_removed_massive_neuron(tmp_path, corpus, capsys):
+    """A neuron made to dominate Wanda importance and removed by the mask is named as removed."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 7] *= 1000.0
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    run_dir = tmp_path / "run"
+    config = DecomposeConfig(model=str(model_dir), domain=[f"eng={corpus['eng']}", f"deu={corpus['deu']}"],
+                             out=str(run_dir), block_len=32, batch_size=2, kv_slots=4, steps=2, checkpoint_every=2,
+                             sparsity=0.3, eval=False)
+    Decomposer(config).train()
+    mask = BinaryMask.load(run_dir / "mask.safetensors")
+    mask.ffn[1][7] = False
+    mask.save(run_dir / "mask.safetensors")
+    assert main(["analyze", str(run_dir), "--max-blocks", "3", "--batch-size", "2", "--outliers", "2"]) == 0
+    top = json.loads((run_dir / "analysis" / "analysis.json").read_text())["outliers"]
+    assert (top[0]["layer"], top[0]["neuron"], top[0]["kept"]) == (1, 7, False) and len(top) == 2
+    assert top[0]["times_median"] > 100 and "**removed**" in capsys.readouterr().out
+
+
 def test_adjusted_enrichment_compares_within_strata():
     removed = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
     selected = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
@@ -186,6 +220,10 @@ def test_cli_analyze_writes_json_table_and_plot(tmp_path, tokenizer, corpus, cap
     assert removed > 0 and result["removal"]["all"] == removed / (2 * 96)
     assert len(result["removal"]["per_layer"]) == 2
     assert (out / "removal_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    outliers = result["outliers"]
+    assert len(outliers) == 8 and "Wanda importance / median" in printed
+    assert [o["importance"] for o in outliers] == sorted((o["importance"] for o in outliers), reverse=True)
+    assert all(o["kept"] == bool(mask.ffn[o["layer"]][o["neuron"]]) for o in outliers)
     saved = load_file(out / "lape.safetensors")
     assert saved["probs"].shape == (2, 2, 96) and int(saved["specific"].sum()) == classes["specific"]
 

@@ -12,6 +12,7 @@ from koff.analysis.lape import (
     removal_rates,
     spread_blocks,
 )
+from koff.analysis.outliers import outlier_neurons
 
 __all__ = [
     "NeuronClasses",
@@ -22,6 +23,7 @@ __all__ = [
     "fire_counts",
     "language_rates",
     "lape_scores",
+    "outlier_neurons",
     "removal_rates",
     "spread_blocks",
 ]

@@ -2,7 +2,8 @@
 
 Finds language-specific and language-general FFN neurons of the dense base model by LAPE
 (``koff.analysis.lape``) on the run's own language domains, then measures the rate at which the
-run's final mask removes each kind.
+run's final mask removes each kind. It also lists the few neurons of highest one-shot importance and
+whether the mask keeps them (``koff.analysis.outliers``): losing one can break the bare backbone.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from safetensors.torch import save_file
 
 from koff.analysis import activation_probabilities, classify, language_rates, lape_scores, removal_rates, spread_blocks
 from koff.analysis.lape import SPLITS, check_fractions
+from koff.analysis.outliers import outlier_neurons
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require, save_resolved_config
 from koff.data import DomainSpec, load_domains, parse_domains
 from koff.formats import run as run_folder
 from koff.io import atomic_path, write_json, write_text
-from koff.masks import BinaryMask, UnitCosts
+from koff.masks import BinaryMask, UnitCosts, unit_importance
 from koff.models import decoder_layout, load_model
 
 CODE_PREFIX = "bundled:code/"
@@ -32,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="language-specific neurons (LAPE) and how often the run's mask removes them",
         description="Find language-specific and language-general FFN neurons of the dense base model by LAPE "
         "(Tang et al. 2024) on the run's language domains, and compare the rates at which the run's mask "
-        "removes them. Writes analysis.json, lape.safetensors and removal_by_layer.png.",
+        "removes them; also which of the neurons of highest Wanda importance (massive activations) the mask "
+        "removes. Writes analysis.json, lape.safetensors and removal_by_layer.png.",
     )
     add_config_option(parser)
     parser.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR", help="a `koff decompose` run folder")
@@ -49,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: 0.01)")
     parser.add_argument("--exclude", action="append", default=None, metavar="NAME",
                         help="repeatable; a domain of the run that is not a language (bundled:code/* are always excluded)")
+    parser.add_argument("--outliers", type=int, default=8, metavar="K",
+                        help="report the K FFN neurons of highest Wanda importance and whether the mask keeps them "
+                        "(a bare backbone that lost one can collapse; default: 8, 0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: the run's)")
     parser.set_defaults(func=run)
 
@@ -74,6 +80,8 @@ def split_languages(specs: list[DomainSpec], exclude: list[str]) -> tuple[list[D
 def _check_args(args: argparse.Namespace) -> None:
     if args.max_blocks is not None and args.max_blocks < 1:
         raise UsageError(f"--max-blocks must be at least 1, got {args.max_blocks}")
+    if args.outliers < 0:
+        raise UsageError(f"--outliers must be at least 0, got {args.outliers}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not 0.0 <= args.min_probability <= 1.0:
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         "classes": classes.summary(),
         "removal": removal_rates(mask, classes.specific, classes.general, probs),
         "specific_by_language": language_rates(mask, probs, classes.specific, names),
+        "outliers": _outliers(loaded.model, layout, mask, domains, config.calib_blocks, args),
         "seconds": round(time.perf_counter() - start, 2),
     }
     out = Path(args.out) if args.out else run_dir / "analysis"
@@ -141,6 +150,17 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(result))
     log.info("wrote %s", out / "analysis.json")
     return 0
+
+
+def _outliers(model, layout, mask: BinaryMask, domains, calib_blocks: int, args: argparse.Namespace) -> list[dict]:
+    """The top ``--outliers`` neurons by Wanda importance on ``calib_blocks`` blocks (the run's
+    calibration budget, balanced over the languages, evenly spaced in each)."""
+    if args.outliers == 0:
+        return []
+    per_language = max(1, calib_blocks // len(domains))
+    blocks = torch.cat([spread_blocks(getattr(d, args.split), per_language) for d in domains])
+    importance, _ = unit_importance(model, layout, list(blocks.split(args.batch_size)), "wanda")
+    return outlier_neurons(importance, mask, args.outliers)
 
 
 def _write(out: Path, args: argparse.Namespace, result: dict, probs, entropy, classes) -> None:
@@ -177,4 +197,9 @@ def summary_table(result: dict) -> str:
     rows.append(["all", r["n_all"], fmt(r["all"]), "", "", ""])
     table = markdown_table(["FFN neurons", "count", "removed", "enrichment", "layer-adjusted", "activity-adjusted"], rows)
     langs = [[name, v["n_specific"], fmt(v["removal_rate"])] for name, v in result["specific_by_language"].items()]
-    return table + "\n\n" + markdown_table(["language", "specific neurons", "removed"], langs)
+    text = table + "\n\n" + markdown_table(["language", "specific neurons", "removed"], langs)
+    if result.get("outliers"):
+        rows = [[o["layer"], o["neuron"], f"{o['times_median']:.0f}x", "kept" if o["kept"] else "**removed**"]
+                for o in result["outliers"]]
+        text += "\n\n" + markdown_table(["layer", "neuron", "Wanda importance / median", "mask"], rows)
+    return text
