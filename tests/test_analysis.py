@@ -246,6 +246,8 @@ def test_cli_analyze_user_errors(tmp_path, capsys):
     assert "no domain deu" in capsys.readouterr().err
     assert main(["analyze", str(run_dir), "--specific-fraction", "0.7", "--general-fraction", "0.7"]) == 2
     assert "add up to more than 1" in capsys.readouterr().err
+    assert main(["analyze", str(run_dir), "--outliers", "-1"]) == 2
+    assert "--outliers must be at least 0, got -1" in capsys.readouterr().err
 
     # A mask that does not fit the model is refused before any forward pass.
     model_dir = save_tiny(tmp_path / "model", "llama")

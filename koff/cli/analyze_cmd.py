@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from koff.analysis import activation_probabilities, classify, language_rates, lape_scores, removal_rates, spread_blocks
+from koff.analysis import (activation_probabilities, classify, language_rates, lape_scores, outlier_neurons,
+                           removal_rates, spread_blocks)
 from koff.analysis.lape import SPLITS, check_fractions
-from koff.analysis.outliers import outlier_neurons
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require, save_resolved_config
 from koff.data import DomainSpec, load_domains, parse_domains
 from koff.formats import run as run_folder
