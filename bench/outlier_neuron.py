@@ -34,6 +34,7 @@ from koff.memories.memory import DomainMemory
 from koff.training.mask_init import calibration_batches
 from recovery import HELD_OUT
 
+MASKS = ("run's mask", "outliers put back")  # the two masks each configuration is scored with
 MEMORY_PARTS = {"memories": ("lora_A", "lora_B", "prefix"), "KV only": ("prefix",), "LoRA only": ("lora_A", "lora_B")}
 
 
@@ -61,7 +62,7 @@ def score_run(folder: Path, corpora: Path, blocks: int, top: int) -> dict:
     put_back = copy.deepcopy(run.mask)
     for o in outliers:
         put_back.ffn[o["layer"]][o["neuron"]] = True
-    masks = {"run's mask": run.mask, "outliers put back": put_back}
+    masks = dict(zip(MASKS, (run.mask, put_back)))
     row = {"run": folder.name, "outliers": outliers, "mask_alone": {}, **{part: {} for part in MEMORY_PARTS}}
     for label, mask in masks.items():
         model.set_mask(mask)
@@ -81,12 +82,12 @@ def score_run(folder: Path, corpora: Path, blocks: int, top: int) -> dict:
 def markdown(rows: list[dict]) -> str:
     head = ["run", "outliers removed (layer:neuron, importance / median)"]
     columns = [("mask_alone", "mask alone"), *((p, p) for p in MEMORY_PARTS)]
-    head += [f"{label}: {m}" for _, label in columns for m in ("run's mask", "put back")]
+    head += [f"{label}: {m.removeprefix('outliers ')}" for _, label in columns for m in MASKS]
     body = []
     for r in rows:
         removed = ", ".join(f"{o['layer']}:{o['neuron']} ({o['times_median']:.0f}x)" for o in r["outliers"] if not o["kept"])
         body.append([r["run"], removed or "none",
-                     *(f"{r[key][m]:.3f}" for key, _ in columns for m in ("run's mask", "outliers put back"))])
+                     *(f"{r[key][m]:.3f}" for key, _ in columns for m in MASKS)])
     return markdown_table(head, body)
 
 

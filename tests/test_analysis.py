@@ -21,7 +21,7 @@ from koff.data import DomainData
 from koff.masks import BinaryMask
 from koff.models import decoder_layout
 from koff.training import DecomposeConfig, Decomposer
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tiny import save_tiny, tiny_model
 
 # The constructed case: token ids 10..49 are "language 1", 50..99 "language 2".
 LANG1, LANG2 = range(10, 50), range(50, 100)
@@ -166,11 +166,9 @@ def test_cli_analyze_reports_a_removed_massive_neuron(tmp_path, corpus, capsys):
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[:, 7] *= 1000.0
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny(tmp_path / "model", model=model)
     run_dir = tmp_path / "run"
-    config = DecomposeConfig(model=str(model_dir), domain=[f"eng={corpus['eng']}", f"deu={corpus['deu']}"],
+    config = DecomposeConfig(model=model_dir, domain=[f"eng={corpus['eng']}", f"deu={corpus['deu']}"],
                              out=str(run_dir), block_len=32, batch_size=2, kv_slots=4, steps=2, checkpoint_every=2,
                              sparsity=0.3, eval=False)
     Decomposer(config).train()

@@ -91,7 +91,8 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2):
     return model.eval()
 
 
-def save_tiny(folder, kind: str = "llama", seed: int = 0) -> str:
-    tiny_model(kind, seed).save_pretrained(folder)
+def save_tiny(folder, kind: str = "llama", seed: int = 0, model=None) -> str:
+    """A model folder with the tiny tokenizer: ``tiny_model(kind, seed)``, or ``model`` (e.g. one a test edited)."""
+    (model if model is not None else tiny_model(kind, seed)).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
