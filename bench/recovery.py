@@ -26,6 +26,11 @@ same budget, the run is reused):
 * ``init-none-real-full`` (and ``-seed1``, ``-seed2``) ``real-full`` with gates that start from no
                   importance: does the start that moved language-specific neurons on the bundled
                   corpus move them on real text too, and at what cost in quality?
+* ``keep-outliers-real-full`` (and ``-seed1``, ``-seed2``) ``init-none-real-full`` with the gates of
+                  the 8 FFN neurons of highest Wanda importance held open (``--keep-outliers 8``):
+                  two of its three masks removed one massive-activation neuron and their bare
+                  backbones collapsed. Does holding those few open keep the backbone standing
+                  alone, and does the start from no importance still move language-specific neurons?
 * ``prune-lora-real-full`` (and ``-seed1``, ``-seed2``) prune, then LoRA, on real text: the one-shot
                   mask with LoRA alone at the equal-budget rank (``koff.experiments.sweep``), the
                   same loop, budget and distillation. Does KOFF still beat plain pruning plus LoRA
@@ -92,6 +97,11 @@ VARIANTS = {
     **{f"init-none-real-full{tag}": (f"real-full{tag or ''} with gates from no importance (--init-from none)", "real",
                                      {"steps": 160, "batch_size": 5, "seed": seed, "init_from": "none"})
        for seed, tag in SEEDS},
+    **{f"keep-outliers-real-full{tag}": (f"init-none-real-full{tag or ''} with the 8 top-Wanda FFN neurons held open "
+                                         "(--keep-outliers 8)", "real",
+                                         {"steps": 160, "batch_size": 5, "seed": seed, "init_from": "none",
+                                          "keep_outliers": 8})
+       for seed, tag in SEEDS},
     # "equal_budget_run" picks that run of koff.experiments.sweep.equal_budget_runs (mask, memory, rank)
     **{f"prune-lora-real-full{tag}": (f"real-full{tag or ''} as prune, then LoRA (one-shot mask, LoRA alone, "
                                       "equal budget)", "real",
@@ -103,14 +113,18 @@ VARIANTS = {
 LAPE_MEASURES = ("enrichment", "layer_adjusted_enrichment", "activity_adjusted_enrichment")
 # one configuration trained with several seeds: its variants, summarised across seeds
 SEEDED = {name: tuple(f"{name}{tag}" for _, tag in SEEDS)
-          for name in ("real-full", "bundled-full", "oneshot-real-full", "prune-lora-real-full", "init-none-real-full")}
+          for name in ("real-full", "bundled-full", "oneshot-real-full", "prune-lora-real-full", "init-none-real-full",
+                       "keep-outliers-real-full")}
 # result key: (what is compared, the configuration, the configuration it must beat), seed by seed
 COMPARED = {"learned_against_oneshot": ("The learned mask against the one-shot mask with the same memories, real text, "
                                         "the README's budget", "real-full", "oneshot-real-full"),
             "koff_against_prune_then_lora": ("KOFF against prune, then LoRA (equal budget), real text, the README's budget",
                                              "real-full", "prune-lora-real-full"),
             "init_none_against_wanda_start": ("Gates from no importance against the Wanda start (today's default), "
-                                              "real text, the README's budget", "init-none-real-full", "real-full")}
+                                              "real text, the README's budget", "init-none-real-full", "real-full"),
+            "keep_outliers_against_init_none": ("Gates from no importance with the outlier neurons held open against "
+                                                "the same without, real text, the README's budget",
+                                                "keep-outliers-real-full", "init-none-real-full")}
 # the numbers on which the configuration must beat the other configuration for every seed
 COMPARED_NUMBERS = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
 # the numbers summarised across seeds, and their column titles

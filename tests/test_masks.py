@@ -122,6 +122,43 @@ def test_learned_mask_expected_sparsity_and_binarize():
     assert abs(final.sparsity(costs) - 0.05) * costs.block_params <= costs.ffn_cost[0]
 
 
+def test_held_open_gates_are_never_sampled_cost_nothing_and_are_always_kept():
+    model = tiny_model("llama")
+    costs = UnitCosts.of(model, decoder_layout(model))
+    mask = LearnedMask(costs)
+    with torch.no_grad():
+        mask.ffn[1].log_alpha.fill_(LOG_ALPHA_MIN)  # every neuron of layer 1 on its way out
+    before = mask.expected_removed_params()
+    mask.pin_open_([(1, 7), (0, 3)])
+    freed = costs.ffn_cost[1] * (1 - mask.ffn[1].prob_nonzero()[7]) + costs.ffn_cost[0] * (1 - mask.ffn[0].prob_nonzero()[3])
+    assert (before - mask.expected_removed_params()).item() == pytest.approx(freed.item(), abs=1e-2)  # float32 sums
+    mask.train()
+    for _ in range(5):
+        ffn, _ = mask.gates()
+        assert ffn[1][7] == 1 and ffn[0][3] == 1 and ffn[1][:7].max() < 1
+    ffn[1].sum().backward()
+    grad = mask.ffn[1].log_alpha.grad
+    assert grad[7] == 0 and grad.abs().sum() > 0  # learning cannot move a held-open gate
+    mask.project_(0.2)
+    assert mask.expected_sparsity().item() == pytest.approx(0.2, abs=1e-5)
+    final = mask.binarize(0.3)
+    assert final.ffn[1].nonzero().flatten().tolist() == [7] and final.ffn[0][3]  # layer 1 keeps only the pinned one
+    assert abs(final.sparsity(costs) - 0.3) * costs.block_params <= max(costs.attn_cost)
+    assert mask.binarize(0.3, uniform=True).ffn[1][7]
+    for bad in ([(2, 0)], [(0, 96)], [(-1, 0)]):
+        with pytest.raises(ValueError, match="to hold open"):
+            mask.pin_open_(bad)
+    with pytest.raises(ValueError, match="only FFN neurons"):
+        LearnedMask(costs, prune_ffn=False).pin_open_([(0, 0)])
+
+
+def test_select_units_never_removes_a_unit_scored_infinite():
+    costs, ffn, attn = random_scores()
+    ffn[0] = torch.full_like(ffn[0], math.inf)
+    mask = select_units(ffn, attn, costs, 0.6)
+    assert mask.ffn[0].all() and not mask.ffn[1].all()
+
+
 def test_oneshot_importance_finds_dead_units():
     model = tiny_model("llama")
     layout = decoder_layout(model)

@@ -173,9 +173,26 @@ def test_bad_configs_are_refused():
         (dict(sampling="size:big"), "--sampling must be"),
         (dict(sampling="size:-1"), "--sampling must be"),
         (dict(sampling="proportional"), "--sampling must be"),
+        (dict(keep_outliers=-1), "--keep-outliers must be at least 0"),
+        (dict(keep_outliers=2, mask="oneshot:wanda"), "--keep-outliers holds gates of a learned mask open"),
     ]:
         with pytest.raises(ValueError, match=message):
             DecomposeConfig(**bad)
+
+
+def test_keep_outliers_holds_the_massive_neuron_open_through_training_and_resume(tmp_path, tokenizer, domains):
+    """Gates from no importance may close any neuron; --keep-outliers 1 keeps the one that dominates
+    Wanda importance in the final mask, and a resumed run pins the same neuron again."""
+    base = tiny_model("llama")
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[:, 7] *= 1000.0
+    config = settings(tmp_path, init_from="none", keep_outliers=1, sparsity=0.3, steps=4, checkpoint_every=2)
+    dec = Decomposer(config, base=base, tokenizer=tokenizer, domains=domains)
+    assert dec.learned_mask.pinned.sum() == 1 and dec.learned_mask.gates()[0][1][7] == 1
+    dec.train()
+    assert BinaryMask.load(tmp_path / "run" / "mask.safetensors").ffn[1][7]
+    resumed = Decomposer(config, base=base, tokenizer=tokenizer, domains=domains)
+    assert torch.equal(resumed.learned_mask.pinned, dec.learned_mask.pinned)
 
 
 def test_cli_decompose_writes_the_run_folder_and_resumes(tmp_path, corpus, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from koff.masks.binary import BinaryMask
+from koff.masks.oneshot import top_ffn_neurons
 
 
 def outlier_neurons(importance: list[torch.Tensor], mask: BinaryMask, top: int = 8) -> list[dict]:
@@ -21,15 +22,9 @@ def outlier_neurons(importance: list[torch.Tensor], mask: BinaryMask, top: int =
     per-neuron scores, as ``unit_importance`` gives them), highest first, each with its score as a
     multiple of the median over all neurons and whether ``mask`` keeps it."""
     scores = torch.cat([s.float().flatten() for s in importance])
-    keep = torch.cat([m.flatten() for m in mask.ffn])
-    if scores.numel() != keep.numel():
-        raise ValueError(f"importance covers {scores.numel()} neurons, the mask {keep.numel()}")
-    starts = torch.tensor([0] + [s.numel() for s in importance]).cumsum(0)
+    if scores.numel() != sum(m.numel() for m in mask.ffn):
+        raise ValueError(f"importance covers {scores.numel()} neurons, the mask {sum(m.numel() for m in mask.ffn)}")
     median = scores.median().clamp_min(1e-12)
-    order = torch.argsort(scores, descending=True)[:top]
-    rows = []
-    for index in order.tolist():
-        layer = int((starts <= index).sum()) - 1
-        rows.append({"layer": layer, "neuron": index - int(starts[layer]), "importance": float(scores[index]),
-                     "times_median": float(scores[index] / median), "kept": bool(keep[index])})
-    return rows
+    return [{"layer": layer, "neuron": neuron, "importance": float(importance[layer][neuron]),
+             "times_median": float(importance[layer][neuron] / median), "kept": bool(mask.ffn[layer][neuron])}
+            for layer, neuron in top_ffn_neurons(importance, top)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,15 +92,15 @@ def select_units(
     Units are taken in ascending score over all layers and both unit types; a unit is removed when
     that brings the removed count no further than half its own cost past the target, so the result
     lands within half a unit of the target whenever small units remain. Each layer keeps at least
-    ``min_keep`` units of each type so that no layer becomes empty. ``attn_scores=None`` (or a
-    ``None`` entry for ``ffn_scores``) leaves that unit type untouched.
+    ``min_keep`` units of each type so that no layer becomes empty. A unit scored +inf is never
+    removed. ``attn_scores=None`` (or a ``None`` entry for ``ffn_scores``) leaves that unit type untouched.
     """
     mask = BinaryMask.dense(costs)
     budget = target * costs.block_params
     entries = []  # (score, kind, layer, index)
     for kind, scores in (("ffn", ffn_scores), ("attn", attn_scores)):
         for layer, layer_scores in enumerate(scores or []):
-            entries += [(float(s), kind, layer, j) for j, s in enumerate(layer_scores.tolist())]
+            entries += [(float(s), kind, layer, j) for j, s in enumerate(layer_scores.tolist()) if s != math.inf]
     entries.sort(key=lambda e: e[0])
     kept = {("ffn", i): n for i, n in enumerate(costs.ffn_units)} | {("attn", i): n for i, n in enumerate(costs.attn_units)}
     removed = 0.0

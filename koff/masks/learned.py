@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,6 +20,10 @@ class LearnedMask(nn.Module):
     ``offset`` is a global shift added to every ``log_alpha``. It stays 0 under the Lagrangian
     constraint; the projected constraint (``project_``) sets it each step so that the expected
     sparsity equals the target exactly, leaving the gates free to learn only *which* units matter.
+
+    ``pin_open_`` holds chosen FFN neurons' gates at 1: they are never sampled, cost nothing in the
+    expected sparsity and are always kept by ``binarize`` (``--keep-outliers``: the few neurons with
+    massive activations, without which the bare backbone collapses).
 
     The gates are kept per layer (``ffn[i].log_alpha``, as checkpoints name them) but computed all
     at once: one concatenation, one sample, one split into per-layer views. A step then costs a
@@ -37,6 +43,9 @@ class LearnedMask(nn.Module):
             if gates is not None:
                 per_unit += [torch.full((n,), float(c)) for n, c in zip(units, cost)]
         self.register_buffer("unit_cost", torch.cat(per_unit), persistent=False)  # parameters each unit costs
+        # gates held open (over log_alpha()'s order); set from the config at every start, so not saved
+        self.register_buffer("pinned", torch.zeros_like(self.unit_cost, dtype=torch.bool), persistent=False)
+        self.any_pinned = False  # a Python flag, so an unpinned mask pays no kernel and no sync for it
 
     def _all(self) -> list[HardConcreteGates]:
         return [*(self.ffn or []), *(self.attn or [])]
@@ -49,10 +58,17 @@ class LearnedMask(nn.Module):
         """One gate vector per layer and unit type: sampled in training, deterministic in eval."""
         shifted = self.log_alpha() + self.offset
         values = hard_concrete.sample(shifted) if self.training else hard_concrete.deterministic(shifted)
-        pieces = iter(values.split([g.log_alpha.numel() for g in self._all()]))
+        if self.any_pinned:
+            values = values.masked_fill(self.pinned, 1.0)
+        ffn, attn = self._per_layer(values)
         none = [None] * self.costs.num_layers
-        ffn = [next(pieces) for _ in self.ffn] if self.ffn is not None else none
-        attn = [next(pieces) for _ in self.attn] if self.attn is not None else none
+        return ffn if ffn is not None else none, attn if attn is not None else none
+
+    def _per_layer(self, vector: torch.Tensor) -> tuple[list | None, list | None]:
+        """A vector in ``log_alpha()``'s order as per-layer views (``None`` for a type not pruned)."""
+        pieces = iter(vector.split([g.log_alpha.numel() for g in self._all()]))
+        ffn = [next(pieces) for _ in self.ffn] if self.ffn is not None else None
+        attn = [next(pieces) for _ in self.attn] if self.attn is not None else None
         return ffn, attn
 
     def expected_sparsity(self) -> torch.Tensor:
@@ -61,7 +77,24 @@ class LearnedMask(nn.Module):
 
     def expected_removed_params(self, offset: float | torch.Tensor | None = None) -> torch.Tensor:
         offset = self.offset if offset is None else offset
-        return (self.unit_cost * (1 - hard_concrete.prob_nonzero(self.log_alpha() + offset))).sum()
+        return self._removed(self.log_alpha() + offset).sum()
+
+    def _removed(self, shifted: torch.Tensor) -> torch.Tensor:
+        """Expected parameters each unit removes, for shifted ``log_alpha`` (any leading batch dims)."""
+        removed = self.unit_cost * (1 - hard_concrete.prob_nonzero(shifted))
+        return removed.masked_fill(self.pinned, 0.0) if self.any_pinned else removed
+
+    @torch.no_grad()
+    def pin_open_(self, ffn_units: list[tuple[int, int]]) -> None:
+        """Hold the gates of these FFN neurons, as (layer, neuron) pairs, open for good."""
+        if self.ffn is None:
+            raise UserInputError("only FFN neurons can be held open, and this mask does not prune them")
+        layers, _ = self._per_layer(self.pinned)  # views: writing them writes ``pinned``
+        for layer, neuron in ffn_units:
+            if not (0 <= layer < len(layers) and 0 <= neuron < layers[layer].numel()):
+                raise UserInputError(f"no FFN neuron {neuron} in layer {layer} to hold open")
+            layers[layer][neuron] = True
+        self.any_pinned = bool(self.pinned.any())
 
     @torch.no_grad()
     def project_(self, target: float, rounds: int = 6, points: int = 32) -> None:
@@ -77,7 +110,7 @@ class LearnedMask(nn.Module):
         fractions = torch.linspace(0.0, 1.0, points + 1, device=log_alpha.device)
         for _ in range(rounds):
             grid = low + (high - low) * fractions
-            removed = (self.unit_cost * (1 - hard_concrete.prob_nonzero(log_alpha[None] + grid[:, None]))).sum(1)
+            removed = self._removed(log_alpha[None] + grid[:, None]).sum(1)
             upper = (removed > budget).sum().clamp(1, points)  # first grid point that removes at most the budget
             low, high = grid.index_select(0, torch.stack([upper - 1, upper])).unbind()  # (no tensor-scalar index: a sync)
         self.offset.copy_(high)
@@ -90,13 +123,10 @@ class LearnedMask(nn.Module):
 
     def binarize(self, target: float, min_keep: int = 1, uniform: bool = False) -> BinaryMask:
         """The final mask: keep units in order of ``log_alpha`` until the target sparsity is met
-        (``uniform``: the same number of each unit type in every layer)."""
-
-        def scores(group):
-            return None if group is None else [g.log_alpha.detach() for g in group]
-
+        (``uniform``: the same number of each unit type in every layer); held-open gates are always kept."""
+        ffn, attn = self._per_layer(self.log_alpha().detach().masked_fill(self.pinned, math.inf))
         select = select_uniform_units if uniform else select_units
-        return select(scores(self.ffn), scores(self.attn), self.costs, target, min_keep)
+        return select(ffn, attn, self.costs, target, min_keep)
 
 
 class SparsityConstraint(nn.Module):

@@ -75,6 +75,16 @@ def unit_importance(model, layout: DecoderLayout, batches: list[torch.Tensor], i
     return ffn, attn
 
 
+def top_ffn_neurons(importance: list[torch.Tensor], k: int) -> list[tuple[int, int]]:
+    """The ``k`` FFN neurons of highest raw importance over all layers (``importance[i]``: layer i's
+    scores, as ``unit_importance`` gives them), highest first, as (layer, neuron) pairs."""
+    sizes = [s.numel() for s in importance]
+    order = torch.argsort(torch.cat([s.float().flatten() for s in importance]), descending=True)[:k]
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    layers = torch.searchsorted(starts, order, right=True) - 1
+    return [(int(layer), int(index - starts[layer])) for layer, index in zip(layers, order)]
+
+
 def standardise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """z-scores of log importance over all layers, so different unit types can be ranked together."""
     logs = [s.clamp_min(1e-12).log() for s in scores]

@@ -11,7 +11,7 @@ from koff.config import DecomposeConfig
 from koff.data import DomainData
 from koff.errors import MissingFileError, UserInputError
 from koff.masks import BinaryMask, LearnedMask, oneshot_mask, unit_importance
-from koff.masks.oneshot import standardise
+from koff.masks.oneshot import standardise, top_ffn_neurons
 from koff.model import KoffModel
 
 
@@ -25,6 +25,8 @@ def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[Domain
         mask = LearnedMask(model.costs, config.prune_ffn, config.prune_attention, config.init_log_alpha)
         if config.init_from != "none":
             rank_gates(mask, config, model, batches)
+        if config.keep_outliers:
+            hold_outliers_open(mask, config.keep_outliers, model, batches)
         return mask
     return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
                         config.prune_ffn, config.prune_attention, config.uniform_layers)
@@ -70,3 +72,14 @@ def rank_gates(mask: LearnedMask, config: DecomposeConfig, model: KoffModel, bat
         for g, value in zip(gates or [], values):
             g.log_alpha.copy_(value)
     mask.clamp_()
+
+
+@torch.no_grad()
+def hold_outliers_open(mask: LearnedMask, count: int, model: KoffModel, batches: list[torch.Tensor]) -> None:
+    """Pin open the gates of the ``count`` FFN neurons of highest Wanda importance.
+
+    A handful of neurons with massive activations score hundreds to thousands of times the median.
+    Learned gates may close one when a memory (the KV prefix) stands in for it: the backbone with its
+    memories is unharmed, but alone it collapses (7.4x dense on SmolLM2 for want of one neuron)."""
+    importance, _ = unit_importance(model.base, model.layout, batches, "wanda")
+    mask.pin_open_(top_ffn_neurons(importance, count))
