@@ -124,7 +124,10 @@ COMPARED = {"learned_against_oneshot": ("The learned mask against the one-shot m
                                               "real text, the README's budget", "init-none-real-full", "real-full"),
             "keep_outliers_against_init_none": ("Gates from no importance with the outlier neurons held open against "
                                                 "the same without, real text, the README's budget",
-                                                "keep-outliers-real-full", "init-none-real-full")}
+                                                "keep-outliers-real-full", "init-none-real-full"),
+            "keep_outliers_against_wanda_start": ("Gates from no importance with the outlier neurons held open against "
+                                                  "the Wanda start (today's default), real text, the README's budget",
+                                                  "keep-outliers-real-full", "real-full")}
 # the numbers on which the configuration must beat the other configuration for every seed
 COMPARED_NUMBERS = {"koff_own_split": "own split", "koff_held_out": "held-out text"}
 # the numbers summarised across seeds, and their column titles
