@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 
 from koff.errors import KoffError
 from koff.experiments.concurrent import PROCESS_LOG, finished, train_all, train_concurrently
@@ -47,6 +48,20 @@ def test_train_all_in_this_process_trains_what_is_unfinished(tmp_path, corpus):
     assert all(finished(c) for c in runs)
     assert (tmp_path / "a" / "summary.json").stat().st_mtime_ns == mtime
     assert not (tmp_path / "b" / PROCESS_LOG).exists()  # jobs=1: no process was started
+
+
+def test_a_run_made_before_a_setting_existed_is_still_finished(tmp_path, corpus):
+    """config.yaml of an older koff lacks settings added since; at their defaults it is the same run."""
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    run = config(model_dir, corpus, tmp_path / "a")
+    train_all([run])
+    stored = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    del stored["keep_outliers"]
+    (tmp_path / "a" / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert finished(run)
+    assert not finished(replace(run, keep_outliers=2))  # a setting away from its default is another run
+    (tmp_path / "a" / "config.yaml").write_text(yaml.safe_dump(stored | {"no_such_setting": 1}))
+    assert not finished(run)
 
 
 def test_a_failing_run_is_named_with_its_log(tmp_path, corpus):

@@ -23,11 +23,16 @@ PROCESS_LOG = "process.log"
 
 
 def finished(config: DecomposeConfig) -> bool:
-    """Whether the run folder holds a finished run of exactly this config."""
+    """Whether the run folder holds a finished run of exactly this config. A setting added to koff
+    after the run was made counts at its default, so a new setting does not send old runs to train again."""
     out = Path(config.out)
     if not (out / run_folder.SUMMARY).is_file() or not (out / run_folder.CONFIG).is_file():
         return False
-    same = run_folder.read_config_values(out) == config.to_dict()
+    try:
+        stored = DecomposeConfig.from_dict(run_folder.read_config_values(out)).to_dict()
+    except KoffError:  # a config another koff wrote, or damaged: not this run
+        return False
+    same = stored == config.to_dict()
     return same and read_json(out / run_folder.SUMMARY).get("steps") == config.steps
 
 
