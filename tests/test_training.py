@@ -195,6 +195,25 @@ def test_keep_outliers_holds_the_massive_neuron_open_through_training_and_resume
     assert torch.equal(resumed.learned_mask.pinned, dec.learned_mask.pinned)
 
 
+@pytest.mark.parametrize("start, passes", [("wanda", 1), ("activation", 2), ("none", 1)])
+def test_held_open_outliers_reuse_the_starts_wanda_calibration(tmp_path, tokenizer, domains, monkeypatch, start, passes):
+    """Wanda importance is computed once whether it ranks the start, finds the outliers, or both."""
+    from koff.masks import oneshot
+    from koff.training import mask_init
+
+    measures = []
+    counted = oneshot.unit_importance
+
+    def counting(model, layout, batches, importance):
+        measures.append(importance)
+        return counted(model, layout, batches, importance)
+
+    for module in (oneshot, mask_init):  # every calibration pass, whichever module makes it
+        monkeypatch.setattr(module, "unit_importance", counting)
+    dec = make(tmp_path, tokenizer, domains, init_from=start, keep_outliers=2)
+    assert len(measures) == passes and "wanda" in measures and dec.learned_mask.pinned.sum() == 2
+
+
 def test_cli_decompose_writes_the_run_folder_and_resumes(tmp_path, corpus, capsys):
     from tiny import save_tiny
 

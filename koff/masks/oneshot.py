@@ -106,5 +106,11 @@ def oneshot_mask(
 ) -> BinaryMask:
     """A training-free structured mask at ``target`` sparsity (``uniform``: the same widths in every layer)."""
     ffn, attn = unit_importance(model, layout, batches, importance)
+    return mask_from_importance(ffn, attn, costs, target, prune_ffn, prune_attention, uniform)
+
+
+def mask_from_importance(ffn: list[torch.Tensor], attn: list[torch.Tensor], costs: UnitCosts, target: float,
+                         prune_ffn: bool = True, prune_attention: bool = True, uniform: bool = False) -> BinaryMask:
+    """``oneshot_mask`` from importance already computed (``unit_importance``'s two lists)."""
     select = select_uniform_units if uniform else select_units
     return select(standardise(ffn) if prune_ffn else None, standardise(attn) if prune_attention else None, costs, target)

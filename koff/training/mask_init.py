@@ -10,8 +10,8 @@ import torch
 from koff.config import DecomposeConfig
 from koff.data import DomainData
 from koff.errors import MissingFileError, UserInputError
-from koff.masks import BinaryMask, LearnedMask, oneshot_mask, unit_importance
-from koff.masks.oneshot import standardise, top_ffn_neurons
+from koff.masks import BinaryMask, LearnedMask, UnitCosts, oneshot_mask, unit_importance
+from koff.masks.oneshot import mask_from_importance, standardise, top_ffn_neurons
 from koff.model import KoffModel
 
 
@@ -23,10 +23,12 @@ def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[Domain
     batches = calibration_batches(config, domains)
     if config.mask_kind == "learned":
         mask = LearnedMask(model.costs, config.prune_ffn, config.prune_attention, config.init_log_alpha)
-        if config.init_from != "none":
-            rank_gates(mask, config, model, batches)
-        if config.keep_outliers:
-            hold_outliers_open(mask, config.keep_outliers, model, batches)
+        ranking = None if config.init_from == "none" else unit_importance(model.base, model.layout, batches, config.init_from)
+        if ranking is not None:
+            rank_gates(mask, config, model.costs, ranking)
+        if config.keep_outliers:  # Wanda's ranking: reuse the start's when it is Wanda's (one calibration pass)
+            wanda = ranking if config.init_from == "wanda" else unit_importance(model.base, model.layout, batches, "wanda")
+            hold_outliers_open(mask, config.keep_outliers, wanda[0])
         return mask
     return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
                         config.prune_ffn, config.prune_attention, config.uniform_layers)
@@ -50,22 +52,24 @@ def calibration_batches(config: DecomposeConfig, domains: list[DomainData]) -> l
 
 
 @torch.no_grad()
-def rank_gates(mask: LearnedMask, config: DecomposeConfig, model: KoffModel, batches: list[torch.Tensor]) -> None:
-    """Start the gates from one-shot importance (``config.init_from``) instead of identical values.
+def rank_gates(mask: LearnedMask, config: DecomposeConfig, costs: UnitCosts,
+               importance: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    """Start the gates from one-shot importance (``config.init_from``'s, as ``unit_importance`` gives
+    it) instead of identical values.
 
     With identical gates, meeting a sparsity target makes *every* unit equally noisy (on SmolLM2
     the loss rose from 2.86 to 3.74 at 1.2% sparsity). ``ranked`` spreads log_alpha by standardised
     importance, so the least important units close first; ``mask`` starts at the one-shot mask
     itself (units it cuts at -init_log_alpha, the rest at +init_log_alpha), so only the units on
     their way out are noisy and learning moves units across the cut."""
-    importance, top = config.init_from, config.init_log_alpha
+    top = config.init_log_alpha
     if config.init_shape == "mask":
-        cut = oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, importance,
-                           mask.ffn is not None, mask.attn is not None, config.uniform_layers)
+        cut = mask_from_importance(*importance, costs, config.sparsity, mask.ffn is not None, mask.attn is not None,
+                                   config.uniform_layers)
         ffn = [top * (keep.float() * 2 - 1) for keep in cut.ffn]
         attn = [top * (keep.float() * 2 - 1) for keep in cut.attn]
     else:
-        ffn, attn = (standardise(s) for s in unit_importance(model.base, model.layout, batches, importance))
+        ffn, attn = (standardise(s) for s in importance)
         ffn = [top + config.init_spread * z for z in ffn]
         attn = [top + config.init_spread * z for z in attn]
     for gates, values in ((mask.ffn, ffn), (mask.attn, attn)):
@@ -75,11 +79,10 @@ def rank_gates(mask: LearnedMask, config: DecomposeConfig, model: KoffModel, bat
 
 
 @torch.no_grad()
-def hold_outliers_open(mask: LearnedMask, count: int, model: KoffModel, batches: list[torch.Tensor]) -> None:
-    """Pin open the gates of the ``count`` FFN neurons of highest Wanda importance.
+def hold_outliers_open(mask: LearnedMask, count: int, wanda: list[torch.Tensor]) -> None:
+    """Pin open the gates of the ``count`` FFN neurons of highest Wanda importance (``wanda``: per layer).
 
     A handful of neurons with massive activations score hundreds to thousands of times the median.
     Learned gates may close one when a memory (the KV prefix) stands in for it: the backbone with its
     memories is unharmed, but alone it collapses (7.4x dense on SmolLM2 for want of one neuron)."""
-    importance, _ = unit_importance(model.base, model.layout, batches, "wanda")
-    mask.pin_open_(top_ffn_neurons(importance, count))
+    mask.pin_open_(top_ffn_neurons(wanda, count))
