@@ -29,10 +29,9 @@ def finished(config: DecomposeConfig) -> bool:
     if not (out / run_folder.SUMMARY).is_file() or not (out / run_folder.CONFIG).is_file():
         return False
     try:
-        stored = DecomposeConfig.from_dict(run_folder.read_config_values(out)).to_dict()
+        same = run_folder.read_config(out).to_dict() == config.to_dict()
     except KoffError:  # a config another koff wrote, or damaged: not this run
         return False
-    same = stored == config.to_dict()
     return same and read_json(out / run_folder.SUMMARY).get("steps") == config.steps
 
 
