@@ -79,7 +79,7 @@ def top_ffn_neurons(importance: list[torch.Tensor], k: int) -> list[tuple[int, i
     """The ``k`` FFN neurons of highest raw importance over all layers (``importance[i]``: layer i's
     scores, as ``unit_importance`` gives them), highest first, as (layer, neuron) pairs."""
     sizes = [s.numel() for s in importance]
-    order = torch.argsort(torch.cat([s.float().flatten() for s in importance]), descending=True)[:k]
+    order = torch.argsort(torch.cat([s.float().flatten().cpu() for s in importance]), descending=True)[:k]
     starts = torch.tensor([0, *sizes]).cumsum(0)
     layers = torch.searchsorted(starts, order, right=True) - 1
     return [(int(layer), int(index - starts[layer])) for layer, index in zip(layers, order)]
