@@ -20,14 +20,17 @@ def machine(device: str = "cpu") -> str:
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran at, with ``+dirty`` when the working tree had changes
-    (``$KOFF_GIT_COMMIT`` where the tree has no git history)."""
+    """The commit the benchmark ran at, with ``+dirty`` when the working tree had changes.
+    ``$KOFF_GIT_COMMIT``, where set, wins: a copy of the tree on a lent GPU machine may carry no git
+    history, or a stale one (one such copy's .git still named the commit its session started from)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
 
+    if os.environ.get("KOFF_GIT_COMMIT"):
+        return os.environ["KOFF_GIT_COMMIT"]
     commit = git("rev-parse", "--short=12", "HEAD")
-    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says which commit it is
-        return os.environ.get("KOFF_GIT_COMMIT", "unknown")
+    if not commit:
+        return "unknown"
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
