@@ -16,7 +16,9 @@ from koff.config import DecomposeConfig, parse_setting
 def machine(device: str = "cpu") -> str:
     """One line naming where a benchmark ran: processor, threads, torch, and the GPU if any."""
     text = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    return text + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")
+    if not device.startswith("cuda"):
+        return text
+    return text + (f", {torch.cuda.get_device_name(device)}" if torch.cuda.is_available() else ", no CUDA device here")
 
 
 def git_commit() -> str:

@@ -10,7 +10,7 @@ domain are at least KOFF's); at 12% also LoRA only and KV only trained on KOFF's
 * `koff analyze` of the 12% run: language-specific neurons (LAPE) vs the mask (+ per-layer PNG).
 
     python bench/evidence.py                         # everything; 17 runs, hours on the 2-core CPU
-    python bench/evidence.py --device cuda --jobs 8  # the same on one GPU, 8 trainings at once
+    python bench/evidence.py --device cuda --jobs 15 # the same on one GPU, 15 trainings at once (~5.5 min, H200)
     python bench/evidence.py --steps 3 --eval-max-blocks 2 --sparsities 0.12 --out bench/out/evidence-smoke \
         --results bench/out/evidence-smoke/results   # smoke test
 
@@ -79,6 +79,27 @@ def goals(table: dict, sweep: dict, analysis: dict) -> dict:
     return result
 
 
+def add_evidence_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every run the evidence is made of (bench/keep_outliers.py shares them)."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=7)
+    parser.add_argument("--eval-max-blocks", type=int, default=40)
+    parser.add_argument("--lape-max-blocks", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (on one "
+                        "GPU a run of the 135M model leaves it mostly idle: 15 at once keep an H200 busy)")
+    add_run_options(parser)
+
+
+def evidence_config(args: argparse.Namespace) -> DecomposeConfig:
+    """The settings every evidence run shares; the sweep sets the sparsity, mask and memories of each."""
+    base = DecomposeConfig(model=args.model, domain=DOMAINS, steps=args.steps, batch_size=args.batch_size,
+                           eval_max_blocks=args.eval_max_blocks, checkpoint_every=20, init_shape="mask",
+                           final_fraction=0.4, target_warmup=0.25,
+                           lr_mask=args.lr_mask, distill_every=args.distill_every, device=args.device)
+    return with_settings(base, args.set)
+
+
 def transfer_flags(root: Path, max_blocks: int) -> list[str]:
     """``--transfer NAME=SOURCE`` for every domain whose other source exists under ``root``."""
     flags = []
@@ -92,20 +113,13 @@ def transfer_flags(root: Path, max_blocks: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_evidence_options(parser)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.06, 0.12, 0.20, 0.30])
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=7)
-    parser.add_argument("--eval-max-blocks", type=int, default=40)
-    parser.add_argument("--lape-max-blocks", type=int, default=64)
     parser.add_argument("--transfer-root", default="corpora",
                         help="folder written by scripts/real_corpora.py: each memory is also scored on real text of its "
                         "domain from there (missing folders are skipped)")
     parser.add_argument("--transfer-max-blocks", type=int, default=80, help="evenly spaced blocks per transfer source "
                         "(80 x 256 = 20k tokens)")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (on one "
-                        "GPU a run of the 135M model leaves it mostly idle: 8 fit an H100)")
-    add_run_options(parser)
     parser.add_argument("--out", default="bench/out/evidence")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
@@ -116,11 +130,7 @@ def main() -> None:
     out, results = Path(args.out), Path(args.results)
     start = time.perf_counter()
 
-    base = DecomposeConfig(model=args.model, domain=DOMAINS, steps=args.steps, batch_size=args.batch_size,
-                           eval_max_blocks=args.eval_max_blocks, checkpoint_every=20, init_shape="mask",
-                           final_fraction=0.4, target_warmup=0.25,
-                           lr_mask=args.lr_mask, distill_every=args.distill_every, device=args.device)
-    base = with_settings(base, args.set)
+    base = evidence_config(args)
     sweep = run_sweep(base, args.sparsities, out / "sweep", jobs=args.jobs)
     koff_run = sweep["runs"][0.12]["koff"]
     same_mask = [DecomposeConfig(**{**base.to_dict(), "mask": f"file:{koff_run}", "memory": memory,

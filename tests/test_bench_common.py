@@ -20,3 +20,11 @@ def test_without_a_named_commit_the_checkouts_head_is_recorded(monkeypatch, tmp_
     assert git_commit().split("+")[0].isalnum()
     monkeypatch.chdir(tmp_path)  # no git history at all
     assert git_commit() == "unknown"
+
+
+def test_the_machine_line_names_a_missing_gpu_instead_of_failing(monkeypatch):
+    # A report written from runs a GPU machine trained (bench/keep_outliers.py) runs where there is none.
+    from common import machine
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert machine("cuda").endswith(", no CUDA device here") and "CUDA" not in machine("cpu")
