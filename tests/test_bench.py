@@ -1,4 +1,5 @@
-"""The benchmark scripts (bench/): what every benchmark records about the run that made its numbers, and the runs they share."""
+"""The benchmark scripts (bench/): what every benchmark records about the run that made its numbers,
+and the runs two benchmarks share."""
 
 import sys
 from pathlib import Path
