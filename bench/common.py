@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +21,11 @@ def machine(device: str = "cpu") -> str:
     if not device.startswith("cuda"):
         return text
     return text + (f", {torch.cuda.get_device_name(device)}" if torch.cuda.is_available() else ", no CUDA device here")
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as a shell would take it (written beside its results)."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 def git_commit() -> str:

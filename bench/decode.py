@@ -22,9 +22,7 @@ decoding at batch 1 is bound by launches); its speeds mean nothing.
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine, top_level_aten_ops
+from common import command_line, git_commit, machine, top_level_aten_ops
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
 from koff.models import resolve_dtype
@@ -174,7 +172,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="decode")
     args = parser.parse_args()
-    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(args.device),
+    report = {"command": command_line(), "machine": machine(args.device),
               "commit": git_commit(), "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "results": []}
     out, profiles = Path(args.out), []
     for shape in args.shapes:

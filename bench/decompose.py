@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import add_run_options, git_commit, machine, with_settings
+from common import add_run_options, command_line, git_commit, machine, with_settings
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.evaluation.decomposition import SUMMARY_KEYS, DecompositionEval
@@ -89,7 +87,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few eval blocks, for a smoke test")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
 
     config = DecomposeConfig(

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from common import add_run_options, git_commit, machine, with_settings
+from common import add_run_options, command_line, git_commit, machine, with_settings
 from koff.cli import main as koff_main
 from koff.experiments.concurrent import train_all
 from koff.experiments.sweep import run_sweep, sweep_markdown
@@ -125,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     if 0.12 not in args.sparsities:
         parser.error("--sparsities must include 0.12 (the ablation table and the analysis use that run)")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
     out, results = Path(args.out), Path(args.results)
     start = time.perf_counter()

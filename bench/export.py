@@ -13,16 +13,14 @@ Writes bench/results/export.json and export.md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import add_speed_options, folder_bytes, git_commit, machine
+from common import add_speed_options, command_line, folder_bytes, git_commit, machine
 from koff.export import export_run
 from koff.formats.run import read_config
 from koff.io import write_json, write_text
@@ -73,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/export")
     add_speed_options(parser)
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
     torch.manual_seed(0)
 

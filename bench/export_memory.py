@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import folder_bytes, git_commit, machine
+from common import command_line, folder_bytes, git_commit, machine
 from random_base import random_model, word_tokenizer
 from koff.config import DecomposeConfig
 from koff.formats.run import CONFIG, write_outputs
@@ -136,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="export-memory")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()
     kinds = [("this tree", None)] + ([(args.baseline_name, args.baseline.resolve())] if args.baseline else [])
     rows = []

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import git_commit, machine
+from common import command_line, git_commit, machine
 from evidence import add_evidence_options, evidence_config
 from koff.cli import main as koff_main
 from koff.evaluation import DecompositionEval
 from koff.experiments.ablation import geomean_ratio
 from koff.experiments.concurrent import train_all
+from koff.experiments.sweep import sweep_configs
 from koff.io import markdown_table, read_json, write_json, write_text
 from koff.training import DecomposeConfig
 
@@ -69,12 +69,9 @@ def markdown(rows: dict[str, dict]) -> str:
     header = ["run", "sparsity", "seed", "held open", "KOFF (geomean)", "KOFF (worst)", "mask alone (geomean)",
               "LAPE enrichment", "within layers", "activity-adjusted", "top-8 outliers kept"]
 
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    body = [[name, f"{r['sparsity']:.0%}", str(r["seed"]), str(r["keep_outliers"]),
-             *(cell(r.get(k)) for k in ("koff_geomean_ratio", "koff_worst_ratio", "mask_alone_geomean_ratio", *LAPE_KEYS,
-                                        "outliers_kept"))] for name, r in rows.items()]
+    columns = ("koff_geomean_ratio", "koff_worst_ratio", "mask_alone_geomean_ratio", *LAPE_KEYS, "outliers_kept")
+    body = [[name, f"{r['sparsity']:.0%}", r["seed"], r["keep_outliers"],
+             *("-" if r.get(k) is None else r[k] for k in columns)] for name, r in rows.items()]
     return markdown_table(header, body)
 
 
@@ -88,11 +85,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/keep-outliers")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    commit = git_commit()
+    command, commit = command_line(), git_commit()
     start = time.perf_counter()
 
-    configs = runs(evidence_config(args), args.keep, args.sparsities, args.seeds, Path(args.out))
+    base = evidence_config(args)
+    configs = runs(base, args.keep, args.sparsities, args.seeds, Path(args.out))
     train_all(list(configs.values()), args.jobs)
     for config in configs.values():
         if not (Path(config.out) / "analysis" / "analysis.json").is_file():
@@ -104,15 +101,14 @@ def main() -> None:
     for name, config in configs.items():
         rows[name] = {"sparsity": config.sparsity, "seed": config.seed, "keep_outliers": args.keep,
                       **describe(Path(config.out), Path(config.out) / "analysis")}
-    evidence = Path(args.evidence_out)
-    for sparsity in args.sparsities:
-        run = evidence / "sweep" / f"koff-s{round(sparsity * 100):02d}"
+    evidence = Path(args.evidence_out)  # the evidence sweep's own KOFF runs, where bench/evidence.py has run
+    for sparsity, sweep_runs in sweep_configs(replace(base, eval=True), args.sparsities, evidence / "sweep").items():
+        run = Path(sweep_runs["koff"].out)
         if (run / "summary.json").is_file():
             analysis = evidence / "analysis" if sparsity == 0.12 else None
-            rows[f"evidence koff-s{round(sparsity * 100):02d}"] = {"sparsity": sparsity, "seed": 0, "keep_outliers": 0,
-                                                                    **describe(run, analysis)}
+            rows[f"evidence {run.name}"] = {"sparsity": sparsity, "seed": 0, "keep_outliers": 0, **describe(run, analysis)}
     result = {"command": command, "commit": commit, "machine": machine(args.device),
-              "config": evidence_config(args).to_dict(), "keep_outliers": args.keep, "rows": rows,
+              "config": base.to_dict(), "keep_outliers": args.keep, "rows": rows,
               "wall_seconds": round(time.perf_counter() - start, 1)}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from common import git_commit, machine
+from common import command_line, git_commit, machine
 from koff.analysis import outlier_neurons
 from koff.data import load_domains, load_heldout, parse_domain, parse_domains
 from koff.evaluation.perplexity import evaluate
@@ -105,7 +104,7 @@ def main() -> None:
     missing = [str(f) for f in folders if not (f / "mask.safetensors").is_file()]
     if missing:
         sys.exit(f"not finished runs: {missing} (train them with bench/recovery.py)")
-    command, start, commit = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter(), git_commit()
+    command, start, commit = command_line(), time.perf_counter(), git_commit()
     rows = [score_run(f, Path(args.corpora), args.blocks, args.top) for f in folders]
     result = {"command": command, "commit": commit, "machine": machine("cpu"), "blocks": args.blocks, "top": args.top,
               "held_out": HELD_OUT, "rows": rows, "wall_seconds": round(time.perf_counter() - start, 1)}

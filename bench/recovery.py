@@ -59,12 +59,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from common import git_commit, machine
+from common import command_line, git_commit, machine
 from koff.experiments.ablation import dense_with_memories_row
 from koff.experiments.concurrent import finished, train_all
 from koff.experiments.sweep import equal_budget_runs
@@ -302,7 +301,7 @@ def main() -> None:
     missing = [str(p) for p in needed if not p.is_dir()]
     if missing:
         sys.exit(f"missing real text {missing}: run python scripts/real_corpora.py --out {args.corpora}")
-    command, start = "python " + " ".join(shlex.quote(a) for a in sys.argv), time.perf_counter()
+    command, start = command_line(), time.perf_counter()
     commit = git_commit()  # the tree the runs train with
     how = scoring(args, held_out_fingerprint(Path(args.corpora)))
     runs = {n: config(args, n) for n in names}

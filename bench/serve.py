@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from common import git_commit
+from common import command_line, git_commit
 from koff.io import write_json, write_text
 
 PROMPTS = [
@@ -174,7 +173,7 @@ def main() -> None:
                         help="single/mixed pairs run back to back for the throughput ratio (median); the machine's "
                         "speed drifts, so one pair is not enough (default: 3, the table's pair included)")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - {"serial", "single", "mixed"}

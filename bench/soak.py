@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import httpx
 from safetensors.torch import load_file, save_file
 
-from common import git_commit, machine
+from common import command_line, git_commit, machine
 from koff.io import read_json, write_json, write_text
 from serve import PROMPTS, Server
 
@@ -240,7 +239,7 @@ def main() -> None:
     parser.add_argument("--admin-every", type=float, default=2.0, help="seconds between admin rounds")
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
     source = Path(args.export)
     if not (source / "backbone").is_dir():

@@ -13,7 +13,6 @@ Writes bench/results/<name>.json and .md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import git_commit, machine, top_level_aten_ops  # noqa: E402
+from common import command_line, git_commit, machine, top_level_aten_ops  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 from koff.data.blocks import DomainData  # noqa: E402
@@ -65,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="step-overhead")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()
     torch.set_num_threads(1)
     torch.manual_seed(0)

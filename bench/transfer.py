@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import git_commit, machine
+from common import command_line, git_commit, machine
 from koff.cli import main as koff_main
 from koff.experiments.concurrent import train_all
 from koff.experiments.sweep import equal_budget_runs
@@ -189,7 +188,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/transfer")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     corpora = Path(args.corpora)

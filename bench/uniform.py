@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import add_speed_options, git_commit, machine
+from common import add_speed_options, command_line, git_commit, machine
 from export import linear_flops_per_token, timed
 from koff.export import export_run
 from koff.formats.run import read_config
@@ -55,7 +53,7 @@ def main() -> None:
     parser.add_argument("--run", default="bench/out/decompose-uniform", help="the uniform run's folder")
     add_speed_options(parser)
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     commit = git_commit()
     per_layer, uniform = (json.loads(Path(p).read_text()) for p in (args.per_layer, args.uniform))
 
