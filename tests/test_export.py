@@ -110,11 +110,11 @@ class RecordingBatch(DecodeBatch):
         super().__init__(*args)
         self.logits: dict[int, list[torch.Tensor]] = {}
 
-    def _sample(self, rows, logits):
+    def _read(self, rows, logits, chosen):
         for i, row in enumerate(rows):
             if not row.done:
                 self.logits.setdefault(row.key, []).append(logits[i].clone())
-        return super()._sample(rows, logits)
+        return super()._read(rows, logits, chosen)
 
 
 def test_samples_joining_and_leaving_a_running_batch_get_the_same_logits(tmp_path, corpus):

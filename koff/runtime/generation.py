@@ -9,7 +9,6 @@ alone or in a mixed batch (up to float rounding).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,52 +19,13 @@ from koff.errors import KoffError, UserInputError
 from koff.memories.memory import DomainMemory
 from koff.memories.prefix import prefix_inputs
 from koff.model import KoffModel
+from koff.models.attention_mask import decode_attention_mask
 from koff.models.cache_api import cache_inputs, returned_cache
-
-
-# Temperatures below this sample the most likely token anyway; dividing logits by them overflows
-# to infinity (a request with temperature 1e-45 once failed its whole batch), so they are greedy.
-GREEDY_BELOW = 1e-5
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+from koff.runtime.sampling import RowSampling, Sampling
 
 
 class GenerationError(KoffError):
     """A sample could not be continued (its model output was not finite)."""
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise UserInputError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}")
-
-
-def sample_next(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
-    """One token from one row of logits: greedy, or temperature + nucleus (top-p) sampling."""
-    if params.greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass
@@ -75,10 +35,13 @@ class _Row:
     key: int
     memory: DomainMemory | None
     params: Sampling
-    generator: torch.Generator | None
     count: int = 0  # tokens generated
-    last: int = 0  # the token to feed next
     done: bool = False
+
+
+def host_values(tensor: torch.Tensor) -> list:
+    """The one read back to the host that a decoding step makes (on a GPU, a wait for the device)."""
+    return tensor.tolist()
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -96,6 +59,10 @@ class DecodeBatch:
     Caches are left-padded to one length with the padding masked out and positions are per sample,
     so a sample's tokens do not depend on who else is in the batch (up to float rounding).
     Finished samples leave the cache at the next step.
+
+    A step that no sample joins or leaves reads the device once: the new tokens with their
+    finiteness flags (``host_values``). The tokens to feed next, the sampling settings and the
+    rows' memory routing stay on the device from one step to the next.
     """
 
     def __init__(self, model: KoffModel, pad_id: int, eos_ids: set[int]):
@@ -105,6 +72,9 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real prefix slot or token
         self.next_position: torch.Tensor | None = None  # (rows, 1)
+        self.last: torch.Tensor | None = None  # (rows, 1): the tokens to feed next, on the device
+        self.sampling: RowSampling | None = None
+        self._new_column: torch.Tensor | None = None  # (rows, 1) ones: the mask of the token fed next
         self._keys = itertools.count()
         self._by_key: dict[int, _Row] = {}
         self._failed: dict[int, str] = {}  # key -> why that sample stopped without a token
@@ -115,8 +85,7 @@ class DecodeBatch:
             raise UserInputError("every prompt needs at least one token")
         params.validate()
         resolved = self.model.resolve([memory], 1)[0]
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        row = _Row(next(self._keys), resolved, params, generator)
+        row = _Row(next(self._keys), resolved, params)
         self.pending.append((row, list(prompt)))
         self._by_key[row.key] = row
         return row.key
@@ -150,71 +119,72 @@ class DecodeBatch:
         return tokens
 
     def _decode(self) -> list[tuple[int, int]]:
-        rows, device = self.rows, self.model.device
-        ids = torch.tensor([r.last for r in rows], device=device)[:, None]
-        self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=device)], dim=1)
-        with self.model.activate([r.memory for r in rows]):
-            out = self.model.base(input_ids=ids, attention_mask=self.mask, position_ids=self.next_position,
-                                  use_cache=True, **cache_inputs(self.model.base, self.cache))
+        self.mask = torch.cat([self.mask, self._new_column], dim=1)
+        model = self.model
+        mask = decode_attention_mask(self.mask, model.base.config, model.dtype)
+        with model.activate([r.memory for r in self.rows]):
+            out = model.base(input_ids=self.last, attention_mask=mask, position_ids=self.next_position, use_cache=True,
+                             logits_to_keep=1, **cache_inputs(model.base, self.cache))
         self.cache, self.next_position = returned_cache(out), self.next_position + 1
-        return self._sample(rows, out.logits[:, -1])
+        self.last = self.sampling.choose(out.logits[:, -1])[:, None]
+        return self._read(self.rows, out.logits[:, -1], self.last)
 
     def _prefill(self) -> list[tuple[int, int]]:
         model, device = self.model, self.model.device
         rows, prompts = [r for r, _ in self.pending], [p for _, p in self.pending]
         self.pending = []
         longest = max(len(p) for p in prompts)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p, device=device)
-            prompt_mask[i, longest - len(p):] = 1
+        ids = torch.tensor([[self.pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+        prompt_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
         with model.activate([r.memory for r in rows]) as active:
             cache, mask, positions = prefix_inputs(active, model.base.config, model.dtype, prompt_mask)
             cache = cache if cache is not None else DynamicCache(config=model.base.config)
             out = model.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **cache_inputs(model.base, cache))
-        tokens = self._sample(rows, out.logits[:, -1])
-        self._merge(rows, returned_cache(out), mask, positions[:, -1:] + 1)
+                             logits_to_keep=1, **cache_inputs(model.base, cache))
+        sampling = RowSampling([r.params for r in rows], device)
+        last = sampling.choose(out.logits[:, -1])[:, None]
+        tokens = self._read(rows, out.logits[:, -1], last)
+        self._merge(rows, returned_cache(out), mask, positions[:, -1:] + 1, last, sampling)
         return tokens
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, int]]:
-        """A token for each unfinished row; a row whose logits are not finite, or whose sampling
-        fails, ends on its own (see ``take_failures``) and the others go on."""
-        tokens = []
-        # One copy to the host for the whole batch (each is a wait for the GPU): which rows are
-        # finite, and every row's most likely token, which is the greedy rows' next one.
-        finite, best = torch.stack([torch.isfinite(logits).all(-1).long(), logits.argmax(-1)]).tolist()
-        for i, row in enumerate(rows):
+    def _read(self, rows: list[_Row], logits: torch.Tensor, chosen: torch.Tensor) -> list[tuple[int, int]]:
+        """The chosen token of each unfinished row, read in one copy with each row's finiteness;
+        a row whose logits are not finite ends on its own (see ``take_failures``), the others go on."""
+        finite = torch.isfinite(logits).all(-1, keepdim=True)
+        tokens, flags = zip(*host_values(torch.cat([chosen, finite.long()], dim=1)))
+        chosen_tokens = []
+        for row, token, is_finite in zip(rows, tokens, flags):
             if row.done:
                 continue
-            try:
-                if not finite[i]:
-                    raise GenerationError("the model's output for this sample is not finite (NaN or infinity)")
-                row.last = best[i] if row.params.greedy else sample_next(logits[i], row.params, row.generator)
-            except (GenerationError, RuntimeError) as err:
-                row.done, self._failed[row.key] = True, str(err)
+            if not is_finite:
+                row.done = True
+                self._failed[row.key] = "the model's output for this sample is not finite (NaN or infinity)"
                 continue
             row.count += 1
-            row.done = row.last in self.eos_ids or row.count >= row.params.max_new_tokens
-            tokens.append((row.key, row.last))
-        return tokens
+            row.done = token in self.eos_ids or row.count >= row.params.max_new_tokens
+            chosen_tokens.append((row.key, token))
+        return chosen_tokens
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor) -> None:
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor,
+               last: torch.Tensor, sampling: RowSampling) -> None:
         """Append newly prefilled samples to the running batch, left-padding the shorter cache."""
         if not self.rows:
             self.rows, self.cache, self.mask, self.next_position = rows, cache, mask, next_position
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        merged = DynamicCache(config=self.model.base.config)
-        for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
-            keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
-            values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
-            merged.update(keys, values, i)
-        self.cache = merged
-        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
-        self.next_position = torch.cat([self.next_position, next_position])
-        self.rows = self.rows + rows
+            self.last, self.sampling = last, sampling
+        else:
+            length = max(self.mask.shape[1], mask.shape[1])
+            merged = DynamicCache(config=self.model.base.config)
+            for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
+                keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
+                values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
+                merged.update(keys, values, i)
+            self.cache = merged
+            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            self.next_position = torch.cat([self.next_position, next_position])
+            self.last = torch.cat([self.last, last])
+            self.sampling = RowSampling.joined([self.sampling, sampling])
+            self.rows = self.rows + rows
+        self._new_column = self.mask.new_ones(len(self.rows), 1)
 
     def _drop_finished(self) -> None:
         """Remove finished samples, and cache columns that no remaining sample attends to."""
@@ -225,7 +195,7 @@ class DecodeBatch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.cache, self.mask, self.next_position = [], None, None, None
+            self.rows, self.cache, self.mask, self.next_position, self.last, self.sampling = [], None, None, None, None, None
             return
         index = torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, index)
@@ -235,6 +205,8 @@ class DecodeBatch:
             pruned.update(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:], i)
         self.rows = [self.rows[i] for i in keep]
         self.cache, self.mask, self.next_position = pruned, mask[:, first:], self.next_position.index_select(0, index)
+        self.last, self.sampling = self.last.index_select(0, index), self.sampling.select(index)
+        self._new_column = self.mask.new_ones(len(self.rows), 1)
 
 
 class BatchGeneration:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from koff.runtime.generation import SEED_RANGE
+from koff.runtime.sampling import SEED_RANGE
 
 MAX_STOP = 4
 
