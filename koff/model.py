@@ -48,13 +48,15 @@ class KoffModel(nn.Module):
         self._lora_shapes = (
             install_lora(self.layout, self.memory_config.lora_targets, self.router) if self.memory_config.use_lora else {}
         )
-        self.hooks = GateHooks(self.layout)  # after the LoRA swap: gates then cover base and LoRA alike
+        self.hooks = GateHooks(self.layout)  # its hooks go in with the first mask: an export has none to run
         self.mask = None
         self.set_mask(mask)
         self._gates_enabled = True
 
     # ----- mask ---------------------------------------------------------------------------------
     def set_mask(self, mask: LearnedMask | BinaryMask | None) -> None:
+        if mask is not None:
+            self.hooks.install()  # after the LoRA swap: gates then cover base and LoRA alike
         if isinstance(mask, LearnedMask):
             self.mask = mask  # registered as a submodule: its log_alphas train
         else:

@@ -14,15 +14,24 @@ from koff.models.recompute import Restorer, attribute_snapshot
 
 
 class GateHooks:
-    """Owns the pre-hooks; ``set_gates`` supplies the gate vectors for the next forward pass."""
+    """Owns the pre-hooks; ``set_gates`` supplies the gate vectors for the next forward pass.
+
+    The hooks go in at ``install`` (once, for the model's lifetime: with no gates set they do
+    nothing), so a model that never gets a mask, such as an exported backbone, runs without them."""
 
     def __init__(self, layout: DecoderLayout):
         self.layout = layout
         self.ffn: list = [None] * layout.num_layers
         self.attn: list = [None] * layout.num_layers
-        for parts in layout.layers:  # installed for the model's lifetime: with no gates set they do nothing
+        self.installed = False
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        for parts in self.layout.layers:
             parts.projection("down_proj").register_forward_pre_hook(self._ffn_hook(parts.index))
             parts.projection("o_proj").register_forward_pre_hook(self._attn_hook(parts.index))
+        self.installed = True
 
     def set_gates(self, ffn: list, attn: list) -> None:
         self.ffn, self.attn = list(ffn), list(attn)

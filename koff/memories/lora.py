@@ -55,45 +55,32 @@ class RoutedLoRALinear(nn.Module):
                 return y
             a, scaled_b = self._single(memory, x.dtype)  # kept between decoding steps, made anew in training
             return y + F.linear(F.linear(x, a), scaled_b)
-        if torch.is_grad_enabled() and self._batchable(router.per_sample):
-            return y + self._batched_delta(router.per_sample, x)  # training: per-sample factors, no repeat
-        return y + self._segmented_delta(router, x)  # inference: factors kept across decode steps
-
-    def _batchable(self, per_sample) -> bool:
-        ranks = {m.rank if m is not None and self.key in m.lora_A else -1 for m in per_sample}
-        return len(ranks) == 1 and -1 not in ranks
-
-    def _batched_delta(self, per_sample, x: torch.Tensor) -> torch.Tensor:
-        """Every sample's own update in two batched matmuls: (B,T,in) @ (B,in,r) @ (B,r,out)."""
-        a = torch.stack([m.lora_A[self.key] for m in per_sample]).to(x.dtype)
-        b = torch.stack([m.lora_B[self.key] for m in per_sample]).to(x.dtype)
-        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        scales = {m.scaling for m in per_sample}
-        if len(scales) == 1:  # the usual case: a plain multiply, no per-sample tensor copied to the device
-            return delta * scales.pop()
-        scale = torch.tensor([m.scaling for m in per_sample], dtype=x.dtype, device=x.device)
-        return delta * scale.view(-1, *[1] * (x.dim() - 1))
-
-    def _segmented_delta(self, router, x: torch.Tensor) -> torch.Tensor:
-        """A batch where some samples have no update here (the bare backbone, a memory without this
-        projection) or ranks differ: project on the concatenated A of the distinct memories present,
-        keep each sample's own columns (scaled), and map back with the concatenated B. Two plain
-        matmuls for the whole batch, whatever the mix; samples without an update get exactly zero."""
         present = [m for m in router.distinct if self.key in m.lora_A]
         if not present:
-            return torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
-        a, b = self._concatenated(present, x.dtype)
-        select = router.selection(present, x.dtype, x.device)
-        low = F.linear(x, a) * select.view(x.shape[0], *[1] * (x.dim() - 2), -1)
-        return F.linear(low, b)
+            return y
+        return y + self._gathered_delta(present, router.index(present, x.device), x)
 
-    def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of ranks, in) and (out, sum of ranks) factors of the memories present."""
+    def _gathered_delta(self, present, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch (several memories, some samples with none, ranks that differ): the factors
+        of the memories present are stacked once (zeros first, for samples with no update here)
+        and each sample gathers its own, so the whole batch takes two batched matmuls,
+        (B,T,in) @ (B,in,r) @ (B,r,out), whatever the mix ("BGMV", as S-LoRA and Punica serve
+        many adapters at once). Samples without an update get exactly zero."""
+        a, b = self._stacked(present, x.dtype)
+        low = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a.index_select(0, index).transpose(1, 2))
+        return torch.bmm(low, b.index_select(0, index).transpose(1, 2)).view(*x.shape[:-1], self.out_features)
+
+    def _stacked(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + memories, rank, in) and (1 + memories, out, rank) factors, B times its scaling,
+        with zero factors first and smaller ranks padded with zeros to the largest."""
         def build():
-            return (torch.cat([m.lora_A[self.key] for m in present]).to(dtype),
-                    torch.cat([m.lora_B[self.key] for m in present], dim=1).to(dtype))
+            rank = max(m.lora_A[self.key].shape[0] for m in present)
+            a = [F.pad(m.lora_A[self.key], (0, 0, 0, rank - m.lora_A[self.key].shape[0])) for m in present]
+            b = [F.pad(m.lora_B[self.key] * m.scaling, (0, rank - m.lora_B[self.key].shape[1])) for m in present]
+            return (torch.stack([torch.zeros_like(a[0])] + a).to(dtype),
+                    torch.stack([torch.zeros_like(b[0])] + b).to(dtype))
 
-        return self._cached("mixed", present, dtype, build)
+        return self._cached("stacked", present, dtype, build)
 
     def _single(self, memory, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One memory's A and its B times its scaling, in ``dtype``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -10,21 +11,26 @@ import torch
 from koff.memories.memory import DomainMemory
 from koff.models.recompute import Restorer, attribute_snapshot
 
+# Row-to-memory indices kept between passes: a decoding batch routes the same rows step after
+# step, so its index tensors are made once (a copy to the device each) and not at every step.
+KEPT_INDICES = 16
+
 
 class MemoryRouter:
     """Shared by every LoRA wrapper of a model; set once per forward pass.
 
     A batch that uses one memory (or none) takes ``single``. A mixed batch has ``per_sample``
     (one entry per sample, ``None`` = no memory) and ``distinct`` (each memory present, once, in
-    name order so that the same set of memories always concatenates the same way).
+    name order so that the same set of memories always stacks the same way).
     """
 
     def __init__(self):
         self.single: DomainMemory | None = None
         self.per_sample: list[DomainMemory | None] = []
         self.distinct: list[DomainMemory] = []
-        self._selections: dict = {}
         self.mixed = False
+        self._rows: tuple = ()  # the memories' ids, row by row: names this pass's routing
+        self._indices: OrderedDict = OrderedDict()
 
     @contextmanager
     def route(self, per_sample: Sequence[DomainMemory | None]) -> Iterator[None]:
@@ -34,28 +40,28 @@ class MemoryRouter:
             self.single = next(iter(distinct.values()), None)
         else:
             self.per_sample = list(per_sample)
+            self._rows = tuple(id(m) for m in per_sample)
             self.distinct = sorted(distinct.values(), key=lambda m: m.name)
         try:
             yield
         finally:
-            self.single, self.per_sample, self.distinct, self.mixed = None, [], [], False
-            self._selections = {}
+            self.single, self.per_sample, self.distinct, self.mixed, self._rows = None, [], [], False, ()
 
     def snapshot(self) -> Restorer:
         """The routing of the pass under way, for a checkpointed layer's recompute in backward."""
-        return attribute_snapshot(self, ("single", "per_sample", "distinct", "mixed", "_selections"))
+        return attribute_snapshot(self, ("single", "per_sample", "distinct", "mixed", "_rows"))
 
-    def selection(self, present: list[DomainMemory], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """(batch, sum of ranks of ``present``): each sample's own columns of the concatenated
-        factors, holding its memory's scaling; zero rows for samples whose memory is not present.
-        Built once per forward pass for each distinct ``present`` list."""
-        key = (tuple(id(m) for m in present), dtype, device)
-        if key not in self._selections:
-            select = torch.zeros(len(self.per_sample), sum(m.rank for m in present), dtype=dtype, device=device)
-            start = 0
-            for memory in present:
-                rows = [i for i, m in enumerate(self.per_sample) if m is memory]
-                select[rows, start : start + memory.rank] = memory.scaling
-                start += memory.rank
-            self._selections[key] = select
-        return self._selections[key]
+    def index(self, present: list[DomainMemory], device: torch.device) -> torch.Tensor:
+        """(batch,) long: each sample's place in ``present`` plus one, 0 for a sample whose memory is
+        not in it; the row of a stack of ``present``'s factors (zeros first) that the sample takes."""
+        key = (self._rows, tuple(id(m) for m in present), device)
+        if key in self._indices:
+            self._indices.move_to_end(key)
+            return self._indices[key][1]
+        place = {id(m): i + 1 for i, m in enumerate(present)}
+        index = torch.tensor([place.get(id(m), 0) for m in self.per_sample], device=device)
+        # The entry holds the memories: while it lives, their ids cannot name a memory loaded later.
+        self._indices[key] = (list(self.per_sample), index)
+        if len(self._indices) > KEPT_INDICES:
+            self._indices.popitem(last=False)
+        return index
