@@ -63,6 +63,9 @@ class DecomposeConfig:
                         "(memories only) | none")
     layer_shape: str = setting("per-layer", "per-layer: each layer keeps its own widths | uniform: every layer keeps the "
                                "same number of FFN neurons and KV groups (export --uniform is then a smaller stock model)")
+    # GEMMs whose dimensions are not multiples of 64 take slower kernels (and llama.cpp's quantised
+    # blocks are 32 or 256 wide); 1 = any width
+    ffn_align: int = setting(64, "the final mask keeps a multiple of this many FFN neurons in each layer")
     prune_ffn: bool = setting(True, "the mask may remove FFN neurons")
     prune_attention: bool = setting(True, "the mask may remove attention KV groups")
     constraint: str = setting("projected", "how the sparsity target is enforced: projected (a log_alpha offset solved "
@@ -129,6 +132,8 @@ class DecomposeConfig:
         parse_sampling(self.sampling)
         if self.init_from not in (*IMPORTANCES, "none"):
             raise UserInputError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
+        if self.ffn_align < 1:
+            raise UserInputError(f"--ffn-align must be at least 1, got {self.ffn_align}")
         if self.keep_outliers < 0:
             raise UserInputError(f"--keep-outliers must be at least 0, got {self.keep_outliers}")
         if self.keep_outliers and kind != "learned":

@@ -72,7 +72,7 @@ def test_uniform_layer_shape_exports_a_smaller_stock_model_that_transformers_and
     out = tmp_path / "run"
     config = DecomposeConfig(model=save_tiny(tmp_path / "model", "qwen2"), domain=[f"eng={corpus['eng']}"], out=str(out),
                              block_len=32, batch_size=2, kv_slots=4, steps=4, memory="lora", sparsity=0.3, eval=False,
-                             lr_lora=0.05, layer_shape="uniform")
+                             lr_lora=0.05, layer_shape="uniform", ffn_align=1)
     trainer = Decomposer(config)
     trainer.train()
     mask = BinaryMask.load(out / "mask.safetensors")

@@ -71,6 +71,34 @@ def test_uniform_selection_keeps_one_width_in_every_layer_and_meets_the_target()
             assert keep.sum() >= 1
 
 
+def smollm2_costs(layers: int = 4) -> UnitCosts:
+    """SmolLM2-135M's unit costs (FFN 1536, 3 KV groups of 3 query heads of 64), for ``layers`` layers."""
+    ffn_cost, attn_cost = 3 * 576, 8 * 64 * 576
+    block = 1536 * ffn_cost + 3 * attn_cost + 2 * 576
+    return UnitCosts((1536,) * layers, (3,) * layers, (ffn_cost,) * layers, (attn_cost,) * layers, block * layers,
+                     block * layers + 2 * 49152 * 576)
+
+
+def test_aligned_selection_keeps_multiples_of_the_unit_and_meets_the_target():
+    costs = smollm2_costs()
+    torch.manual_seed(0)
+    ffn, attn = [torch.randn(n) for n in costs.ffn_units], [torch.randn(n) for n in costs.attn_units]
+    ffn[2][7] = math.inf  # held open
+    chunk = 64 * costs.ffn_cost[0]
+    for target in (0.05, 0.12, 0.25):
+        mask = select_units(ffn, attn, costs, target, ffn_align=64)
+        assert all(int(m.sum()) % 64 == 0 for m in mask.ffn) and mask.ffn[2][7]
+        assert abs(mask.sparsity(costs) - target) * costs.block_params <= max(chunk, costs.attn_cost[0]) / 2
+        for scores, keep in zip(ffn, mask.ffn):  # each layer's lowest scores go
+            if (~keep).any():
+                assert scores[~keep].max() <= scores[keep].min()
+        uniform = select_uniform_units(ffn, attn, costs, target, ffn_align=64)
+        assert len({int(m.sum()) for m in uniform.ffn}) == 1 and int(uniform.ffn[0].sum()) % 64 == 0
+        assert abs(uniform.sparsity(costs) - target) * costs.block_params <= len(costs.ffn_units) * chunk / 2
+    odd = UnitCosts((100,), (2,), (10,), (1000,), 3000, 3000)  # not a multiple: the remainder goes first
+    assert [int(select_units([torch.randn(100)], None, odd, t, ffn_align=64).ffn[0].sum()) for t in (0.05, 0.2)] == [100, 64]
+
+
 def test_select_units_removes_lowest_scores_first():
     model = tiny_model("llama")
     costs = UnitCosts.of(model, decoder_layout(model))

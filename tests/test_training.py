@@ -43,7 +43,7 @@ def test_expected_sparsity_converges_and_final_mask_meets_target(tmp_path, token
     # and lambda rates keep the constraint from oscillating (the defaults are tuned on SmolLM2).
     dec = make(tmp_path, tokenizer, domains, sparsity=0.3, steps=400, checkpoint_every=400, prune_attention=False,
                constraint="lagrangian", lr_mask=0.1, lr_lambda=0.05, target_warmup=0.3, final_fraction=0.0,
-               init_from="none", init_log_alpha=3.0)  # the controller alone, from identical gates
+               init_from="none", init_log_alpha=3.0, ffn_align=1)  # the controller alone, from identical gates
     dec.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert records[0]["expected_sparsity"] < 0.02
@@ -162,6 +162,14 @@ def test_distill_every_k_steps_adds_the_teacher_on_those_steps_only(tmp_path, to
     assert [r["step"] for r in records if "kl" in r] == [1, 4, 7]  # steps 0, 3, 6 before they count
 
 
+@pytest.mark.parametrize("mask", ["learned", "oneshot:wanda"])
+def test_final_masks_keep_ffn_widths_in_multiples_of_the_alignment(tmp_path, tokenizer, domains, mask):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.2, steps=4, mask=mask, ffn_align=32)
+    dec.train()
+    final = BinaryMask.load(tmp_path / "run" / "mask.safetensors")
+    assert all(int(m.sum()) % 32 == 0 for m in final.ffn) and any(not m.all() for m in final.ffn)
+
+
 def test_bad_configs_are_refused():
     for bad, message in [
         (dict(mask="oneshot:nope"), "unknown one-shot importance"),
@@ -174,6 +182,7 @@ def test_bad_configs_are_refused():
         (dict(sampling="size:-1"), "--sampling must be"),
         (dict(sampling="proportional"), "--sampling must be"),
         (dict(keep_outliers=-1), "--keep-outliers must be at least 0"),
+        (dict(ffn_align=0), "--ffn-align must be at least 1"),
         (dict(keep_outliers=2, mask="oneshot:wanda"), "--keep-outliers holds gates of a learned mask open"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -121,12 +121,13 @@ class LearnedMask(nn.Module):
         torch._foreach_clamp_min_(values, hard_concrete.LOG_ALPHA_MIN)  # two kernels for every layer's gates
         torch._foreach_clamp_max_(values, hard_concrete.LOG_ALPHA_MAX)
 
-    def binarize(self, target: float, min_keep: int = 1, uniform: bool = False) -> BinaryMask:
+    def binarize(self, target: float, min_keep: int = 1, uniform: bool = False, ffn_align: int = 1) -> BinaryMask:
         """The final mask: keep units in order of ``log_alpha`` until the target sparsity is met
-        (``uniform``: the same number of each unit type in every layer); held-open gates are always kept."""
+        (``uniform``: the same number of each unit type in every layer; ``ffn_align``: FFN widths in
+        multiples of it); held-open gates are always kept."""
         ffn, attn = self._per_layer(self.log_alpha().detach().masked_fill(self.pinned, math.inf))
         select = select_uniform_units if uniform else select_units
-        return select(ffn, attn, self.costs, target, min_keep)
+        return select(ffn, attn, self.costs, target, min_keep, ffn_align)
 
 
 class SparsityConstraint(nn.Module):

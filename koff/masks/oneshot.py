@@ -103,14 +103,18 @@ def oneshot_mask(
     prune_ffn: bool = True,
     prune_attention: bool = True,
     uniform: bool = False,
+    ffn_align: int = 1,
 ) -> BinaryMask:
-    """A training-free structured mask at ``target`` sparsity (``uniform``: the same widths in every layer)."""
+    """A training-free structured mask at ``target`` sparsity (``uniform``: the same widths in every
+    layer; ``ffn_align``: FFN widths in multiples of it)."""
     ffn, attn = unit_importance(model, layout, batches, importance)
-    return mask_from_importance(ffn, attn, costs, target, prune_ffn, prune_attention, uniform)
+    return mask_from_importance(ffn, attn, costs, target, prune_ffn, prune_attention, uniform, ffn_align)
 
 
 def mask_from_importance(ffn: list[torch.Tensor], attn: list[torch.Tensor], costs: UnitCosts, target: float,
-                         prune_ffn: bool = True, prune_attention: bool = True, uniform: bool = False) -> BinaryMask:
+                         prune_ffn: bool = True, prune_attention: bool = True, uniform: bool = False,
+                         ffn_align: int = 1) -> BinaryMask:
     """``oneshot_mask`` from importance already computed (``unit_importance``'s two lists)."""
     select = select_uniform_units if uniform else select_units
-    return select(standardise(ffn) if prune_ffn else None, standardise(attn) if prune_attention else None, costs, target)
+    return select(standardise(ffn) if prune_ffn else None, standardise(attn) if prune_attention else None, costs, target,
+                  ffn_align=ffn_align)

@@ -31,7 +31,7 @@ def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[Domain
             hold_outliers_open(mask, config.keep_outliers, wanda[0])
         return mask
     return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
-                        config.prune_ffn, config.prune_attention, config.uniform_layers)
+                        config.prune_ffn, config.prune_attention, config.uniform_layers, config.ffn_align)
 
 
 def mask_from_file(path: str, model: KoffModel) -> BinaryMask:
@@ -65,7 +65,7 @@ def rank_gates(mask: LearnedMask, config: DecomposeConfig, costs: UnitCosts,
     top = config.init_log_alpha
     if config.init_shape == "mask":
         cut = mask_from_importance(*importance, costs, config.sparsity, mask.ffn is not None, mask.attn is not None,
-                                   config.uniform_layers)
+                                   config.uniform_layers, config.ffn_align)
         ffn = [top * (keep.float() * 2 - 1) for keep in cut.ffn]
         attn = [top * (keep.float() * 2 - 1) for keep in cut.attn]
     else:

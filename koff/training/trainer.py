@@ -307,7 +307,8 @@ class Decomposer:
 
     def final_mask(self) -> BinaryMask:
         if self.learned_mask is not None:
-            return self.learned_mask.binarize(self.config.sparsity, uniform=self.config.uniform_layers)
+            return self.learned_mask.binarize(self.config.sparsity, uniform=self.config.uniform_layers,
+                                              ffn_align=self.config.ffn_align)
         mask = self.model.mask
         return mask if mask is not None else BinaryMask.dense(self.model.costs)
 
