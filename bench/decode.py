@@ -1,28 +1,28 @@
-"""Greedy decoding speed of an exported backbone (issue 12): where koff's runtime spends its time.
+"""Decoding speed of an exported backbone with its memories against the dense model it came from.
 
-Random weights at a shape koff ships (nothing is downloaded). A 2-step run through ``koff
-decompose``'s own path is exported, then one prompt is decoded greedily at batch 1 four ways:
+A 12% export is made through ``koff decompose``'s own path (2 training steps: speed does not
+depend on how well the memories learned), then every way below generates the same prompts with
+no early stop (``max_new_tokens`` forced), timed as the median of ``--repeats`` after a warm-up:
 
-* ``koff + memory``: ``koff.load(...).generate(prompt, memory="d0")`` (LoRA + KV prefix);
-* ``koff, no memory``: the same runtime with no memory (the bare backbone through koff's loop);
-* ``HF generate, backbone``: ``transformers``' own ``generate`` on the exported backbone module;
-* ``HF generate, dense``: ``transformers``' own ``generate`` on the dense base.
+* ``hf_dense``: ``transformers``' ``generate`` on the dense base (greedy);
+* ``koff_dense``: koff's decoding step (``DecodeBatch``) on the dense base, no memory;
+* ``koff_backbone``: koff's step on the exported backbone, no memory;
+* ``koff_memory``: the same with a memory (LoRA + KV prefix); at batch 16, ``koff_one_memory``
+  gives every row the same memory and ``koff_mixed`` spreads 4 memories over the rows.
 
-The steps between them say what costs what: the loop (koff's vs transformers'), the backbone's
-shapes, the memory. ``--profile`` adds torch.profiler's table of the ``koff + memory`` decoding.
+Per generated token it also counts, at batch 1, the PyTorch operations dispatched (each a kernel
+launch or more on a GPU) and the reads back to the host (each a wait for the GPU). On a GPU the
+weights read per token over the time per token is set beside the device's memory bandwidth.
 
-    python bench/decode.py                                   # on a GPU: Llama-3.2-1B and 3.1-8B shapes
-    python bench/decode.py --shapes tiny-30 --device cpu --dtype bfloat16 --name decode-ops
-
-``tiny-30`` is SmolLM2's depth (30 layers, the same projections) at width 64: on a CPU it counts
-the operations a decoded token dispatches in seconds (each one a kernel launch on a GPU, where
-decoding at batch 1 is bound by launches); its speeds mean nothing.
+    python bench/decode.py                                 # CPU: the embedded SmolLM2-135M, fp32
+    python bench/decode.py --shapes llama-3.2-1b llama-3.1-8b --device cuda   # random weights, bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -33,160 +33,255 @@ import torch
 from common import command_line, git_commit, machine, top_level_aten_ops
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
+from koff.memories.memory import MemoryConfig
+from koff.model import KoffModel
 from koff.models import resolve_dtype
-from random_base import DOMAINS, greedy_tokens_per_s, random_domains, random_model, reset_peak, word_tokenizer
+from koff.runtime import DecodeBatch, Sampling, generation
+from random_base import random_domains, random_model, reset_peak, synchronize, word_tokenizer
 from koff.training import Decomposer
 
-PROMPT_TOKENS = 32
-TINY = "tiny-30"
+PROMPT_TOKENS = 32  # bench/scale.py's greedy check
+EMBEDDED = "smollm2-135m"
+MIXED = 4  # memories spread over the rows of the mixed batch
+# Memory bandwidth of the devices koff is lent, GB/s (SXM parts): the limit of batch-1 decoding.
+BANDWIDTH = {"H100": 3350, "H200": 4800}
+# Operations that read a value back to the host.
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::equal",
+              "aten::is_nonzero", "aten::item"}
 
 
-def base_model(shape: str, dtype: torch.dtype, device: str):
-    """A shipped shape, or ``tiny-30``: SmolLM2's 30 layers at width 64 (for counting operations)."""
-    if shape != TINY:
-        return random_model(shape, dtype, device)
-    return random_model("smollm2-135m", dtype, device, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=512)
-
-
-def export_random(shape: str, settings: DecomposeConfig, work: Path):
-    """The random base saved as a model folder, a 2-step run on it and its export under ``work``.
-
-    Returns (model config, domains, export seconds, export summary)."""
+# ----- the models ---------------------------------------------------------------------------------
+def export_model(model: str, settings: DecomposeConfig, work: Path) -> tuple[str, list[torch.Tensor], float, dict]:
+    """A 2-step run of ``model`` (the embedded one, or ``shape:NAME`` with random weights) and its
+    export under ``work``; returns (the dense base's folder or name, validation blocks per domain,
+    export seconds, the export's summary)."""
     from koff.export import export_run
 
-    dtype = resolve_dtype(settings.dtype, settings.device)
-    base, config = base_model(shape, dtype, settings.device)
-    base.save_pretrained(work / "base")
-    word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(work / "base")
-    del base
-    domains = random_domains(config.vocab_size, settings.block_len)
-    run = replace(settings, model=str(work / "base"), out=str(work / "run"), steps=2, checkpoint_every=2)
-    reset_peak(settings.device)
-    Decomposer(run, domains=domains).train()
+    if model.startswith("shape:"):
+        dtype = resolve_dtype(settings.dtype, settings.device)
+        base, config = random_model(model[len("shape:"):], dtype, settings.device)
+        base.save_pretrained(work / "base")
+        word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(work / "base")
+        del base
+        domains = random_domains(config.vocab_size, settings.block_len)
+        run = replace(settings, model=str(work / "base"), domain=[])
+    else:
+        domains = None
+        run = replace(settings, model=model, domain=[f"{name}=bundled:{name}" for name in ("eng", "deu", "fra", "spa")])
+    run = replace(run, out=str(work / "run"), steps=2, checkpoint_every=2)
+    trainer = Decomposer(run, domains=domains)
+    trainer.train()
+    blocks = [d.val for d in trainer.domains]
+    base_folder = run.model if domains is None else str(work / "base")
+    del trainer
     reset_peak(settings.device)
     start = time.perf_counter()
     summary = export_run(work / "run", work / "export")
-    return config, domains, time.perf_counter() - start, summary
+    return base_folder, blocks, time.perf_counter() - start, summary
 
 
-def decode_speeds(shape: str, work: Path, config, prompt_ids: torch.Tensor, device: str, dtype_name: str,
-                  new_tokens: int, profile: bool = False) -> tuple[dict, str | None]:
-    """Greedy tokens/s four ways (see the module's docstring), and the profiler's table if asked."""
+def dense_base(spec: str, device: str, dtype: str):
+    from koff.models.loader import load_model
+
+    return load_model(spec, dtype, device).model
+
+
+# ----- the ways to generate ---------------------------------------------------------------------
+def koff_generate(model: KoffModel, prompts: torch.Tensor, memories: list[str | None], new_tokens: int) -> list:
+    """koff's continuous-batching step over ``prompts`` (rows of ids), ``new_tokens`` each."""
+    batch = DecodeBatch(model, pad_id=0, eos_ids=set())
+    for ids, memory in zip(prompts.tolist(), memories):
+        batch.add(ids, memory, Sampling(new_tokens))
+    tokens = []
+    while len(batch):
+        tokens += batch.step()
+    return tokens
+
+
+def hf_generate(model, prompts: torch.Tensor, new_tokens: int):
+    ids = prompts.to(model.device)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def tokens_per_s(generate, rows: int, new_tokens: int, device: str, repeats: int) -> float:
+    """Generated tokens per second: the median of ``repeats`` timed calls after a warm-up call."""
+    generate(new_tokens)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        generate(new_tokens)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return rows * new_tokens / statistics.median(times)
+
+
+def per_token_counts(generate, short: int = 4, long: int = 12) -> tuple[float, float]:
+    """(operations dispatched, reads back to the host) per generated token: the difference of two
+    generations, so that the prefill cancels out. koff's one read per step is a ``tolist`` (no
+    dispatched operation on a CPU), counted where it is made (``host_values``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts, read = [], generation.host_values
+    for n in (long, short):
+        calls = []
+        generation.host_values = lambda t: calls.append(1) or read(t)
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                generate(n)
+        finally:
+            generation.host_values = read
+        counts.append((top_level_aten_ops(prof), len(calls) + sum(1 for e in prof.events() if e.name in HOST_READS)))
+    (ops_long, reads_long), (ops_short, reads_short) = counts
+    return (ops_long - ops_short) / (long - short), (reads_long - reads_short) / (long - short)
+
+
+def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tensor, names: list[str]) -> dict:
+    """name -> (rows, generate(n)) for batch 1 and batch ``len(prompts)``."""
+    one, rows = prompts[:1], len(prompts)
+    mixed = [names[i % min(MIXED, len(names))] for i in range(rows)]
+    return {
+        "batch 1": {
+            "hf_dense": (1, lambda n: hf_generate(dense, one, n)),
+            "koff_dense": (1, lambda n: koff_generate(dense_koff, one, [None], n)),
+            "koff_backbone": (1, lambda n: koff_generate(backbone, one, [None], n)),
+            "koff_memory": (1, lambda n: koff_generate(backbone, one, [names[0]], n)),
+        },
+        f"batch {rows}": {
+            "hf_dense": (rows, lambda n: hf_generate(dense, prompts, n)),
+            "koff_backbone": (rows, lambda n: koff_generate(backbone, prompts, [None] * rows, n)),
+            "koff_one_memory": (rows, lambda n: koff_generate(backbone, prompts, [names[0]] * rows, n)),
+            "koff_mixed": (rows, lambda n: koff_generate(backbone, prompts, mixed, n)),
+        },
+    }
+
+
+def batch_one_speeds(work: Path, base_spec: str, prompt: torch.Tensor, device: str, dtype: str, new_tokens: int) -> dict:
+    """Tokens/s at batch 1 of ``export_model``'s export (with the memory of the first domain and
+    without) and of the dense base, one timed call each after a warm-up (``bench/scale.py``'s check)."""
     from koff.runtime import load
 
-    dtype = resolve_dtype(dtype_name, device)
-    runtime = load(work / "export", device=device, dtype=dtype_name)
-    # transformers 5 rebuilds a Qwen2 tokenizer from the saved vocabulary as byte-level BPE, which
-    # encodes the word-level "t123" prompt to nothing: the runtime gets the benchmark's own tokenizer.
-    runtime.tokenizer = word_tokenizer(config.vocab_size, config.eos_token_id)
-    prompt = " ".join(f"t{i}" for i in prompt_ids.tolist())
-    ids = prompt_ids[None].to(device)
-
-    def koff(memory):
-        return lambda n: runtime.generate(prompt, memory=memory, max_new_tokens=n)
-
-    def hf(model):
-        return lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    ways = {"koff_memory": koff("d0"), "koff_no_memory": koff(None), "hf_backbone": hf(runtime.model.base)}
-    speeds = {name: greedy_tokens_per_s(generate, new_tokens, device) for name, generate in ways.items()}
-    counts = {name: ops_per_token(generate) for name, generate in ways.items()}
-    table = profile_table(koff("d0"), device) if profile else None
-    del runtime, ways
+    runtime = load(work / "export", device=device, dtype=dtype)
+    memory = sorted(runtime.memories)[0]
+    speeds = {"koff_memory": tokens_per_s(lambda n: koff_generate(runtime.model, prompt, [memory], n), 1, new_tokens, device, 1),
+              "koff_backbone": tokens_per_s(lambda n: koff_generate(runtime.model, prompt, [None], n), 1, new_tokens, device, 1),
+              "hf_backbone": tokens_per_s(lambda n: hf_generate(runtime.model.base, prompt, n), 1, new_tokens, device, 1)}
+    del runtime
     reset_peak(device)
-    dense, _ = base_model(shape, dtype, device)
-    speeds["hf_dense"], counts["hf_dense"] = greedy_tokens_per_s(hf(dense), new_tokens, device), ops_per_token(hf(dense))
-    del dense
-    return {"tokens_per_s": speeds, "ops_per_token": {k: c[0] for k, c in counts.items()},
-            "host_reads_per_token": {k: c[1] for k, c in counts.items()}}, table
+    dense = dense_base(base_spec, device, dtype)
+    speeds["hf_dense"] = tokens_per_s(lambda n: hf_generate(dense, prompt, n), 1, new_tokens, device, 1)
+    return speeds
 
 
-def counted_ops(generate, tokens: int) -> tuple[int, int]:
-    """(PyTorch operations ``generate(tokens)`` dispatches, each a kernel launch or more on a GPU;
-    reads of one value back to the host, each a wait for the GPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(tokens)
-    return top_level_aten_ops(prof), sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
+def same_greedy_tokens(dense, dense_koff: KoffModel, prompt: torch.Tensor, new_tokens: int) -> bool:
+    """koff's step and transformers' generate pick the same greedy tokens on the dense base."""
+    hf = hf_generate(dense, prompt, new_tokens)[0, prompt.shape[1]:].tolist()
+    return hf == [t for _, t in koff_generate(dense_koff, prompt, [None], new_tokens)]
 
 
-def ops_per_token(generate, short: int = 4, long: int = 12) -> tuple[float, float]:
-    """Operations and host reads per decoding step: the difference of two generations, so the
-    prefill cancels out."""
-    (ops_long, waits_long), (ops_short, waits_short) = counted_ops(generate, long), counted_ops(generate, short)
-    return (ops_long - ops_short) / (long - short), (waits_long - waits_short) / (long - short)
+# ----- one model --------------------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    """Bytes of weights one decoding step reads (the input embedding reads one row: left out)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - (embedding.numel() * embedding.element_size() if head is not embedding else 0)
 
 
-def profile_table(generate, device: str, tokens: int = 16) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
-        generate(tokens)
-    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    return (f"torch.profiler, koff + memory, {tokens} greedy tokens, sorted by self CPU time:\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-            + (f"\n\nsorted by {sort}:\n" + prof.key_averages().table(sort_by=sort, row_limit=20) if sort != "self_cpu_time_total" else ""))
-
-
-def measure(shape: str, args) -> tuple[dict, str | None]:
-    settings = DecomposeConfig(model="shape:" + shape, out="unused", device=args.device, dtype=args.dtype,
-                               batch_size=1, block_len=128, calib_blocks=DOMAINS, eval=False)
+def measure(model: str, args) -> dict:
+    device = args.device
+    settings = DecomposeConfig(model=model, out="unused", device=device, dtype=args.dtype, batch_size=2, block_len=128,
+                               calib_blocks=8, eval=False, sparsity=args.sparsity)
     work = Path(tempfile.mkdtemp(prefix="koff-decode-"))
     try:
-        config, domains, _, _ = export_random(shape, settings, work)
-        measured, table = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
-                                        args.dtype, args.new_tokens, args.profile)
+        base_folder, blocks, _, _ = export_model(model, settings, work)
+        prompts = torch.cat([b[:, : args.prompt_tokens] for b in blocks])[: args.batch]
+        if len(prompts) < args.batch:
+            raise SystemExit(f"only {len(prompts)} prompt blocks of {args.prompt_tokens} tokens; lower --batch")
+        from koff.runtime import load
+
+        runtime = load(work / "export", device=device, dtype=args.dtype)
+        dense = dense_base(base_folder, device, args.dtype)
+        dense_koff = KoffModel(dense, MemoryConfig(kind="none"))
+        names = sorted(runtime.memories)
+        table = ways(dense, runtime.model, dense_koff, prompts, names)
+        speeds = {size: {name: tokens_per_s(fn, rows, args.new_tokens, device, args.repeats)
+                         for name, (rows, fn) in entries.items()} for size, entries in table.items()}
+        counts = {name: per_token_counts(fn) for name, (_, fn) in table["batch 1"].items()}
+        result = {"model": model, "parameters": runtime.meta.get("parameters"),
+                  "dense_parameters": runtime.meta.get("dense_parameters"), "sparsity": runtime.info()["sparsity"],
+                  "layer_widths": runtime.meta["layer_widths"], "tokens_per_s": speeds,
+                  "ops_per_token": {k: c[0] for k, c in counts.items()},
+                  "host_reads_per_token": {k: c[1] for k, c in counts.items()},
+                  "greedy_tokens_equal_hf": same_greedy_tokens(dense, dense_koff, prompts[:1], 32),
+                  "weight_bytes": {"dense": weight_bytes(dense), "backbone": weight_bytes(runtime.model.base)}}
+        print(f"{model}: {result}", flush=True)
+        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{shape}: {measured}", flush=True)
-    return {"shape": shape, **measured}, table
 
 
-COLUMNS = [("koff_memory", "koff + memory"), ("koff_no_memory", "koff, no memory"),
-           ("hf_backbone", "HF generate, backbone"), ("hf_dense", "HF generate, dense")]
+# ----- report -----------------------------------------------------------------------------------
+def bandwidth(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((gbs * 1e9 for key, gbs in BANDWIDTH.items() if key in name), None)
 
 
-def table(results: list[dict]) -> str:
-    speed = [[r["shape"]] + [f"{r['tokens_per_s'][k]:.1f}" for k, _ in COLUMNS]
-             + [f"{r['tokens_per_s']['hf_dense'] / r['tokens_per_s']['koff_memory']:.2f}x"] for r in results]
-    ops = [[r["shape"]] + [f"{r['ops_per_token'][k]:.0f} / {r['host_reads_per_token'][k]:.0f}" for k, _ in COLUMNS]
-           for r in results]
-    return (markdown_table(["shape"] + [title + " tok/s" for _, title in COLUMNS] + ["dense / koff + memory"], speed)
-            + "\n\nPer decoded token: PyTorch operations dispatched (each one kernel launch or more on a GPU) / "
-            "single values read back to the host (each a wait for the GPU; koff also copies the batch's tokens "
-            "once per step):\n\n"
-            + markdown_table(["shape"] + [title for _, title in COLUMNS], ops))
+def report(results: list[dict], device: str) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"## {r['model']}\n\n{r['parameters']:,} parameters in the backbone against {r['dense_parameters']:,} "
+                     f"dense (ratio {r['dense_parameters'] / r['parameters']:.3f}); block sparsity {r['sparsity']:.3f}; "
+                     f"koff's greedy tokens equal transformers' on the dense base: {r['greedy_tokens_equal_hf']}.\n")
+        for size, speeds in r["tokens_per_s"].items():
+            dense = speeds["hf_dense"]
+            rows = [[name, f"{v:.1f}", f"{v / dense:.2f}x"] for name, v in speeds.items()]
+            lines.append(f"{size}, tokens/s (and against `hf_dense`):\n\n" + markdown_table(["way", "tokens/s", "vs hf_dense"], rows))
+        lines.append("Per generated token at batch 1: operations dispatched / reads back to the host:\n\n" + markdown_table(
+            ["way", "operations", "host reads"],
+            [[k, f"{r['ops_per_token'][k]:.0f}", f"{r['host_reads_per_token'][k]:.1f}"] for k in r["ops_per_token"]]))
+        limit = bandwidth(device)
+        if limit:
+            speeds = r["tokens_per_s"]["batch 1"]
+            rows = [[name, f"{r['weight_bytes'][kind] * speeds[name] / limit:.2f}"]
+                    for name, kind in (("hf_dense", "dense"), ("koff_backbone", "backbone"), ("koff_memory", "backbone"))]
+            lines.append(f"Weights read per second over the bandwidth ({limit / 1e9:.0f} GB/s), batch 1:\n\n"
+                         + markdown_table(["way", "share of the limit"], rows))
+    return "\n\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
+    parser.add_argument("--model", default=EMBEDDED, help="the embedded model, a local folder, or a GGUF file")
+    parser.add_argument("--shapes", nargs="*", default=[], help="random-weight shapes instead of --model "
+                        "(e.g. llama-3.2-1b llama-3.1-8b)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens timed per generation")
-    parser.add_argument("--profile", action="store_true", help="also write torch.profiler's table (NAME-profile.txt)")
+    parser.add_argument("--sparsity", type=float, default=0.12)
+    parser.add_argument("--batch", type=int, default=16, help="rows of the batched measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="generated per row, no early stop")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (the median counts), after a warm-up")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="decode")
     args = parser.parse_args()
-    report = {"command": command_line(), "machine": machine(args.device),
-              "commit": git_commit(), "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "results": []}
-    out, profiles = Path(args.out), []
-    for shape in args.shapes:
-        result, profile = measure(shape, args)
-        report["results"].append(result)
-        if profile:
-            profiles.append(f"## {shape}\n\n{profile}")
-        write_json(out / f"{args.name}.json", report)
-        text = (f"# {args.name}\n\n`{report['command']}`\n\n{report['machine']}, commit {report['commit']}\n\n"
-                f"Greedy decoding at batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new tokens.\n\n"
-                f"{table(report['results'])}\n")
+    models = ["shape:" + s for s in args.shapes] or [args.model]
+    report_data = {"command": command_line(), "machine": machine(args.device), "commit": git_commit(),
+                   "settings": {k: getattr(args, k) for k in ("sparsity", "batch", "prompt_tokens", "new_tokens", "repeats",
+                                                              "dtype")},
+                   "results": []}
+    out = Path(args.out)
+    for model in models:
+        report_data["results"].append(measure(model, args))
+        write_json(out / f"{args.name}.json", report_data)
+        text = (f"# {args.name}\n\n`{report_data['command']}`\n\n{report_data['machine']}, commit {report_data['commit']}\n\n"
+                f"Prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens per row forced (no early stop), "
+                f"median of {args.repeats} after a warm-up; the prefill is in the time.\n\n"
+                f"{report(report_data['results'], args.device)}\n")
         write_text(out / f"{args.name}.md", text)
-        if profiles:
-            write_text(out / f"{args.name}-profile.txt", "\n\n".join(profiles) + "\n")
     print(text)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from common import folder_bytes, git_commit, machine
-from decode import PROMPT_TOKENS, decode_speeds, export_random
+from decode import PROMPT_TOKENS, batch_one_speeds, export_model
 from random_base import DOMAINS, peak_bytes, random_domains, random_model, reset_peak, synchronize
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
@@ -109,15 +109,13 @@ def export_and_generate(shape: str, args, settings: DecomposeConfig) -> dict:
     (``bench/decode.py`` breaks the decoding down further)."""
     work = Path(tempfile.mkdtemp(prefix="koff-scale-export-"))
     try:
-        config, domains, export_seconds, summary = export_random(shape, settings, work)
-        measured, _ = decode_speeds(shape, work, config, domains[0].val[0, :PROMPT_TOKENS], args.device,
-                                    settings.dtype, args.new_tokens)
-        speeds = measured["tokens_per_s"]
+        base, blocks, export_seconds, summary = export_model("shape:" + shape, settings, work)
+        speeds = batch_one_speeds(work, base, blocks[0][:1, :PROMPT_TOKENS], args.device, settings.dtype, args.new_tokens)
         return {"export_seconds": export_seconds, "backbone_bytes": folder_bytes(work / "export" / "backbone"),
                 "dense_bytes": folder_bytes(work / "base"), "memory_bytes": folder_bytes(work / "export" / "memories" / "d0"),
                 "parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
                 "greedy_tokens_per_s_koff_with_memory": speeds["koff_memory"],
-                "greedy_tokens_per_s_koff_no_memory": speeds["koff_no_memory"],
+                "greedy_tokens_per_s_koff_no_memory": speeds["koff_backbone"],
                 "greedy_tokens_per_s_hf_backbone": speeds["hf_backbone"],
                 "greedy_tokens_per_s_dense": speeds["hf_dense"]}
     finally:
