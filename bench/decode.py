@@ -106,15 +106,24 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int):
 
 def tokens_per_s(generate, rows: int, new_tokens: int, device: str, repeats: int) -> float:
     """Generated tokens per second: the median of ``repeats`` timed calls after a warm-up call."""
-    generate(new_tokens)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+    return interleaved_tokens_per_s({"way": (rows, generate)}, new_tokens, device, repeats)["way"]
+
+
+def interleaved_tokens_per_s(ways: dict, new_tokens: int, device: str, repeats: int) -> dict[str, float]:
+    """{name: generated tokens per second} of ``ways`` ({name: (rows, generate(n))}): one warm-up
+    call each, then ``repeats`` rounds that time each way once, in turn, so that a machine that
+    slows down or speeds up in the meantime weighs on every way alike; the median counts."""
+    for _, generate in ways.values():
         generate(new_tokens)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return rows * new_tokens / statistics.median(times)
+    times = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, (_, generate) in ways.items():
+            synchronize(device)
+            start = time.perf_counter()
+            generate(new_tokens)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: rows * new_tokens / statistics.median(times[name]) for name, (rows, _) in ways.items()}
 
 
 def per_token_counts(generate, short: int = 4, long: int = 12) -> tuple[float, float]:
@@ -174,6 +183,34 @@ def batch_one_speeds(work: Path, base_spec: str, prompt: torch.Tensor, device: s
     return speeds
 
 
+def llama_cpp_ways(runtime, dense, work: Path, prompt: torch.Tensor, memory: str, dtype: str) -> dict:
+    """llama.cpp at batch 1 on GGUF files that ``koff export --format gguf`` writes: the dense base,
+    the backbone, and the backbone with ``memory``'s LoRA (llama.cpp has no KV prefix)."""
+    import llama_cpp
+
+    from koff.export.gguf import write_gguf, write_model_gguf
+
+    written = write_gguf(work / "export", work / "gguf", dtype)
+    dense_path = work / "gguf" / f"dense-{dtype}.gguf"
+    write_model_gguf(dense, runtime.tokenizer, runtime.meta.get("base_model"), dense_path, dtype)
+    threads = torch.get_num_threads()
+    ids = prompt[0].tolist()
+
+    def generate(path, lora=None):
+        model = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 512, n_threads=threads, n_threads_batch=threads,
+                                lora_path=str(lora) if lora else None, verbose=False)
+
+        def run(n):
+            model.reset()
+            model.eval(ids)
+            for _ in range(n):  # greedy, no early stop
+                model.eval([int(model.scores[model.n_tokens - 1].argmax())])
+        return run
+
+    return {"llama_cpp_dense": (1, generate(dense_path)), "llama_cpp_backbone": (1, generate(written["backbone"])),
+            "llama_cpp_lora": (1, generate(written["backbone"], written[memory]))}
+
+
 def same_greedy_tokens(dense, dense_koff: KoffModel, prompt: torch.Tensor, new_tokens: int) -> bool:
     """koff's step and transformers' generate pick the same greedy tokens on the dense base."""
     hf = hf_generate(dense, prompt, new_tokens)[0, prompt.shape[1]:].tolist()
@@ -206,9 +243,11 @@ def measure(model: str, args) -> dict:
         dense_koff = KoffModel(dense, MemoryConfig(kind="none"))
         names = sorted(runtime.memories)
         table = ways(dense, runtime.model, dense_koff, prompts, names)
-        speeds = {size: {name: tokens_per_s(fn, rows, args.new_tokens, device, args.repeats)
-                         for name, (rows, fn) in entries.items()} for size, entries in table.items()}
-        counts = {name: per_token_counts(fn) for name, (_, fn) in table["batch 1"].items()}
+        if args.llama_cpp:
+            table["batch 1"] |= llama_cpp_ways(runtime, dense, work, prompts[:1], names[0], args.gguf_dtype)
+        speeds = {size: interleaved_tokens_per_s(entries, args.new_tokens, device, args.repeats)
+                  for size, entries in table.items()}
+        counts = {name: per_token_counts(fn) for name, (_, fn) in table["batch 1"].items() if name.startswith(("hf", "koff"))}
         result = {"model": model, "parameters": runtime.meta.get("parameters"),
                   "dense_parameters": runtime.meta.get("dense_parameters"), "sparsity": runtime.info()["sparsity"],
                   "layer_widths": runtime.meta["layer_widths"], "tokens_per_s": speeds,
@@ -230,6 +269,18 @@ def bandwidth(device: str) -> float | None:
     return next((gbs * 1e9 for key, gbs in BANDWIDTH.items() if key in name), None)
 
 
+def goal_rows(r: dict) -> list[list[str]]:
+    """The issue's CPU goals, where this run measured what they need."""
+    one, rows = r["tokens_per_s"]["batch 1"], next(v for k, v in r["tokens_per_s"].items() if k != "batch 1")
+    ideal = r["dense_parameters"] / r["parameters"]
+    goals = [("koff backbone + memory / hf_dense, batch 1", one["koff_memory"] / one["hf_dense"], 1.05),
+             ("4 memories mixed / one memory, batched", rows["koff_mixed"] / rows["koff_one_memory"], 0.9)]
+    if "llama_cpp_dense" in one:
+        goals.append((f"llama.cpp backbone / dense (ideal {ideal:.3f})", one["llama_cpp_backbone"] / one["llama_cpp_dense"],
+                      1 + 0.7 * (ideal - 1)))
+    return [[f"{name} >= {bound:.3f}", f"{value:.3f}", "yes" if value >= bound else "no"] for name, value, bound in goals]
+
+
 def report(results: list[dict], device: str) -> str:
     lines = []
     for r in results:
@@ -240,6 +291,7 @@ def report(results: list[dict], device: str) -> str:
             dense = speeds["hf_dense"]
             rows = [[name, f"{v:.1f}", f"{v / dense:.2f}x"] for name, v in speeds.items()]
             lines.append(f"{size}, tokens/s (and against `hf_dense`):\n\n" + markdown_table(["way", "tokens/s", "vs hf_dense"], rows))
+        lines.append("Goals:\n\n" + markdown_table(["goal", "measured", "met"], goal_rows(r)))
         lines.append("Per generated token at batch 1: operations dispatched / reads back to the host:\n\n" + markdown_table(
             ["way", "operations", "host reads"],
             [[k, f"{r['ops_per_token'][k]:.0f}", f"{r['host_reads_per_token'][k]:.1f}"] for k in r["ops_per_token"]]))
@@ -265,13 +317,16 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128, help="generated per row, no early stop")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (the median counts), after a warm-up")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
+                        help="also llama.cpp at batch 1 on the GGUF files (needs llama-cpp-python)")
+    parser.add_argument("--gguf-dtype", default="f16", help="the GGUF files' matrices (f16, f32, q8_0)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="decode")
     args = parser.parse_args()
     models = ["shape:" + s for s in args.shapes] or [args.model]
     report_data = {"command": command_line(), "machine": machine(args.device), "commit": git_commit(),
                    "settings": {k: getattr(args, k) for k in ("sparsity", "batch", "prompt_tokens", "new_tokens", "repeats",
-                                                              "dtype")},
+                                                              "dtype", "gguf_dtype")},
                    "results": []}
     out = Path(args.out)
     for model in models:

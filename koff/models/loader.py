@@ -121,6 +121,14 @@ def _resolve_to_folder(spec: str) -> tuple[str, str]:
     return _download_from_hub(spec), f"hub:{spec}"
 
 
+def source_gguf(spec: str) -> Path | None:
+    """The GGUF file a model spec was converted from (the embedded model's, or a .gguf path), if any."""
+    if spec in EMBEDDED_MODELS:
+        return _embedded_gguf(spec)
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _folder_model_type(folder: Path) -> str | None:
     try:
         return read_json(folder / "config.json").get("model_type")

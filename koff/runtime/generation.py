@@ -250,6 +250,9 @@ class BatchGeneration:
 class TextStream:
     """Turns one sample's tokens into text deltas.
 
+    Each token decodes a short window of the latest ids, not the whole text (the window starts
+    where the previous delta's ids began, so a tokenizer that spells a token differently at the
+    start of a text does so in both halves of the difference), so streaming n tokens costs O(n).
     Holds back an incomplete multi-byte character, and any tail that may be the start of a stop
     string, so a stop string split over tokens is never half-sent; ``flush()`` releases what was
     held back once the sample ends without hitting a stop string."""
@@ -258,19 +261,32 @@ class TextStream:
         self.tokenizer, self.stop_strings = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # emitted so far
+        self.decoded = ""  # the text of ids[:read_offset]
+        self.prefix_offset = self.read_offset = 0
         self.stopped = False  # a stop string was found
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        new = self._decode_new()
+        if new is None:  # a multi-byte character is not complete yet
             return ""
+        full = self.decoded = self.decoded + new
         at = min((i for i in (full.find(s) for s in self.stop_strings) if i != -1), default=-1)
         if at != -1:
             full, self.stopped = full[:at], True
         else:
             full = full[: len(full) - self._partial_stop(full)]
         return self._advance(full)
+
+    def _decode_new(self) -> str | None:
+        """The text the ids since ``read_offset`` add, or None while it ends in a partial character."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        window = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if window.endswith("\ufffd"):
+            return None
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return window[len(before):]
 
     def flush(self) -> str:
         """At the end of the sample: the text held back as a possible stop-string start."""
