@@ -87,6 +87,8 @@ def dense_base(spec: str, device: str, dtype: str):
 
 
 # ----- the ways to generate ---------------------------------------------------------------------
+OPEN_LLAMAS: list = []  # llama.cpp models, closed before the interpreter exits (their finalisers fail then)
+
 def koff_generate(model: KoffModel, prompts: torch.Tensor, memories: list[str | None], new_tokens: int) -> list:
     """koff's continuous-batching step over ``prompts`` (rows of ids), ``new_tokens`` each."""
     batch = DecodeBatch(model, pad_id=0, eos_ids=set())
@@ -199,6 +201,7 @@ def llama_cpp_ways(runtime, dense, work: Path, prompt: torch.Tensor, memory: str
     def generate(path, lora=None):
         model = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 512, n_threads=threads, n_threads_batch=threads,
                                 lora_path=str(lora) if lora else None, verbose=False)
+        OPEN_LLAMAS.append(model)
 
         def run(n):
             model.reset()
@@ -258,6 +261,8 @@ def measure(model: str, args) -> dict:
         print(f"{model}: {result}", flush=True)
         return result
     finally:
+        while OPEN_LLAMAS:
+            OPEN_LLAMAS.pop().close()
         shutil.rmtree(work, ignore_errors=True)
 
 
