@@ -1,6 +1,8 @@
 """What a memory keeps where only its LoRA can run (llama.cpp, or any engine without koff's KV
 prefix): held-out perplexity of an export with each memory whole (LoRA + KV prefix), with its LoRA
-alone and with its KV prefix alone, beside the bare backbone and the dense base it came from.
+alone and with its KV prefix alone, beside the bare backbone and the dense base it came from; and
+with a LoRA-only memory trained on its own on the same mask (``--memory lora --mask file:...``, the
+same budget), which is what a user who serves in llama.cpp would train.
 
 llama.cpp runs the backbone and a memory's LoRA with koff's own logits (``tests/test_gguf_export.py``),
 so the LoRA-alone column is what that memory gives there.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
 from koff.memories.memory import DomainMemory
 
+COLUMNS = ("backbone", "lora+kv", "lora", "kv", "lora_trained")
 DOMAINS = {"eng": "bundled:eng", "deu": "bundled:deu", "fra": "bundled:fra", "spa": "bundled:spa",
            "python": "bundled:code/python"}
 
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="lora-only")
     args = parser.parse_args()
+    from koff.data import load_domains, parse_domains
     from koff.experiments.concurrent import finished
     from koff.export import export_run
     from koff.models.loader import load_model
@@ -64,37 +69,45 @@ def main() -> None:
 
     config = DecomposeConfig(model="smollm2-135m", domain=[f"{k}={v}" for k, v in DOMAINS.items()], out=args.run,
                              steps=args.steps, batch_size=args.batch_size, sparsity=0.12, eval=False)
-    trainer = Decomposer(config) if not finished(config) else None
-    if trainer is not None:
-        trainer.train()
-    blocks = {d.name: d.val[: args.max_blocks] for d in (trainer or Decomposer(config)).domains}
-    if not (Path(args.export) / "backbone").is_dir():
-        export_run(args.run, args.export)
+    lora_config = replace(config, out=args.run + "-lora", memory="lora", mask=f"file:{args.run}/mask.safetensors")
+    for run, export in ((config, args.export), (lora_config, args.export + "-lora")):
+        if not finished(run):
+            Decomposer(run).train()
+        if not (Path(export) / "backbone").is_dir():
+            export_run(run.out, export)
     runtime = load(args.export)
+    domains = load_domains(parse_domains(config.domain), runtime.tokenizer, block_len=config.block_len,
+                           val_fraction=config.val_fraction, seed=config.seed)  # the run's own split
+    blocks = {d.name: d.val[: args.max_blocks] for d in domains}
     model = runtime.model
     for name in list(model.memories):
         for keep in ("lora", "kv"):
             model.add_memory(part(model.memories[name], keep))
+        # the same mask makes the same backbone (fingerprint), so the LoRA-only run's memories load here
+        runtime.add_memory(Path(args.export + "-lora") / "memories" / name, name=f"{name}-lora-trained")
     dense = KoffModel(load_model("smollm2-135m").model, MemoryConfig(kind="none"))
     rows, results = [], {}
     for name, ids in blocks.items():
         base = perplexity(dense, ids, None)
         cells = {"dense": base, "backbone": perplexity(model, ids, None), "lora+kv": perplexity(model, ids, name),
-                 "lora": perplexity(model, ids, f"{name}-lora"), "kv": perplexity(model, ids, f"{name}-kv")}
+                 "lora": perplexity(model, ids, f"{name}-lora"), "kv": perplexity(model, ids, f"{name}-kv"),
+                 "lora_trained": perplexity(model, ids, f"{name}-lora-trained")}
         results[name] = cells
-        rows.append([name, f"{base:.2f}"] + [f"{cells[k] / base:.3f}" for k in ("backbone", "lora+kv", "lora", "kv")])
+        rows.append([name, f"{base:.2f}"] + [f"{cells[k] / base:.3f}" for k in COLUMNS])
         print(name, cells, flush=True)
     mean = {k: math.exp(sum(math.log(r[k] / r["dense"]) for r in results.values()) / len(results))
-            for k in ("backbone", "lora+kv", "lora", "kv")}
-    rows.append(["geometric mean", ""] + [f"{mean[k]:.3f}" for k in ("backbone", "lora+kv", "lora", "kv")])
+            for k in COLUMNS}
+    rows.append(["geometric mean", ""] + [f"{mean[k]:.3f}" for k in COLUMNS])
     report = {"command": command_line(), "machine": machine("cpu"), "commit": git_commit(), "steps": args.steps,
               "batch_size": args.batch_size, "max_blocks": args.max_blocks, "perplexity": results, "mean_ratio": mean}
     write_json(Path(args.out) / f"{args.name}.json", report)
     text = (f"# {args.name}\n\n`{report['command']}`\n\n{report['machine']}, commit {report['commit']}\n\n"
             f"A 12% KOFF run of the embedded model ({args.steps} steps of {args.batch_size} x 256 tokens, bundled corpus), "
             f"exported; perplexity on {args.max_blocks} validation blocks per domain, as a ratio to the dense base. "
-            "`lora` is what llama.cpp runs of a memory.\n\n"
-            + markdown_table(["domain", "dense perplexity", "backbone alone", "LoRA + KV", "LoRA alone", "KV alone"], rows) + "\n")
+            "The LoRA-only memory trained on the same mask for the same steps; the two LoRA columns are what "
+            "llama.cpp can run.\n\n"
+            + markdown_table(["domain", "dense perplexity", "backbone alone", "LoRA + KV", "its LoRA alone", "its KV alone",
+                              "a LoRA-only memory"], rows) + "\n")
     write_text(Path(args.out) / f"{args.name}.md", text)
     print(text)
 

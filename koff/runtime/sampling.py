@@ -123,6 +123,7 @@ class RowSampling:
         those before them summed, stay within ``top_p`` (the most likely token always stays)."""
         probs = torch.softmax(scaled, dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside_sorted = sorted_probs.cumsum(-1) - sorted_probs > self.top_p[:, None]
+        # rows at top_p = 1 keep everything (a cumulative sum can pass 1 by rounding)
+        outside_sorted = (sorted_probs.cumsum(-1) - sorted_probs > self.top_p[:, None]) & (self.top_p < 1)[:, None]
         outside = torch.empty_like(outside_sorted).scatter_(-1, order, outside_sorted)
         return scaled.masked_fill(outside, -math.inf)
