@@ -53,3 +53,20 @@ def test_unconvertible_models_are_refused_in_one_line():
     config = tiny_config("qwen3")
     with pytest.raises(GGUFExportError, match="supports llama, mistral, qwen2"):
         check_convertible(config)
+
+
+def test_llama3_rotary_factors_give_transformers_frequencies():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from koff.export.gguf import llama3_rope_factors
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, 64, 2).float() / 64))
+    factors = llama3_rope_factors(config, 64)
+    assert factors.max() == 8.0 and factors.min() == 1.0  # both ends of the scaling are reached
+    torch.testing.assert_close(base / factors, expected)  # llama.cpp divides each frequency by its factor
+    assert llama3_rope_factors(tiny_config("llama"), 16) is None
