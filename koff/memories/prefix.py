@@ -25,26 +25,24 @@ def build_prefix_cache(
     sample's own prefix length, the position of its first real token. Returns (None, None) when no
     sample has a prefix.
     """
-    slots = max((m.slots for m in per_sample if m is not None and m.has_prefix), default=0)
-    if slots == 0:
+    distinct = list({id(m): m for m in per_sample if m is not None and m.has_prefix}.values())
+    if not distinct:
         return None, None
-    batch = len(per_sample)
-    valid = torch.zeros(batch, slots, dtype=torch.long, device=device)
-    template = next(m for m in per_sample if m is not None and m.has_prefix)
+    slots = max(m.slots for m in distinct)
+    # Each sample takes one row of a per-layer table: zeros first (no prefix), then each memory's
+    # prefix left-padded so that it ends right before the first token. One gather per layer.
+    place = {id(m): i + 1 for i, m in enumerate(distinct)}
+    index = torch.tensor([place.get(id(m), 0) for m in per_sample], device=device)
+    valid = torch.tensor([[0] * slots] + [[0] * (slots - m.slots) + [1] * m.slots for m in distinct], device=device)
     cache = DynamicCache(config=config)
-    for layer in range(len(template.prefix_keys)):
-        keys, values = [], []
-        for i, memory in enumerate(per_sample):
-            if memory is not None and memory.has_prefix:
-                k, v = memory.prefix_keys[layer], memory.prefix_values[layer]
-                valid[i, slots - memory.slots :] = 1
-            else:
-                k = v = torch.zeros_like(template.prefix_keys[layer][:, :0])
-            pad = slots - k.shape[1]  # left-pad so every prefix ends right before the first token
-            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        cache.update(torch.stack(keys).to(device, dtype), torch.stack(values).to(device, dtype), layer)
-    return cache, valid
+    for layer in range(len(distinct[0].prefix_keys)):
+        tables = []
+        for prefixes in ([m.prefix_keys[layer] for m in distinct], [m.prefix_values[layer] for m in distinct]):
+            padded = [torch.nn.functional.pad(t, (0, 0, slots - t.shape[1], 0)) for t in prefixes]
+            table = torch.stack([torch.zeros_like(padded[0])] + padded).to(device, dtype)
+            tables.append(table.index_select(0, index))
+        cache.update(*tables, layer)
+    return cache, valid.index_select(0, index)
 
 
 def prefix_inputs(
