@@ -7,12 +7,13 @@ permuted for llama.cpp's rotary embedding, which rotates adjacent pairs where tr
 halves (as llama.cpp's own converter does); a Qwen2 backbone keeps its projection biases.
 
 A memory's LoRA becomes a GGUF LoRA adapter (``general.type = adapter``) for that backbone. Its
-learned KV prefix has no place in llama.cpp, which has no way to load keys and values that no
-token made: a memory served there is its LoRA alone.
+learned KV prefix has no place in llama.cpp, which has no format for learned keys and values: a
+memory served there is its LoRA alone.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -152,8 +153,6 @@ def write_vocabulary(writer, tokenizer, config, base_model: str | None) -> None:
 
 
 def bpe_merges(tokenizer) -> list[str]:
-    import json
-
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 

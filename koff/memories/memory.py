@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,15 @@ class MemoryConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rows_in_stack(per_sample: Sequence["DomainMemory | None"], present: Sequence["DomainMemory"],
+                  device: torch.device | str) -> torch.Tensor:
+    """(batch,) long: each sample's place in ``present`` plus one, 0 for a sample whose memory is not
+    in it: the row it takes of a stack of ``present``'s tensors with zeros first (LoRA factors, KV
+    prefixes), so a mixed batch gathers each sample's own with one ``index_select``."""
+    place = {id(m): i + 1 for i, m in enumerate(present)}
+    return torch.tensor([place.get(id(m), 0) for m in per_sample], device=device)
 
 
 def lora_key(layer: int, projection: str) -> str:

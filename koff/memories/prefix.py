@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from koff.memories.memory import DomainMemory
+from koff.memories.memory import DomainMemory, rows_in_stack
 from koff.models.cache_api import returned_cache
 
 
@@ -31,8 +31,7 @@ def build_prefix_cache(
     slots = max(m.slots for m in distinct)
     # Each sample takes one row of a per-layer table: zeros first (no prefix), then each memory's
     # prefix left-padded so that it ends right before the first token. One gather per layer.
-    place = {id(m): i + 1 for i, m in enumerate(distinct)}
-    index = torch.tensor([place.get(id(m), 0) for m in per_sample], device=device)
+    index = rows_in_stack(per_sample, distinct, device)
     valid = torch.tensor([[0] * slots] + [[0] * (slots - m.slots) + [1] * m.slots for m in distinct], device=device)
     cache = DynamicCache(config=config)
     for layer in range(len(distinct[0].prefix_keys)):

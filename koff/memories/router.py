@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from koff.memories.memory import DomainMemory
+from koff.memories.memory import DomainMemory, rows_in_stack
 from koff.models.recompute import Restorer, attribute_snapshot
 
 # Row-to-memory indices kept between passes: a decoding batch routes the same rows step after
@@ -52,14 +52,12 @@ class MemoryRouter:
         return attribute_snapshot(self, ("single", "per_sample", "distinct", "mixed", "_rows"))
 
     def index(self, present: list[DomainMemory], device: torch.device) -> torch.Tensor:
-        """(batch,) long: each sample's place in ``present`` plus one, 0 for a sample whose memory is
-        not in it; the row of a stack of ``present``'s factors (zeros first) that the sample takes."""
+        """``rows_in_stack`` for this pass's samples, made once per batch composition."""
         key = (self._rows, tuple(id(m) for m in present), device)
         if key in self._indices:
             self._indices.move_to_end(key)
             return self._indices[key][1]
-        place = {id(m): i + 1 for i, m in enumerate(present)}
-        index = torch.tensor([place.get(id(m), 0) for m in self.per_sample], device=device)
+        index = rows_in_stack(self.per_sample, present, device)
         # The entry holds the memories: while it lives, their ids cannot name a memory loaded later.
         self._indices[key] = (list(self.per_sample), index)
         if len(self._indices) > KEPT_INDICES:
