@@ -10,6 +10,7 @@ import koff
 # Lowest first. Within a level, packages are independent of each other.
 LEVELS = [
     {"errors", "io", "paths"},
+    {"tensor_files"},
     {"models"},
     {"data", "masks", "memories", "scoring"},
     {"config", "model"},

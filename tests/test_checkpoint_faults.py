@@ -9,6 +9,7 @@ import pytest
 from koff.cli import main
 from koff.errors import KoffError
 import koff.training.checkpoint as checkpoint
+from koff.tensor_files import save_tensors
 from test_training import assert_same_end_state, make
 
 
@@ -34,14 +35,14 @@ def kill_on_second(monkeypatch, module, name, partial_write=None, counts=lambda 
 
 
 def truncated_safetensors(tensors, path):
-    checkpoint.save_file(tensors, path)
+    save_tensors(tensors, path)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
 
 
 PHASES = {
     # while the tensors are written into the temporary folder (a half-written file is left there)
-    "tensors": lambda mp: kill_on_second(mp, checkpoint, "save_file", truncated_safetensors),
+    "tensors": lambda mp: kill_on_second(mp, checkpoint, "save_tensors", truncated_safetensors),
     # the temporary folder is complete but not yet renamed (os.replace is global: count folder renames only)
     "rename": lambda mp: kill_on_second(mp, checkpoint.os, "replace", counts=lambda src, dst: ".step-" in str(src)),
     # the folder is in place, latest.json still names the previous one

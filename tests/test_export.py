@@ -197,7 +197,7 @@ def test_refusals_leave_nothing_half_loaded(tmp_path, corpus):
     cases = {
         "another backbone": variant("foreign", foreign),
         "not a koff memory": variant("no-manifest", lambda f: (f / "manifest.json").unlink()),
-        "cannot load memory": variant("corrupt", lambda f: (f / "adapter_model.safetensors").write_bytes(b"garbage")),
+        "not a safetensors file": variant("corrupt", lambda f: (f / "adapter_model.safetensors").write_bytes(b"garbage")),
         "already loaded": source,
     }
     for message, folder in cases.items():
@@ -292,13 +292,13 @@ def test_export_streams_the_base_a_shard_at_a_time_without_building_the_model(tm
 
     written = []
 
-    def save_file(tensors, path, metadata=None):
+    def save_tensors(tensors, path, metadata=None):
         written.append(sum(t.numel() * t.element_size() for t in tensors.values()))
-        return real_save_file(tensors, path, metadata=metadata)
+        return real_save_tensors(tensors, path, metadata=metadata)
 
-    real_save_file = weights.save_file
+    real_save_tensors = weights.save_tensors
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(weights, "save_file", save_file)
+    monkeypatch.setattr(weights, "save_tensors", save_tensors)
     export_run(run_dir, tmp_path / "export", max_shard_size="40KB")
     monkeypatch.undo()
     largest_tensor = 300 * 64 * 4  # the embedding

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from koff.analysis import (activation_probabilities, classify, language_rates, lape_scores, outlier_neurons,
                            removal_rates, spread_blocks)
@@ -21,7 +20,8 @@ from koff.analysis.lape import SPLITS, check_fractions
 from koff.cli.common import UsageError, add_config_option, log, markdown_table, require, save_resolved_config
 from koff.data import DomainSpec, load_domains, parse_domains
 from koff.formats import run as run_folder
-from koff.io import atomic_path, write_json, write_text
+from koff.io import write_json, write_text
+from koff.tensor_files import save_tensors
 from koff.masks import BinaryMask, UnitCosts, unit_importance
 from koff.models import decoder_layout, load_model
 
@@ -170,9 +170,7 @@ def _write(out: Path, args: argparse.Namespace, result: dict, probs, entropy, cl
     write_text(out / "analysis.md", summary_table(result) + "\n")
     tensors = {"probs": probs, "entropy": entropy}
     tensors |= {name: getattr(classes, name).to(torch.uint8) for name in ("specific", "general", "active")}
-    with atomic_path(out / "lape.safetensors") as tmp:
-        metadata = {"languages": ",".join(result["languages"])}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_tensors(tensors, out / "lape.safetensors", {"languages": ",".join(result["languages"])})
     try:
         from koff.analysis.plot import plot_removal_by_layer
 

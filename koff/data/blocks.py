@@ -12,11 +12,10 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from koff.data.sources import DomainDataError, DomainSpec, read_documents
-from koff.io import atomic_path
+from koff.tensor_files import load_tensors, save_tensors
 from koff.paths import cache_dir
 
 
@@ -91,7 +90,7 @@ def load_domain(
         key.update(b"\0")
     cached = cache_dir("blocks") / f"{spec.name}-{key.hexdigest()[:20]}.safetensors"
     if use_cache and cached.is_file():
-        tensors = load_file(cached)
+        tensors = load_tensors(cached)
         return DomainData(spec.name, spec.source, tensors["train"], tensors["val"])
 
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
@@ -104,8 +103,7 @@ def load_domain(
         )
     train, val = split_blocks(blocks, val_fraction, seed)
     if use_cache:
-        with atomic_path(cached) as tmp:
-            save_file({"train": train.contiguous(), "val": val.contiguous()}, str(tmp))
+        save_tensors({"train": train, "val": val}, cached)
     return DomainData(spec.name, spec.source, train, val)
 
 

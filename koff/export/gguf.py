@@ -22,7 +22,7 @@ import torch
 
 from koff.errors import KoffError
 from koff.formats.backbone import load_backbone
-from koff.formats.exported_memory import MANIFEST, peft_module_names, read_exported_state
+from koff.formats.exported_memory import MANIFEST, MemoryFit, read_exported_state
 from koff.io import atomic_path, read_json
 from koff.memories.memory import parse_lora_key
 from koff.models.architecture import decoder_layout
@@ -47,10 +47,10 @@ def write_gguf(export: Path, out: Path, dtype: str = "f16") -> dict[str, Path]:
     model, tokenizer, meta = load_backbone(export / "backbone")
     written = {"backbone": out / f"backbone-{dtype}.gguf"}
     heads, kv_heads = write_model_gguf(model, tokenizer, meta.get("base_model"), written["backbone"], dtype)
-    module_keys = {name: key for key, name in peft_module_names(model).items()}
+    fit = MemoryFit.of(model)
     for folder in sorted((export / "memories").iterdir()) if (export / "memories").is_dir() else []:
         if (folder / MANIFEST).is_file():
-            path = write_lora_gguf(folder, out, module_keys, heads, kv_heads)
+            path = write_lora_gguf(folder, out, fit, heads, kv_heads)
             if path is not None:
                 written[folder.name] = path
     return written
@@ -241,12 +241,12 @@ def finish(writer) -> None:
     writer.close()
 
 
-def write_lora_gguf(folder: Path, out: Path, module_keys: dict, heads: list[int], kv_heads: list[int]) -> Path | None:
+def write_lora_gguf(folder: Path, out: Path, fit: MemoryFit, heads: list[int], kv_heads: list[int]) -> Path | None:
     """``folder``'s LoRA factors as a llama.cpp LoRA adapter (None for a memory without LoRA)."""
     import gguf
 
     manifest = read_json(folder / MANIFEST)
-    state = read_exported_state(folder, module_keys)
+    state = read_exported_state(folder, fit, manifest)
     factors = {k[len("lora_A."):]: (v, state["lora_B." + k[len("lora_A."):]]) for k, v in state.items() if k.startswith("lora_A.")}
     if not factors:
         return None

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from koff.errors import KoffError
 from koff.export.prune import LayerSelection, Narrowing, projection_narrowings
 from koff.models.architecture import DecoderLayout
+from koff.tensor_files import save_tensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -107,7 +107,7 @@ def write_backbone_weights(files: dict[str, Path], model: nn.Module, layout: Dec
 
         for shard, shard_names in split.filename_to_tensors.items():
             tensors = {n: cast(narrowings.get(n, keep).weight(read(n)), dtype) for n in shard_names}
-            save_file(tensors, str(out / shard), metadata={"format": "pt"})
+            save_tensors(tensors, out / shard, metadata={"format": "pt"})
             del tensors
     if split.is_sharded:
         index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}

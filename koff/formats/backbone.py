@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from koff.errors import KoffError
 from koff.io import read_json, write_json
 from koff.models.architecture import decoder_layout
+from koff.tensor_files import load_tensors
 
 META_FILE = "koff_backbone.json"
 FORMAT = "koff-backbone-v1"
@@ -118,7 +118,7 @@ def _load_per_layer(folder: Path, widths: dict[str, list[int]], dtype: torch.dty
             attn.o_proj = _resized(attn.o_proj, inp=groups * rep * hd)
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
-        state |= load_file(str(path))
+        state |= load_tensors(path)
     if not state:
         raise BackboneError(f"{folder} holds no safetensors weights")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

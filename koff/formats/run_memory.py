@@ -7,19 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from koff.errors import UserInputError
-from koff.io import atomic_path, read_json, write_json
+from koff.io import read_json, write_json
 from koff.memories.memory import DomainMemory, parse_lora_key
+from koff.tensor_files import load_tensors, save_tensors
 
 FORMAT = "koff-memory-v1"
 
 
 def save_memory(memory: DomainMemory, folder: Path, extra: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "memory.safetensors") as tmp:
-        save_file(memory.flat_state(), str(tmp))
+    save_tensors(memory.flat_state(), folder / "memory.safetensors")
     write_json(folder / "memory.json", {"format": FORMAT, **describe(memory), **(extra or {})})
     return folder
 
@@ -42,4 +40,4 @@ def load_memory_state(folder: Path) -> tuple[dict, dict]:
     manifest = read_json(folder / "memory.json")
     if manifest.get("format") != FORMAT:
         raise UserInputError(f"{folder} is not a koff memory (format {manifest.get('format')!r})")
-    return manifest, load_file(str(folder / "memory.safetensors"))
+    return manifest, load_tensors(folder / "memory.safetensors")

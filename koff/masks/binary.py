@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from koff.errors import UserInputError
-from koff.io import atomic_path
+from koff.tensor_files import load_tensors, save_tensors
 from koff.masks.units import UnitCosts
 
 
@@ -64,13 +63,12 @@ class BinaryMask:
         metadata = {"format": "koff-mask-v1", "num_layers": str(len(self.ffn))}
         if costs is not None:
             metadata["stats"] = json.dumps(self.stats(costs))
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "BinaryMask":
         try:
-            tensors = load_file(str(path))
+            tensors = load_tensors(path)
             n = len([k for k in tensors if k.startswith("ffn.")])
             mask = cls([tensors[f"ffn.{i}"].bool() for i in range(n)], [tensors[f"attn.{i}"].bool() for i in range(n)])
         except Exception as err:  # not safetensors, truncated, or other tensors than a mask's

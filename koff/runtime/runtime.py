@@ -16,7 +16,7 @@ from koff.data.sources import validate_domain_name
 from koff.errors import UserInputError
 from koff.formats.backbone import BackboneError, load_backbone
 from koff.formats.exported_memory import FORMAT as MEMORY_FORMAT
-from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, read_exported_state
+from koff.formats.exported_memory import MANIFEST, MemoryFit, memory_size_bytes, read_exported_state
 from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
@@ -36,7 +36,7 @@ class KoffRuntime:
         self.folder = Path(folder)
         dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         base, self.tokenizer, self.meta = load_backbone(self.folder / "backbone", dtype, device)
-        self._module_keys = {name: key for key, name in peft_module_names(base).items()}
+        self._fit = MemoryFit.of(base)
         targets = self.meta.get("lora_targets") or list(DEFAULT_LORA_TARGETS)
         self.model = KoffModel(base, MemoryConfig(kind="lora+kv", lora_targets=list(targets)))
         self.model.eval()
@@ -89,31 +89,17 @@ class KoffRuntime:
                 )
             if name in self.model.memories:
                 raise MemoryLoadError(f"a memory named {name!r} is already loaded")
-            state = read_exported_state(path, self._module_keys)
+            state = read_exported_state(path, self._fit, manifest)
             if not state:
                 raise MemoryLoadError(f"{path} holds neither LoRA nor KV weights")
-            bad = sorted(key for key, tensor in state.items() if not torch.isfinite(tensor).all())
-            if bad:
-                raise MemoryLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:2])}"
-                                      f"{', ...' if len(bad) > 2 else ''}); the memory would corrupt every batch it joins")
             memory = DomainMemory.from_flat_state(name, state, manifest["lora_alpha"])
         except MemoryLoadError:
             raise
-        except Exception as err:  # corrupt JSON or safetensors, missing keys, wrong shapes
-            raise MemoryLoadError(f"cannot load memory from {path}: {err}") from err
-        self._check_shapes(memory, path)
+        except UserInputError as err:  # a file that does not fit this backbone: the message names it
+            raise MemoryLoadError(str(err)) from err
+        except Exception as err:  # corrupt JSON, a manifest without its keys
+            raise MemoryLoadError(f"cannot load memory from {path}: {type(err).__name__}: {err}") from err
         return memory
-
-    def _check_shapes(self, memory: DomainMemory, path: Path) -> None:
-        for key, a in memory.lora_A.items():
-            layer, proj = parse_lora_key(key)
-            module = self.model.layout.layers[layer].projection(proj)
-            if a.shape[1] != module.in_features or memory.lora_B[key].shape[0] != module.out_features:
-                raise MemoryLoadError(f"{path}: LoRA for layer {layer} {proj} does not fit this backbone")
-        for i, keys in enumerate(memory.prefix_keys):
-            expected = self.model.layout.layers[i].projection("k_proj").out_features // self.model.layout.head_dim
-            if keys.shape[0] != expected:
-                raise MemoryLoadError(f"{path}: KV prefix of layer {i} has {keys.shape[0]} heads, the backbone {expected}")
 
     # ----- text -----------------------------------------------------------------------------------
     @property

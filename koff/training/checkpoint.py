@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from koff.errors import KoffError
 from koff.io import read_json, write_json
+from koff.tensor_files import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], s
         shutil.rmtree(stray, ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    save_tensors(tensors, tmp / "tensors.safetensors")
     write_json(tmp / "state.json", {"step": step, **state})
     final = folder / name
     shutil.rmtree(final, ignore_errors=True)
@@ -81,7 +81,7 @@ def load_latest(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     for path in candidates:
         try:
             state = read_json(path / "state.json")
-            tensors = load_file(str(path / "tensors.safetensors"))
+            tensors = load_tensors(path / "tensors.safetensors")
             if not isinstance(state, dict) or not isinstance(state.get("step"), int):
                 raise ValueError("state.json names no step")
         except Exception as err:  # noqa: BLE001 - truncated or corrupt: try the one before
