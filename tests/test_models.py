@@ -107,7 +107,7 @@ def test_an_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_pa
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
         load_model(str(tmp_path / "folder"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
-    with pytest.raises(ModelLoadError, match="could not read GGUF"):
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         load_model(str(tmp_path / "junk.gguf"))
 
 

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from koff.errors import KoffError
 from koff.io import read_json, write_json
 from koff.models.architecture import decoder_layout
+from koff.models.folder_check import check_model_folder
 from koff.tensor_files import load_tensors
 
 META_FILE = "koff_backbone.json"
@@ -88,6 +89,7 @@ def load_backbone(folder: Path, dtype: torch.dtype = torch.float32, device: str 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if meta["uniform"]:
+            check_model_folder(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         else:
             model = _load_per_layer(folder, meta["layer_widths"], dtype)

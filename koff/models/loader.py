@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import struct
 import tempfile
 import importlib.util
 import logging
@@ -29,6 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from koff.errors import KoffError
 from koff.io import read_json
 from koff.models.architecture import check_model_type, decoder_layout
+from koff.models.folder_check import check_model_folder
+from koff.models.gguf_header import GGUFHeaderError, read_gguf_header
 from koff.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,12 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> LoadedMod
     start = time.perf_counter()
     folder, source = model_folder(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load model from {folder}: {err}") from err
+    if info.get("missing_keys"):  # transformers would have filled them with random values
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"{folder}: its weight files lack {len(missing)} tensor(s) the model needs ({', '.join(missing[:3])})")
     tokenizer = load_tokenizer(folder)
     decoder_layout(model)  # fail early, with the list of supported architectures
     model.to(device).eval().requires_grad_(False)
@@ -86,6 +90,7 @@ def model_folder(spec: str) -> tuple[Path, str]:
     refused before any weight is read."""
     folder, source = _resolve_to_folder(spec)
     check_model_type(_folder_model_type(Path(folder)), source)
+    check_model_folder(Path(folder))
     return Path(folder), source
 
 
@@ -136,43 +141,6 @@ def _folder_model_type(folder: Path) -> str | None:
         return None  # from_pretrained reports the unreadable config
 
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _gguf_architecture(gguf: Path) -> str | None:
-    """``general.architecture`` from the GGUF header's key-value section, read up to that key
-    (gguf's own reader indexes every tensor first: seconds on a large file)."""
-
-    def unpack(f, fmt: str):
-        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-    def skip_value(f, kind: int) -> None:
-        if kind == 8:  # string
-            f.seek(unpack(f, "Q"), 1)
-        elif kind == 9:  # array: element type, count, elements
-            element, count = unpack(f, "I"), unpack(f, "Q")
-            for _ in range(count):
-                skip_value(f, element)
-        else:
-            f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
-
-    try:
-        with gguf.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError("no GGUF magic number")
-            f.seek(4 + 8, 1)  # the version (u32) and the tensor count (u64)
-            entries = unpack(f, "Q")
-            for _ in range(entries):
-                key = f.read(unpack(f, "Q")).decode()
-                kind = unpack(f, "I")
-                if key == "general.architecture" and kind == 8:
-                    return f.read(unpack(f, "Q")).decode()
-                skip_value(f, kind)
-    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"could not read GGUF file {gguf}: {type(err).__name__}: {err}") from err
-    return None
-
-
 def _download_from_hub(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
 
@@ -207,7 +175,11 @@ def _gguf_to_folder(gguf: Path) -> Path:
     folder = cache_dir("models") / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    check_model_type(_gguf_architecture(gguf), f"gguf:{gguf}")  # before minutes of dequantising
+    try:
+        header = read_gguf_header(gguf)
+    except GGUFHeaderError as err:
+        raise ModelLoadError(str(err)) from err
+    check_model_type(header.architecture, f"gguf:{gguf}")  # before minutes of dequantising
     return cached_conversion(folder, lambda tmp: _dequantise(gguf, tmp))
 
 
