@@ -202,7 +202,20 @@ class DecomposeConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserInputError(f"unknown decompose option(s): {', '.join(unknown)}")
+        defaults = cls()
+        for name, value in values.items():
+            _check_type(name, value, getattr(defaults, name))
         return cls(**values)
+
+
+def _check_type(name: str, value, default) -> None:
+    """A value from a YAML file or the API must have its setting's type (an int where a float goes is fine)."""
+    expected = (list,) if isinstance(default, list) else (bool,) if isinstance(default, bool) else \
+        (int, float) if isinstance(default, float) else (int, type(None)) if default is None else (type(default),)
+    wrong_bool = isinstance(value, bool) and not isinstance(default, bool)
+    if not isinstance(value, expected) or wrong_bool:
+        kind = {list: "a list", bool: "true or false", float: "a number", str: "a string"}.get(type(default), "an integer")
+        raise UserInputError(f"setting {name}: {value!r} is not {kind}")
 
 
 def parse_setting(name: str, text: str):

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from koff.errors import UserInputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -37,9 +39,11 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it takes ``path``'s place.
 
     What stood at ``path`` is moved aside, the new folder renamed in, and only then the old one
-    removed: a failure (or a kill) while writing leaves the old folder as it was."""
+    removed: a failure (or a kill) while writing leaves the old folder as it was. What an earlier,
+    killed attempt left beside ``path`` is removed first, so the caller must hold ``path``'s lock."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent, f".{path.name}.*.tmp", f".{path.name}.*.old")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -50,6 +54,18 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike, *patterns: str) -> list[Path]:
+    """Remove what matches ``patterns`` in ``folder`` (temporary files and folders of a killed
+    writer); the paths removed back. Only for a folder whose lock the caller holds."""
+    removed = [p for pattern in patterns for p in Path(folder).glob(pattern)]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -70,7 +86,16 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """The YAML document in ``path`` (plain data only: tags such as ``!!python/...`` are refused)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UserInputError(f"{path} is not valid YAML{line}: {problem}") from err
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"{path} is not UTF-8 text") from err
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

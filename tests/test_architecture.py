@@ -9,7 +9,8 @@ import koff
 
 # Lowest first. Within a level, packages are independent of each other.
 LEVELS = [
-    {"errors", "io", "paths"},
+    {"errors", "paths"},
+    {"io", "locks"},
     {"tensor_files"},
     {"models"},
     {"data", "masks", "memories", "scoring"},

@@ -7,6 +7,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from koff.cli.common import UsageError, log
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory {summary['name']}: {summary['parameters']:,} parameters, {summary['bytes'] / 1e6:.2f} MB, "
           f"{summary['steps']} steps -> {summary['folder']}")
     if args.server:
-        load_into_server(args.server, summary["folder"], args.api_key or os.environ.get("KOFF_API_KEY"))
+        # The server resolves a relative path inside its export's memories/, whatever its working directory.
+        load_into_server(args.server, Path(summary["folder"]).name, args.api_key or os.environ.get("KOFF_API_KEY"))
     return 0
 
 

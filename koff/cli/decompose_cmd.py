@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
 from koff.experiments.decompose import decompose
 from koff.formats import run as run_folder
+from koff.locks import folder_lock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +35,11 @@ _RESUME_MAY_CHANGE = {"out", "device"}
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    config = _resumed_config(args, out) if args.resume else _new_config(args, out)
-    decomposer, summary = decompose(config, resume=args.resume)
+    # Under `accelerate launch` only the main process (RANK 0) writes the folder, so only it locks.
+    main_process = os.environ.get("RANK", "0") == "0"
+    with folder_lock(out, "koff decompose") if main_process else nullcontext():
+        config = _resumed_config(args, out) if args.resume else _new_config(args, out)
+        decomposer, summary = decompose(config, resume=args.resume)
     if not decomposer.accelerator.is_main_process:  # under `accelerate launch`, one process reports
         return 0
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])

@@ -26,6 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="most requests generated together")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a connection has to send its request headers (from opening, or from its last "
+                        "response) before it is closed")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request body has to arrive whole before the request gets 408")
+    parser.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections beyond this are closed at once (the open-file limit is raised to fit)")
     parser.add_argument("--max-tokens", type=int, default=256, help="completion length when a chat request sets none")
     parser.add_argument("--backbone-id", default="backbone", help="model id of the bare backbone")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -38,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from koff.server import create_app
+        from koff.server.limits import ConnectionLimits
     except ImportError as err:
         raise UsageError(f"koff serve needs the serve extra ({err.name} is missing): pip install 'koff[serve]'") from err
     from koff.runtime import load
@@ -47,16 +55,21 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("KOFF_API_KEY") or None
     if api_key is None and not _loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use and change it", args.host)
+    try:
+        limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections).fit_descriptors()
+    except ValueError as err:
+        raise UsageError(f"--header-timeout, --body-timeout, --max-connections: {err}") from err
     runtime = load(args.out_dir, device=args.device, dtype=args.dtype)
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,
-                         default_max_tokens=args.max_tokens)
+                         default_max_tokens=args.max_tokens, limits=limits)
     except ValueError as err:
         raise UsageError(str(err)) from err
     log.info("serving %s (%s + memories: %s) on http://%s:%d", args.out_dir, args.backbone_id,
              ", ".join(runtime.memories) or "none", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if not args.quiet else "warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if not args.quiet else "warning",
+                http=limits.protocol())
     return 0
 
 

@@ -16,6 +16,7 @@ from koff.formats.export_folder import SUMMARY, is_export
 from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
 from koff.formats.run import RunOutputs, read_run
 from koff.io import staged_folder, write_json
+from koff.locks import folder_lock
 from koff.masks.units import UnitCosts
 from koff.models import load_tokenizer, model_folder, resolve_dtype
 from koff.models.architecture import decoder_layout
@@ -37,8 +38,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
     ``--dtype`` exports in that dtype)."""
     out = Path(out_dir)
     check_shard_size(max_shard_size)
-    check_target(Path(run_dir), out, force)
-    run = read_run(run_dir)
+    with folder_lock(run_dir, "koff export"), folder_lock(out, "koff export"):
+        check_target(Path(run_dir), out, force)
+        return _export(read_run(run_dir), out, uniform, max_shard_size)
+
+
+def _export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str) -> dict:
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
         if not ffn.any() or not attn.any():
             kind = "FFN neuron" if not ffn.any() else "attention group"

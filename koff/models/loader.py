@@ -209,6 +209,9 @@ def cached_conversion(folder: Path, convert: Callable[[Path], None]) -> Path:
         try:
             if (folder / "config.json").is_file():
                 return folder  # another process converted it while this one waited
+            for stale in folder.parent.glob(f".{folder.name}.*"):  # a conversion that was killed
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
             try:
                 convert(tmp)

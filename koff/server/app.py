@@ -22,6 +22,7 @@ from koff.server.admin import install_admin_routes
 from koff.server.batcher import Batcher, Delta, Failed, Finished, Job, JobHandle, Started, request_id
 from koff.server.errors import install_error_handlers, not_found
 from koff.server.guard import Guard
+from koff.server.limits import ConnectionLimits
 from koff.server.responses import DONE, Shape, sse
 from koff.server.schemas import ChatRequest, CompletionRequest, SamplingFields
 
@@ -36,8 +37,11 @@ def create_app(
     batch_wait_ms: float = 5.0,
     backbone_id: str = "backbone",
     default_max_tokens: int = 256,
+    limits: ConnectionLimits = ConnectionLimits(),
 ) -> FastAPI:
-    """An app serving ``runtime``; ``api_key`` (if set) is required as ``Authorization: Bearer``."""
+    """An app serving ``runtime``; ``api_key`` (if set) is required as ``Authorization: Bearer``.
+    ``limits`` bound how long reading a request may take; ``app.state.limits.protocol()`` is the
+    uvicorn protocol that enforces the connection-level ones."""
     batcher = Batcher(runtime, max_batch=max_batch, batch_wait_ms=batch_wait_ms, backbone_id=backbone_id,
                       default_max_tokens=default_max_tokens)
     if backbone_id in batcher.memory_names:
@@ -51,9 +55,9 @@ def create_app(
         batcher.stop()
 
     app = FastAPI(title="koff", summary="OpenAI-compatible API over a koff backbone and its memories", lifespan=lifespan)
-    app.state.runtime, app.state.batcher = runtime, batcher
+    app.state.runtime, app.state.batcher, app.state.limits = runtime, batcher, limits
     install_error_handlers(app)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=limits.body_timeout_s)
 
     # ----- information --------------------------------------------------------------------------
     @app.get("/health")

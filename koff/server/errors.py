@@ -72,5 +72,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return APIError(500, f"internal error: {type(err).__name__}: {err}").response()
+        log.exception("unexpected error")  # the details (paths, values) go to the server's log, not to the client
+        return APIError(500, f"internal error ({type(err).__name__}); the server's log has the details").response()

@@ -1,4 +1,5 @@
-"""What every request passes before routing: the API key (401) and the body size limit (413).
+"""What every request passes before routing: the API key (401), the body size limit (413) and the
+body's deadline (408).
 
 A plain ASGI middleware rather than a FastAPI dependency, so both checks come before the body is
 parsed: a client without a key learns nothing about the validity of its JSON, and an oversized
@@ -7,6 +8,7 @@ body is refused before it is read in full.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 
@@ -16,8 +18,8 @@ OPEN_PATHS = ("/health",)
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
+        self.app, self.api_key, self.max_body_bytes, self.body_timeout_s = app, api_key, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -31,8 +33,15 @@ class Guard:
             return await _send_error(send, self._too_large())
         # Read the body here (it is small by construction) so a chunked upload is held to the limit too.
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                # "Connection: close": the rest of that body must not be read as the next request.
+                return await _send_error(send, APIError(
+                    408, f"The request body did not arrive within {self.body_timeout_s:g} s.", code="request_timeout"),
+                    close=True)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -66,8 +75,9 @@ class Guard:
                         code="request_too_large")
 
 
-async def _send_error(send, error: APIError) -> None:
+async def _send_error(send, error: APIError, close: bool = False) -> None:
     body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})

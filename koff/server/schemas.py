@@ -32,6 +32,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1, description="koff returns one choice per prompt")] = 1
     logprobs: None | Literal[False] = None
+    top_logprobs: None | Literal[0] = None
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
 
@@ -59,6 +60,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=32)]
     max_tokens: Annotated[int | None, Field(ge=1)] = 16  # OpenAI's default for completions
     echo: Literal[False] = False
+    best_of: Annotated[int, Field(ge=1, le=1, description="koff generates one completion per prompt")] = 1
 
     @model_validator(mode="after")
     def _one_prompt_when_streaming(self):
@@ -104,3 +106,10 @@ class LoadMemoryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Annotated[str, Field(min_length=1, max_length=4096)]
     name: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a path cannot hold a NUL character")
+        return value

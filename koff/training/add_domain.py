@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from koff.config import DecomposeConfig
-from koff.data.sources import parse_domain
+from koff.data.sources import DomainSpec, parse_domain
 from koff.errors import UserInputError
 from koff.formats.backbone import load_backbone
 from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, write_memory
-from koff.io import read_json
+from koff.io import read_json, remove_leftovers
+from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
 from koff.training.trainer import Decomposer
 
@@ -59,8 +60,12 @@ def add_domain(
     ``overrides`` are ``DecomposeConfig`` fields (``block_len``, ``batch_size``, ``lr_lora``,
     ``lr_kv``, ``kv_slots``, ``lora_rank``, ``seed``, ...) that replace the export's settings.
     """
-    out = Path(export_dir)
-    spec = parse_domain(domain)
+    with folder_lock(export_dir, "koff add-domain"):
+        return _add_domain(Path(export_dir), parse_domain(domain), steps, device, dtype, overrides)
+
+
+def _add_domain(out: Path, spec: DomainSpec, steps: int, device: str, dtype: torch.dtype, overrides: dict) -> dict:
+    remove_leftovers(out, ".add-domain-*")  # left by an add-domain that was killed
     target = out / "memories" / spec.name
     if target.exists():
         raise AddDomainError(f"{target} exists: a memory named {spec.name!r} is already in this export; choose another name")

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from koff.config import DecomposeConfig, parse_sampling
 from koff.data import DomainData, load_domains, parse_domains
 from koff.errors import KoffError
 from koff.formats import run as run_folder
-from koff.io import write_text, write_yaml
+from koff.io import remove_leftovers, write_text, write_yaml
+from koff.locks import folder_lock
 from koff.masks import BinaryMask, LearnedMask, SparsityConstraint, target_schedule
 from koff.model import KoffModel
 from koff.models import load_model
@@ -229,11 +231,18 @@ class Decomposer:
         """Train to ``config.steps`` (resuming from the latest checkpoint if asked), then write the run folder.
 
         ``stop_after`` ends the process early, as a kill would, right after that step (tests use it).
+        The main process holds the run folder's lock throughout: a second run on the same folder is refused.
         """
+        main = self.accelerator.is_main_process
+        with folder_lock(self.out, "koff decompose") if main else nullcontext():
+            return self._train(resume, stop_after)
+
+    def _train(self, resume: bool, stop_after: int | None) -> dict:
         cfg = self.config
         main = self.accelerator.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.out, ".*.tmp")  # files a killed run was writing
             write_yaml(self.out / run_folder.CONFIG, cfg.to_dict())
         resumed = resume and self._resume()
         if resumed:
