@@ -9,14 +9,16 @@ the text and the settings.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from koff.data.sources import DomainDataError, DomainSpec, read_documents
-from koff.tensor_files import load_tensors, save_tensors
 from koff.paths import cache_dir
+from koff.tensor_files import load_tensors, save_tensors
 
 
 @dataclass
@@ -50,15 +52,47 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def pack_tokens(docs: list[list[int]], block_len: int, eos_id: int | None) -> torch.Tensor:
+# Characters per tokenizer call. A fast tokenizer keeps offsets and strings for all it is given at
+# once (about 240 bytes per character of a single 50 MB line): text goes in pieces of this size.
+PIECE_CHARS = 1 << 16
+BATCH_PIECES = 16
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters, each cut made just before a
+    whitespace where the second half of the piece has one (so no word is split)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(text.rfind(" ", start + size // 2, end), text.rfind("\n", start + size // 2, end))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> list[torch.Tensor]:
+    """Each document's token ids, tokenised a few pieces at a time (``text_pieces``), so that memory
+    follows the ids, not the size of the longest document or line."""
+    pieces = ((i, piece) for i, doc in enumerate(docs) for piece in text_pieces(doc))  # made as consumed
+    ids: list[list[torch.Tensor]] = [[] for _ in docs]
+    while batch := list(itertools.islice(pieces, BATCH_PIECES)):
+        encoded = tokenizer([piece for _, piece in batch], add_special_tokens=False)["input_ids"]
+        for (doc, _), piece_ids in zip(batch, encoded):
+            ids[doc].append(torch.tensor(piece_ids, dtype=torch.int32))  # half the memory of int64 ids
+        del encoded
+    return [torch.cat(parts) if len(parts) != 1 else parts[0] for parts in ids]
+
+
+def pack_tokens(docs: Sequence[Sequence[int] | torch.Tensor], block_len: int, eos_id: int | None) -> torch.Tensor:
     """Concatenate documents (EOS between them) and cut into full blocks; the tail is dropped."""
-    stream: list[int] = []
-    for ids in docs:
-        stream.extend(ids)
-        if eos_id is not None:
-            stream.append(eos_id)
+    eos = torch.tensor([eos_id] if eos_id is not None else [], dtype=torch.int32)
+    parts = [part for ids in docs for part in (torch.as_tensor(ids, dtype=torch.int32), eos)]
+    stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+    del parts
     n_blocks = len(stream) // block_len
-    return torch.tensor(stream[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)
+    return stream[: n_blocks * block_len].view(n_blocks, block_len).long()
 
 
 def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +127,10 @@ def load_domain(
         tensors = load_tensors(cached)
         return DomainData(spec.name, spec.source, tensors["train"], tensors["val"])
 
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    ids = tokenize_documents(tokenizer, docs)
     blocks = pack_tokens(ids, block_len, tokenizer.eos_token_id)
     n_tokens = sum(len(x) for x in ids)
+    del ids
     if blocks.shape[0] < 2:
         raise DomainDataError(
             f"domain {spec.name!r}: {spec.source} gives {n_tokens} tokens, {blocks.shape[0]} block(s) of "
@@ -111,7 +146,7 @@ def load_heldout(spec: DomainSpec, tokenizer: PreTrainedTokenizerBase, block_len
                  max_blocks: int | None = None) -> DomainData:
     """Text that no run trains on (another source of a domain): every block is for evaluation, or
     ``max_blocks`` of them evenly spaced over the corpus, so that one part of it does not stand for all."""
-    ids = tokenizer(read_documents(spec), add_special_tokens=False)["input_ids"]
+    ids = tokenize_documents(tokenizer, read_documents(spec))
     blocks = pack_tokens(ids, block_len, tokenizer.eos_token_id)
     if blocks.shape[0] < 1:
         raise DomainDataError(f"domain {spec.name!r}: {spec.source} holds less than one block of {block_len} tokens")
