@@ -1,13 +1,19 @@
 """Soak test for `koff serve` on loopback: mixed-memory clients, a share of bad requests and client
-disconnects, and admin load/unload, for a fixed time (and at most a fixed number of requests).
+disconnects, and admin load/unload, for a fixed time (and at most a fixed number of requests); in
+its second half, hundreds of slow or idle connections held open as well.
 
-It serves a *copy* of the export (so nothing of the original can be harmed), with one memory whose
-tensors were made NaN planted in it (the server must start anyway and report it). Greedy good
+It serves a *copy* of the export (so nothing of the original can be harmed), with memories planted
+in it that must not load: one whose tensors were made NaN, and three that do not fit the backbone (a
+KV prefix with the wrong head size, one with a layer too many, a LoRA alpha of 1e308). The server
+must start anyway and report them; the admin thread tries to load them again every round. Greedy good
 requests must return exactly the text they return alone; each bad request must get the 4xx its
 fault deserves; a disconnected client must not fail anybody else. Reported: requests by outcome,
 errors by kind (expected 4xx vs anything else), good requests that failed or changed, the
 server's resident memory after warm-up and at the end, and whether every file of the export is
-unchanged.
+unchanged. The first half runs without slow connections, the second with ``--slow-connections``
+of them (a third idle, a third dribbling their headers a byte a second, a third dribbling a body),
+each reopened as soon as the server drops it: the median latency of good requests in the two
+halves is compared, and the server's open file descriptors are sampled.
 
     python bench/soak.py [--export bench/out/soak-export] [--seconds 120] [--clients 6]
 
@@ -19,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +63,33 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def plant_misfit_memories(export: Path) -> list[str]:
+    """Copies of eng that do not fit the backbone (the server must skip and report each)."""
+    planted = []
+    for name, change in MISFITS.items():
+        folder = export / "memories" / name
+        shutil.copytree(export / "memories" / "eng", folder)
+        manifest = read_json(folder / "manifest.json") | {"name": name}
+        kv = load_file(str(folder / "kv_prefix.safetensors"))
+        change(manifest, kv)
+        write_json(folder / "manifest.json", manifest)
+        save_file(kv, str(folder / "kv_prefix.safetensors"))
+        planted.append(name)
+    return planted
+
+
+def _one_layer_too_many(manifest: dict, kv: dict) -> None:
+    layers = len(kv) // 2
+    kv[f"layers.{layers}.keys"], kv[f"layers.{layers}.values"] = kv["layers.0.keys"].clone(), kv["layers.0.values"].clone()
+
+
+MISFITS = {
+    "misfit_head_dim": lambda manifest, kv: kv.update({k: v[..., :-1].contiguous() for k, v in kv.items()}),
+    "misfit_layers": _one_layer_too_many,
+    "misfit_alpha": lambda manifest, kv: manifest.update(lora_alpha=1e308),
+}
+
+
 def plant_nan_memory(export: Path) -> None:
     """memories/nan: a copy of eng whose KV prefix holds NaN (the server must skip and report it)."""
     folder = export / "memories" / "nan"
@@ -64,6 +100,87 @@ def plant_nan_memory(export: Path) -> None:
     first = sorted(tensors)[0]
     tensors[first][0] = float("nan")
     save_file(tensors, str(path))
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class SlowConnections:
+    """``count`` connections to the server held open in the slowest ways a client can: idle (nothing
+    sent), headers dribbled a byte a second, a body dribbled a byte a second after complete headers.
+    Each one the server closes is counted and opened again, so ``count`` stand open at all times."""
+
+    KINDS = ("idle", "headers", "body")
+
+    def __init__(self, host: str, port: int, count: int):
+        self.address, self.count = (host, port), count
+        self.open: list[tuple[socket.socket, str]] = []
+        self.dropped: Counter = Counter()
+        self.failed_opens = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+
+    def start(self) -> "SlowConnections":
+        self.thread.start()
+        return self
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        for sock, _ in self.open:
+            sock.close()
+        return {"held": self.count, "dropped_by_server": dict(self.dropped), "failed_opens": self.failed_opens}
+
+    def _connect(self, kind: str) -> None:
+        try:
+            sock = socket.create_connection(self.address, timeout=5)
+            if kind == "body":
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n{")
+            elif kind == "headers":
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+            self.open.append((sock, kind))
+        except OSError:
+            self.failed_opens += 1
+
+    def _hold(self) -> None:
+        for i in range(self.count):
+            self._connect(self.KINDS[i % 3])
+        while not self.stop.wait(1.0):
+            kept, lost = [], []
+            for sock, kind in self.open:
+                if self._closed(sock) or not self._dribble(sock, kind):
+                    sock.close()
+                    self.dropped[kind] += 1
+                    lost.append(kind)
+                else:
+                    kept.append((sock, kind))
+            self.open = kept
+            for kind in lost:
+                self._connect(kind)
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            sock.recv(65536)
+            return True  # b"" (closed) or an answer (408): either way the server let it go
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    @staticmethod
+    def _dribble(sock: socket.socket, kind: str) -> bool:
+        try:
+            if kind == "headers":
+                sock.send(b"X")
+            elif kind == "body":
+                sock.send(b" ")
+            return True
+        except OSError:
+            return False
 
 
 def resident_mb(pid: int) -> float:
@@ -98,6 +215,9 @@ class Soak:
         self.unexpected: list[str] = []
         self.sent = 0
         self.rss: list[tuple[float, float]] = []  # (seconds into the soak, server MB), each admin round
+        self.descriptors: list[int] = []  # the server's open file descriptors, each admin round
+        self.phase = "calm"  # "slow" once the slow connections are held open
+        self.latency: dict[str, list[float]] = {"calm": [], "slow": []}  # good requests' seconds, by phase
 
     def running(self) -> bool:
         with self.lock:
@@ -127,6 +247,7 @@ class Soak:
 
     def good(self, http: httpx.Client, model: str, prompt: str, streamed: bool) -> None:
         payload = body(model, prompt, self.args.max_tokens, stream=streamed)
+        phase, start = self.phase, time.perf_counter()
         try:
             text, status = self._text(http, payload)
         except httpx.HTTPError as err:
@@ -138,6 +259,8 @@ class Soak:
         expected = self.references[("eng" if model == SWAP else model, prompt)]
         if text != expected:
             return self.record("good_changed", f"good {model} {prompt!r}: {text!r} != alone {expected!r}")
+        if model != SWAP and phase == self.phase:  # a request that straddles the change of phase counts in neither
+            self.latency[phase].append(time.perf_counter() - start)
         self.record("good_ok")
 
     def _text(self, http: httpx.Client, payload: dict) -> tuple[str, int]:
@@ -200,8 +323,11 @@ class Soak:
             while time.monotonic() < self.deadline:
                 time.sleep(self.args.admin_every)
                 self.rss.append((round(time.monotonic() - start, 1), round(resident_mb(self.server.process.pid), 1)))
+                self.descriptors.append(open_descriptors(self.server.process.pid))
                 url = self.server.url + "/v1/memories"
-                calls = [("list", http.get(url), 200), ("load_nan", http.post(url + "/load", json={"path": "nan", "name": "nan"}), 400)]
+                misfit = sorted(MISFITS)[len(self.rss) % len(MISFITS)]
+                calls = [("list", http.get(url), 200), ("load_nan", http.post(url + "/load", json={"path": "nan", "name": "nan"}), 400),
+                         ("load_misfit", http.post(url + "/load", json={"path": misfit}), 400)]
                 if loaded:
                     calls.append(("unload_swap", http.delete(f"{url}/{SWAP}"), 200))
                 else:
@@ -238,6 +364,8 @@ def main() -> None:
     parser.add_argument("--disconnect-share", type=float, default=0.1)
     parser.add_argument("--admin-every", type=float, default=2.0, help="seconds between admin rounds")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--slow-connections", type=int, default=500,
+                        help="slow or idle connections held open during the second half")
     args = parser.parse_args()
     command = command_line()
     commit = git_commit()  # the code this run uses: taken before it starts
@@ -250,6 +378,7 @@ def main() -> None:
         export = Path(tmp) / "export"
         shutil.copytree(source, export)
         plant_nan_memory(export)
+        planted = ["nan", *plant_misfit_memories(export)]
         files_before = digest(export)
         server = Server(str(export), args.max_batch, 5.0, in_process=False)
         try:
@@ -262,9 +391,13 @@ def main() -> None:
             threads.append(threading.Thread(target=soak.admin))
             for thread in threads:
                 thread.start()
+            time.sleep(args.seconds / 2)
+            slow = SlowConnections("127.0.0.1", server.port, args.slow_connections).start()
+            soak.phase = "slow"
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - t0
+            slow_stats = slow.finish()
             time.sleep(1.0)  # let cancelled samples leave the batch
             rss_end = resident_mb(server.process.pid)
             stats = server.stats()
@@ -281,6 +414,8 @@ def main() -> None:
     settled = next((mb for t, mb in soak.rss if t >= args.seconds / 4), rss_warm)
     unexpected = sum(outcomes.get(k, 0) for k in ("bad_unexpected", "disconnect_unexpected", "admin_unexpected"))
     good_failed = outcomes.get("good_failed", 0) + outcomes.get("good_changed", 0)
+    medians = {phase: round(statistics.median(times), 3) if times else None for phase, times in soak.latency.items()}
+    slowdown = medians["slow"] / medians["calm"] if medians["calm"] and medians["slow"] else None
     summary = {
         "command": command, "commit": commit, "machine": machine(), "export": str(source),
         "settings": {k: v for k, v in vars(args).items() if k not in ("export", "results")},
@@ -291,9 +426,15 @@ def main() -> None:
         "rss_mb_after_references": round(rss_warm, 1), "rss_mb_a_quarter_in": settled, "rss_mb_at_end": round(rss_end, 1),
         "rss_mb_series": soak.rss,
         "files_lost": lost, "files_changed": changed,
+        "slow_connections": slow_stats, "good_latency_median_s": medians,
+        "good_requests_by_phase": {phase: len(times) for phase, times in soak.latency.items()},
+        "latency_ratio_slow_to_calm": round(slowdown, 3) if slowdown else None,
+        "server_descriptors_series": soak.descriptors,
         "goals": {"no unexpected errors": unexpected == 0, "no good request failed or changed": good_failed == 0,
                   "no file lost or changed": not lost and not changed, "server alive": alive,
-                  "memory growth under 5% from a quarter in to the end": rss_end <= 1.05 * settled},
+                  "memory growth under 5% from a quarter in to the end": rss_end <= 1.05 * settled,
+                  "every planted bad memory reported broken": set(planted) <= set(broken),
+                  "median latency with slow connections within 1.5x": slowdown is not None and slowdown <= 1.5},
     }
     write_json(Path(args.results) / "soak.json", summary)
     text = report(summary)
@@ -308,6 +449,12 @@ def report(s: dict) -> str:
         f"{s['settings']['bad_share']:.0%} bad, {s['settings']['disconnect_share']:.0%} disconnecting), admin load/unload "
         f"every {s['settings']['admin_every']} s, on a copy of `{s['export']}` with a NaN memory planted "
         f"(skipped at start: {', '.join(s['broken_at_start']) or 'none'}).", "",
+        f"Second half: {s['slow_connections']['held']} slow or idle connections held open (dropped by the server and "
+        f"reopened: {s['slow_connections']['dropped_by_server']}; failed opens: {s['slow_connections']['failed_opens']}). "
+        f"Median latency of good requests: {s['good_latency_median_s']['calm']} s without them "
+        f"({s['good_requests_by_phase']['calm']} requests), {s['good_latency_median_s']['slow']} s with them "
+        f"({s['good_requests_by_phase']['slow']} requests): ratio {s['latency_ratio_slow_to_calm']}. Server file "
+        f"descriptors, each admin round: {s['server_descriptors_series']}.", "",
         "| outcome | count |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in s["outcomes"].items()], "",
         f"Server memory (resident): {s['rss_mb_after_references']} MB after the reference requests, "
