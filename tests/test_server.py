@@ -139,9 +139,10 @@ def test_concurrent_mixed_memory_requests_are_batched_and_match_one_by_one(serve
     assert after["mixed_steps"] > before["mixed_steps"] and after["largest_batch"] >= 2
 
 
-def test_add_domain_then_load_while_serving(export, server, client, capsys):
+def test_add_domain_then_load_while_serving(export, server, client, capsys, monkeypatch):
     folder, corpus = export
-    args = ["add-domain", str(folder), f"deu={corpus['deu']}", "--steps", "2", "--block-len", "32", "--batch-size", "2"]
+    monkeypatch.chdir(folder.parent)  # a relative export path: the server must still find the new memory
+    args = ["add-domain", folder.name, f"deu={corpus['deu']}", "--steps", "2", "--block-len", "32", "--batch-size", "2"]
     assert main([*args, "--server", server.url, "--api-key", KEY]) == 0
     assert "loaded into" in capsys.readouterr().out
     manifest = json.loads((folder / "memories" / "deu" / "manifest.json").read_text())

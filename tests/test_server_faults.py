@@ -189,6 +189,7 @@ def test_the_server_starts_without_its_bad_memory_folders(export, tmp_path):  # 
         listed = httpx.get(server.url + "/v1/memories", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
     assert sorted(listed["memories"]) == ["code", "eng"]
     assert set(listed["broken"]) == {"corrupt", "evil"} and "leads outside" in listed["broken"]["evil"]
+    assert str(tmp_path) not in json.dumps(listed)  # clients see paths inside the export only
 
 
 # ----- memories that would break the batches they join ------------------------------------------

@@ -60,7 +60,7 @@ def install_admin_routes(app: FastAPI) -> None:
             try:
                 return runtime.add_memory(folder, name)
             except MemoryLoadError as err:
-                raise APIError(400, _within_export(str(err), runtime.folder), param="path", code="invalid_memory") from err
+                raise APIError(400, within_export(str(err), runtime.folder), param="path", code="invalid_memory") from err
 
         name = await batcher.call(load)
         batcher.loaded_at[name] = int(time.time())
@@ -82,7 +82,7 @@ def install_admin_routes(app: FastAPI) -> None:
         return {"id": name, "object": "model", "deleted": True}
 
 
-def _within_export(message: str, export: Path) -> str:
+def within_export(message: str, export: Path) -> str:
     """``message`` with the export's location on the server removed: clients see paths inside the export only."""
     for prefix in sorted({str(export.resolve()), str(export.absolute()), str(export)}, key=len, reverse=True):
         message = message.replace(prefix + os.sep, "")

@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from koff.errors import UserInputError
 from koff.runtime import KoffRuntime
-from koff.server.admin import install_admin_routes
+from koff.server.admin import install_admin_routes, within_export
 from koff.server.batcher import Batcher, Delta, Failed, Finished, Job, JobHandle, Started, request_id
 from koff.server.errors import install_error_handlers, not_found
 from koff.server.guard import Guard
@@ -81,7 +81,8 @@ def create_app(
     @app.get("/v1/memories")
     async def list_memories() -> dict:
         info = await batcher.call(runtime.info)
-        return {"object": "list", "backbone": backbone_id, "memories": info["memories"], "broken": info["broken"]}
+        broken = {name: within_export(reason, runtime.folder) for name, reason in info["broken"].items()}
+        return {"object": "list", "backbone": backbone_id, "memories": info["memories"], "broken": broken}
 
     # ----- generation ---------------------------------------------------------------------------
     def _check_model(model: str) -> str:
