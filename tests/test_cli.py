@@ -64,3 +64,14 @@ def test_every_decompose_setting_has_its_help_beside_it_and_flags_read_text_like
     assert parse_setting("eval_max_blocks", "none") is None and parse_setting("prune_ffn", "no") is False
     with pytest.raises(UserInputError, match="is not a float"):
         parse_setting("sparsity", "lots")
+
+
+def test_every_option_has_help_and_an_export_is_always_called_export():
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {a.dest}" for name, sub in commands.items() for a in sub._actions if a.dest != "help" and not a.help]
+    assert not missing, missing
+    for name in ("export", "info", "generate", "serve", "add-domain"):
+        positionals = {a.dest: a.metavar for a in commands[name]._actions if not a.option_strings}
+        assert positionals["export_dir"] == "EXPORT", name

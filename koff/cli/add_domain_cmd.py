@@ -17,21 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "add-domain",
         help="train a new memory on the frozen exported backbone",
         description="Train a memory for a new domain on an exported (already pruned) backbone, with the settings of "
-        "the export's other memories, and write it to OUT_DIR/memories/NAME in the export format. --server URL then "
+        "the export's other memories, and write it to EXPORT/memories/NAME in the export format. --server URL then "
         "asks a running `koff serve` to load it.",
     )
-    parser.add_argument("out_dir", help="a `koff export` folder")
+    parser.add_argument("export_dir", metavar="EXPORT", help="a `koff export` folder")
     parser.add_argument("domain", metavar="NAME=SOURCE",
                         help="the new domain (SOURCE: a .txt file, a folder, a .jsonl, bundled:<iso639-3>, bundled:code/<lang>)")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the new memory (default: 200)")
     parser.add_argument("--block-len", type=int, default=None, help="(default: as the other memories were trained)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr-lora", type=float, default=None)
-    parser.add_argument("--lr-kv", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="blocks per step (default: 4)")
+    parser.add_argument("--lr-lora", type=float, default=None, help="learning rate of the LoRA factors (default: 1e-3)")
+    parser.add_argument("--lr-kv", type=float, default=None, help="learning rate of the KV prefix (default: 1e-2)")
     parser.add_argument("--kv-slots", type=int, default=None, help="(default: as the other memories)")
     parser.add_argument("--lora-rank", type=int, default=None, help="(default: as the other memories)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data split, sampling and initialisation")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--server", metavar="URL", default=None, help="a running `koff serve` to load the memory into")
     parser.add_argument("--api-key", default=None, help="for --server (default: $KOFF_API_KEY)")
     parser.set_defaults(func=run)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     overrides = {k: getattr(args, k) for k in ("block_len", "batch_size", "lr_lora", "lr_kv", "kv_slots", "lora_rank", "seed")}
-    summary = add_domain(args.out_dir, args.domain, steps=args.steps, device=args.device, **overrides)
+    summary = add_domain(args.export_dir, args.domain, steps=args.steps, device=args.device, **overrides)
     print(f"memory {summary['name']}: {summary['parameters']:,} parameters, {summary['bytes'] / 1e6:.2f} MB, "
           f"{summary['steps']} steps -> {summary['folder']}")
     if args.server:

@@ -38,11 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "removes. Writes analysis.json, lape.safetensors and removal_by_layer.png.",
     )
     add_config_option(parser)
-    parser.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR", help="a `koff decompose` run folder")
+    parser.add_argument("run_dir", nargs="?", default=None, metavar="RUN", help="a `koff decompose` run folder")
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis)")
     parser.add_argument("--max-blocks", type=int, default=64, help="blocks per language, evenly spaced (default: 64)")
     parser.add_argument("--split", default="train", choices=SPLITS, help="which blocks LAPE reads (default: train)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass (default: 4)")
     parser.add_argument("--specific-fraction", type=float, default=0.05,
                         help="lowest-entropy fraction of active neurons called language-specific (default: 0.05)")
     parser.add_argument("--general-fraction", type=float, default=0.05,
@@ -103,7 +103,7 @@ def _check_mask(mask: BinaryMask, layout, mask_path: Path, model: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    run_dir = Path(require(args.run_dir, "RUN_DIR"))
+    run_dir = Path(require(args.run_dir, "RUN"))
     config = run_folder.read_config(run_dir)
     mask_path = run_dir / run_folder.MASK
     if not mask_path.is_file():

@@ -80,7 +80,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--block-len", type=int, default=256, help="tokens per training/eval block")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of blocks held out for validation")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

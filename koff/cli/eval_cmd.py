@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a run or export folder, then comparison runs as [LABEL=]RUN_DIR")
     add_model_options(parser)
     add_data_options(parser)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass (default: 4)")
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many validation blocks per domain")
     parser.add_argument("--transfer", action="append", default=[], metavar="NAME=SOURCE",
                         help="with a run folder: a column scoring NAME's memory on text of NAME from another source "
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "the backbone with a memory, instead of perplexity")
     tasks.add_argument("--memory", action="append", default=[], metavar="NAME|TASK=NAME",
                        help="the memory a task runs with (repeatable; TASK=NAME for one task, e.g. xnli_de=deu)")
-    tasks.add_argument("--num-fewshot", type=int, default=None)
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's own)")
     tasks.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     tasks.add_argument("--include-path", default=None, metavar="DIR", help="a folder of task YAMLs (local datasets)")
     parser.set_defaults(func=run)

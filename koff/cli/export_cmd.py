@@ -15,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "config, or --uniform for a stock config), plus each memory: LoRA in PEFT format, the KV prefix as "
         "safetensors, and a manifest with the backbone's fingerprint.",
     )
-    parser.add_argument("run_dir", help="a finished `koff decompose` run folder")
-    parser.add_argument("out_dir", help="where to write backbone/ and memories/")
+    parser.add_argument("run_dir", metavar="RUN", help="a finished `koff decompose` run folder")
+    parser.add_argument("export_dir", metavar="EXPORT", help="where to write backbone/ and memories/ (the export folder)")
     parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file, e.g. 5GB or 500MB")
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from koff.export import export_run
 
-    summary = export_run(args.run_dir, args.out_dir, uniform=args.uniform, force=args.force,
+    summary = export_run(args.run_dir, args.export_dir, uniform=args.uniform, force=args.force,
                          max_shard_size=args.max_shard_size)
     ratio = summary["parameters"] / summary["dense_parameters"]
     print(f"backbone: {summary['parameters']:,} parameters ({ratio:.1%} of the dense {summary['dense_parameters']:,})")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
         from koff.export.gguf import write_gguf
 
-        for name, path in write_gguf(Path(args.out_dir), Path(args.out_dir) / "gguf", args.gguf_dtype).items():
+        for name, path in write_gguf(Path(args.export_dir), Path(args.export_dir) / "gguf", args.gguf_dtype).items():
             print(f"gguf {name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    log.info("wrote %s", args.out_dir)
+    log.info("wrote %s", args.export_dir)
     return 0

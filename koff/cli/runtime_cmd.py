@@ -13,13 +13,13 @@ from koff.models import DTYPE_CHOICES
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="stream a completion from an exported backbone + memory",
                                 description="Generate text with an exported backbone and one of its memories (streamed).")
-    gen.add_argument("folder", help="a `koff export` folder")
-    gen.add_argument("prompt")
+    gen.add_argument("export_dir", metavar="EXPORT", help="a `koff export` folder")
+    gen.add_argument("prompt", help="the text to complete (with --chat: the user's message)")
     gen.add_argument("--memory", default=None, help="memory name (default: the bare backbone)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens of this probability (default: 1, all)")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling repeatable (the same text alone or in any batch)")
     gen.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = subparsers.add_parser("info", help="widths, parameter counts, sparsity and memories of an exported folder",
                                  description="Describe an exported koff folder.")
-    info.add_argument("folder")
+    info.add_argument("export_dir", metavar="EXPORT", help="a `koff export` folder")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.set_defaults(func=show_info)
 
@@ -37,7 +37,7 @@ def generate(args: argparse.Namespace) -> int:
     from koff.runtime import Sampling, load
 
     Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
-    runtime = load(args.folder, device=args.device, dtype=args.dtype)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype)
     prompt = args.prompt
     if args.chat:
         prompt = runtime.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -54,7 +54,7 @@ def generate(args: argparse.Namespace) -> int:
 def show_info(args: argparse.Namespace) -> int:
     from koff.runtime import load
 
-    info = load(args.folder).info()
+    info = load(args.export_dir).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

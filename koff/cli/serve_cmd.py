@@ -18,9 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a memory (or 'backbone' for the bare backbone). Concurrent requests, even for different memories, are "
         "batched together. Admin: POST /v1/memories/load {\"path\": ...}, DELETE /v1/memories/NAME.",
     )
-    parser.add_argument("out_dir", help="a `koff export` folder")
+    parser.add_argument("export_dir", metavar="EXPORT", help="a `koff export` folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $KOFF_API_KEY, else no key)")
     parser.add_argument("--max-batch", type=int, default=8, help="most requests generated together")
@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
         limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections).fit_descriptors()
     except ValueError as err:
         raise UsageError(f"--header-timeout, --body-timeout, --max-connections: {err}") from err
-    runtime = load(args.out_dir, device=args.device, dtype=args.dtype)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype)
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,
                          default_max_tokens=args.max_tokens, limits=limits)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    log.info("serving %s (%s + memories: %s) on http://%s:%d", args.out_dir, args.backbone_id,
+    log.info("serving %s (%s + memories: %s) on http://%s:%d", args.export_dir, args.backbone_id,
              ", ".join(runtime.memories) or "none", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if not args.quiet else "warning",
                 http=limits.protocol())
