@@ -52,6 +52,16 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median counts)")
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def named_config(name: str) -> dict:
+    """``configs/NAME.yaml``: the settings `koff decompose --config` runs, which a benchmark reuses."""
+    from koff.io import read_yaml
+
+    return read_yaml(CONFIGS / f"{name}.yaml")
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The training settings the benchmarks let a run override, with the library's defaults."""
     parser.add_argument("--distill-every", type=int, default=DecomposeConfig.distill_every,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_run_options, command_line, git_commit, machine, with_settings
+from common import add_run_options, command_line, git_commit, machine, named_config, with_settings
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.evaluation.decomposition import SUMMARY_KEYS, DecompositionEval
@@ -30,7 +30,8 @@ from koff.io import write_json, write_text
 from koff.models import load_model
 from koff.training import DecomposeConfig, Decomposer
 
-DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
+README_RUN = named_config("smollm2")  # the README's first command
+DOMAINS = README_RUN["domain"]
 
 
 def median_step_seconds(step, steps: int, device: torch.device) -> float:
@@ -69,11 +70,11 @@ def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--sparsity", type=float, default=0.12)
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--eval-max-blocks", type=int, default=40)
+    parser.add_argument("--model", default=README_RUN["model"])
+    parser.add_argument("--steps", type=int, default=README_RUN["steps"])
+    parser.add_argument("--sparsity", type=float, default=README_RUN["sparsity"])
+    parser.add_argument("--batch-size", type=int, default=README_RUN["batch_size"])
+    parser.add_argument("--eval-max-blocks", type=int, default=README_RUN["eval_max_blocks"])
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--out", default="bench/out/decompose")
     parser.add_argument("--results", default="bench/results")

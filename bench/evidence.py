@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_run_options, command_line, git_commit, machine, with_settings
+from common import add_run_options, command_line, git_commit, machine, named_config, with_settings
 from koff.cli import main as koff_main
 from koff.experiments.concurrent import train_all
 from koff.experiments.sweep import run_sweep, sweep_markdown
@@ -38,8 +38,8 @@ from koff.training import DecomposeConfig
 TRANSFER = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "fra": "debian-reference/fra",
             "spa": "debian-reference/spa", "ita": "debian-reference/ita", "por": "debian-reference/por",
             "python": "python-stdlib/python"}
-DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "ita=bundled:ita",
-           "por=bundled:por", "python=bundled:code/python"]
+EVIDENCE_RUN = named_config("evidence-gpu")
+DOMAINS = EVIDENCE_RUN["domain"]
 
 
 def goals(table: dict, sweep: dict, analysis: dict) -> dict:
@@ -81,8 +81,8 @@ def goals(table: dict, sweep: dict, analysis: dict) -> dict:
 def add_evidence_options(parser: argparse.ArgumentParser) -> None:
     """The options of every run the evidence is made of (bench/keep_outliers.py shares them)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=EVIDENCE_RUN["steps"])
+    parser.add_argument("--batch-size", type=int, default=EVIDENCE_RUN["batch_size"])
     parser.add_argument("--eval-max-blocks", type=int, default=40)
     parser.add_argument("--lape-max-blocks", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (on one "
