@@ -25,7 +25,7 @@ from common import add_run_options, command_line, git_commit, machine, named_con
 from koff.cli.common import markdown_table
 from koff.data import load_domains, parse_domains
 from koff.evaluation.decomposition import SUMMARY_KEYS, DecompositionEval
-from koff.experiments.decompose import decompose
+from koff.training.pipeline import decompose
 from koff.io import write_json, write_text
 from koff.models import load_model
 from koff.training import DecomposeConfig, Decomposer

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from common import add_run_options, command_line, git_commit, machine, named_config, with_settings
 from koff.cli import main as koff_main
-from koff.experiments.concurrent import train_all
-from koff.experiments.sweep import run_sweep, sweep_markdown
+from parallel_runs import train_all
+from sweep import run_sweep, sweep_markdown
 from koff.io import write_json, write_text
 from koff.training import DecomposeConfig
 

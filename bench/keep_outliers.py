@@ -31,8 +31,8 @@ from evidence import add_evidence_options, evidence_config
 from koff.cli import main as koff_main
 from koff.evaluation import DecompositionEval
 from koff.experiments.ablation import geomean_ratio
-from koff.experiments.concurrent import train_all
-from koff.experiments.sweep import sweep_configs
+from parallel_runs import train_all
+from sweep import sweep_configs
 from koff.io import markdown_table, read_json, write_json, write_text
 from koff.training import DecomposeConfig
 

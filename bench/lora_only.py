@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--name", default="lora-only")
     args = parser.parse_args()
     from koff.data import load_domains, parse_domains
-    from koff.experiments.concurrent import finished
+    from parallel_runs import finished
     from koff.export import export_run
     from koff.models.loader import load_model
     from koff.model import KoffModel

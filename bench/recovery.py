@@ -32,7 +32,7 @@ same budget, the run is reused):
                   backbones collapsed. Does holding those few open keep the backbone standing
                   alone, and does the start from no importance still move language-specific neurons?
 * ``prune-lora-real-full`` (and ``-seed1``, ``-seed2``) prune, then LoRA, on real text: the one-shot
-                  mask with LoRA alone at the equal-budget rank (``koff.experiments.sweep``), the
+                  mask with LoRA alone at the equal-budget rank (``bench/sweep.py``), the
                   same loop, budget and distillation. Does KOFF still beat plain pruning plus LoRA
                   where the adapters train on text that generalises?
 
@@ -65,8 +65,8 @@ from pathlib import Path
 
 from common import command_line, git_commit, machine
 from koff.experiments.ablation import dense_with_memories_row
-from koff.experiments.concurrent import finished, train_all
-from koff.experiments.sweep import equal_budget_runs
+from parallel_runs import finished, train_all
+from sweep import equal_budget_runs
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 from transfer import DOMAINS as BUNDLED
@@ -101,7 +101,7 @@ VARIANTS = {
                                          {"steps": 160, "batch_size": 5, "seed": seed, "init_from": "none",
                                           "keep_outliers": 8})
        for seed, tag in SEEDS},
-    # "equal_budget_run" picks that run of koff.experiments.sweep.equal_budget_runs (mask, memory, rank)
+    # "equal_budget_run" picks that run of sweep.equal_budget_runs (mask, memory, rank)
     **{f"prune-lora-real-full{tag}": (f"real-full{tag or ''} as prune, then LoRA (one-shot mask, LoRA alone, "
                                       "equal budget)", "real",
                                       {"steps": 160, "batch_size": 5, "seed": seed, "equal_budget_run": "prune_then_lora"})

@@ -35,15 +35,15 @@ from pathlib import Path
 
 from common import command_line, git_commit, machine
 from koff.cli import main as koff_main
-from koff.experiments.concurrent import train_all
-from koff.experiments.sweep import equal_budget_runs
+from parallel_runs import train_all
+from sweep import equal_budget_runs
 from koff.io import markdown_table, write_json, write_text
 from koff.training import DecomposeConfig
 
 DOMAINS = ["eng=bundled:eng", "deu=bundled:deu", "fra=bundled:fra", "spa=bundled:spa", "python=bundled:code/python"]
 OTHER_SOURCES = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "fra": "debian-reference/fra",
                  "spa": "debian-reference/spa", "python": "python-stdlib/python"}
-# run folder: (its run in koff.experiments.sweep.equal_budget_runs, row label in the table)
+# run folder: (its run in sweep.equal_budget_runs, row label in the table)
 RUNS = {"koff": ("koff", "KOFF"),
         "oneshot-lora-kv": ("oneshot_lora_kv", "one-shot mask + LoRA + KV"),
         "prune-then-lora": ("prune_then_lora", "prune, then LoRA (equal budget)")}

@@ -15,8 +15,8 @@ LEVELS = [
     {"models"},
     {"data", "masks", "memories", "scoring"},
     {"config", "model"},
-    {"formats", "plan"},
-    {"analysis", "evaluation", "export", "runtime", "training"},
+    {"evaluation", "formats", "plan"},
+    {"analysis", "export", "runtime", "training"},
     {"experiments", "server"},
     {"cli"},
 ]

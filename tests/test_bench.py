@@ -39,7 +39,7 @@ def test_the_keep_outliers_runs_are_the_evidence_sweeps_koff_runs_with_neurons_h
 
     from evidence import add_evidence_options, evidence_config
     from keep_outliers import runs
-    from koff.experiments.sweep import sweep_configs
+    from sweep import sweep_configs
 
     parser = argparse.ArgumentParser()
     add_evidence_options(parser)

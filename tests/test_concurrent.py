@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from koff.errors import KoffError
-from koff.experiments.concurrent import PROCESS_LOG, finished, train_all, train_concurrently
-from koff.experiments.decompose import train_or_resume
-from koff.experiments.sweep import equal_budget_rank
 from koff.model import KoffModel
 from koff.training import DecomposeConfig, Decomposer
+from koff.training.pipeline import train_or_resume
+from parallel_runs import PROCESS_LOG, finished, train_all, train_concurrently  # bench/
+from sweep import equal_budget_rank  # bench/
 from tiny import save_tiny, tiny_model
 
 

@@ -4,7 +4,7 @@ CI); run with `pytest tests/test_cuda.py` on a machine that has one."""
 import pytest
 import torch
 
-from koff.experiments.decompose import decompose
+from koff.training.pipeline import decompose
 from koff.masks.oneshot import top_ffn_neurons
 from koff.training import DecomposeConfig
 from tiny import tiny_model

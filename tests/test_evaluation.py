@@ -9,12 +9,12 @@ import yaml
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
 from koff.evaluation import evaluate, hf_scorer
-from koff.experiments import sweep as sweep_module
 from koff.experiments.ablation import memory_parameters_per_domain
-from koff.experiments.decompose import train_or_resume
-from koff.experiments.sweep import run_sweep
 from koff.export import export_run
 from koff.training import DecomposeConfig, Decomposer
+from koff.training.pipeline import train_or_resume
+import sweep as sweep_module  # bench/
+from sweep import run_sweep  # bench/
 from tiny import save_tiny, tiny_model
 
 

@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from koff.cli import main
-from koff.experiments.decompose import decompose
+from koff.training.pipeline import decompose
 from koff.masks import BinaryMask
 from koff.training import DecomposeConfig, Decomposer
 from tiny import tiny_model

@@ -1,3 +1,6 @@
-"""Experiments that combine training and evaluation: the ablation table and the sparsity sweep.
+"""The comparisons `koff eval` prints: the ablation table of runs and exports (``ablation``) and
+downstream tasks through lm-evaluation-harness (``lmeval``).
 
-They sit above training, export, runtime and evaluation, which never import them."""
+They sit above training, export and runtime, whose models they compare, and nothing below imports them.
+(The decomposition pipeline lives in ``koff.training.pipeline``; code only benchmarks use, such as
+the sparsity sweep and runs in parallel processes, lives in ``bench/``.)"""

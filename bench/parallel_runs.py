@@ -2,7 +2,7 @@
 
 On one GPU a run of a small model leaves the device idle most of the time (its steps are bound by
 kernel launches and Python), so several runs at once finish in about the time of one. Each run is
-its own ``python -m koff.experiments.concurrent CONFIG`` process: it trains or resumes the run
+its own ``python bench/parallel_runs.py CONFIG`` process: it trains or resumes the run
 folder the config names, so a command cut off part-way resumes every run where it stopped.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from koff.config import DecomposeConfig
 from koff.errors import KoffError
-from koff.experiments.decompose import train_or_resume
 from koff.formats import run as run_folder
 from koff.io import read_json, write_yaml
+from koff.training import train_or_resume
 
 PROCESS_LOG = "process.log"
 
@@ -66,7 +66,7 @@ def _train_in_process(config: DecomposeConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / run_folder.CONFIG, config.to_dict())
     with (out / PROCESS_LOG).open("a") as log:
-        return subprocess.run([sys.executable, "-m", "koff.experiments.concurrent", str(out / run_folder.CONFIG)],
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out / run_folder.CONFIG)],
                               stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval, evaluate_decomposition
 from koff.formats import run as run_folder
-from koff.training import Decomposer
+from koff.training.trainer import Decomposer
 
 
 def decompose(config: DecomposeConfig, resume: bool = False, **parts) -> tuple[Decomposer, dict]:

@@ -19,11 +19,11 @@ from koff.analysis.plot import plot_sparsity_sweep
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
 from koff.experiments.ablation import geomean_ratio, mean_memory_parameters
-from koff.experiments.concurrent import finished, train_concurrently
-from koff.experiments.decompose import train_or_resume
 from koff.formats import run as run_folder
 from koff.io import markdown_table, read_json, write_json, write_text
 from koff.plan import ModelSizes, memory_parameters, read_model_config
+from koff.training import train_or_resume
+from parallel_runs import finished, train_concurrently
 
 SERIES = ("KOFF", "mask, no memories", "one-shot mask + LoRA + KV", "prune, then LoRA", "one-shot mask, no memories")
 
