@@ -21,7 +21,7 @@ from koff.masks.units import UnitCosts
 from koff.memories.lora import install_lora
 from koff.memories.memory import DomainMemory, MemoryConfig
 from koff.memories.prefix import prefix_from_text, prefix_inputs, prefix_shapes
-from koff.memories.router import MemoryRouter
+from koff.memories.batch import BatchMemories
 from koff.models.architecture import decoder_layout
 from koff.models.cache_api import cache_inputs
 from koff.models.recompute import disable_layer_checkpointing, enable_layer_checkpointing, layer_checkpointing_enabled
@@ -43,10 +43,10 @@ class KoffModel(nn.Module):
         self.layout = decoder_layout(base)
         self.costs = UnitCosts.of(base, self.layout)
         self.memory_config = memory_config or MemoryConfig(kind="none")
-        self.router = MemoryRouter()
+        self.batch_memories = BatchMemories()
         self.memories = nn.ModuleDict()
         self._lora_shapes = (
-            install_lora(self.layout, self.memory_config.lora_targets, self.router) if self.memory_config.use_lora else {}
+            install_lora(self.layout, self.memory_config.lora_targets, self.batch_memories) if self.memory_config.use_lora else {}
         )
         self.hooks = GateHooks(self.layout)  # its hooks go in with the first mask: an export has none to run
         self.mask = None
@@ -109,7 +109,7 @@ class KoffModel(nn.Module):
         extra = [t for t in targets if t not in self.memory_config.lora_targets]
         if extra:
             self.memory_config.lora_targets += extra
-            self._lora_shapes |= install_lora(self.layout, extra, self.router)
+            self._lora_shapes |= install_lora(self.layout, extra, self.batch_memories)
 
     def _memory(self, name: str) -> DomainMemory:
         if name not in self.memories:
@@ -157,7 +157,7 @@ class KoffModel(nn.Module):
     def gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the decoder layers in backward (gates, routing and KV prefix as in the forward)."""
         if enabled:
-            enable_layer_checkpointing(self.layout, [self.hooks, self.router])
+            enable_layer_checkpointing(self.layout, [self.hooks, self.batch_memories])
         else:
             disable_layer_checkpointing(self.layout)
 
@@ -169,7 +169,7 @@ class KoffModel(nn.Module):
             per_sample = [None] * len(per_sample)
         self.hooks.set_gates(*self.current_gates())
         try:
-            with self.router.route(per_sample):
+            with self.batch_memories.use(per_sample):
                 yield per_sample
         finally:
             self.hooks.clear()

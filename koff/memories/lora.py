@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from koff.memories.memory import lora_key
-from koff.memories.router import MemoryRouter
+from koff.memories.batch import BatchMemories
 from koff.models.architecture import DecoderLayout
 
 
@@ -23,11 +23,11 @@ CACHED_SETS = 4
 class RoutedLoRALinear(nn.Module):
     """``base(x) + scaling * B A x`` with A, B taken from each sample's memory (if it adapts this key)."""
 
-    def __init__(self, base: nn.Linear, key: str, router: MemoryRouter):
+    def __init__(self, base: nn.Linear, key: str, batch: BatchMemories):
         super().__init__()
         self.base = base
         self.key = key
-        self._router = [router]  # a list keeps the router out of the module tree
+        self._batch = [batch]  # a list keeps it out of the module tree
         self._cache: OrderedDict = OrderedDict()  # concatenated factors of recent memory sets (inference only)
 
     @property
@@ -48,17 +48,17 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        router = self._router[0]
-        if not router.mixed:
-            memory = router.single
+        batch = self._batch[0]
+        if not batch.mixed:
+            memory = batch.single
             if memory is None or self.key not in memory.lora_A:
                 return y
             a, scaled_b = self._single(memory, x.dtype)  # kept between decoding steps, made anew in training
             return y + F.linear(F.linear(x, a), scaled_b)
-        present = [m for m in router.distinct if self.key in m.lora_A]
+        present = [m for m in batch.distinct if self.key in m.lora_A]
         if not present:
             return y
-        return y + self._gathered_delta(present, router.index(present, x.device), x)
+        return y + self._gathered_delta(present, batch.index(present, x.device), x)
 
     def _gathered_delta(self, present, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A mixed batch (several memories, some samples with none, ranks that differ): the factors
@@ -109,7 +109,7 @@ class RoutedLoRALinear(nn.Module):
         return a, b
 
 
-def install_lora(layout: DecoderLayout, targets: list[str], router: MemoryRouter) -> dict[str, tuple[int, int]]:
+def install_lora(layout: DecoderLayout, targets: list[str], batch: BatchMemories) -> dict[str, tuple[int, int]]:
     """Swap every target projection for a routed wrapper; return {key: (in, out)} for building memories."""
     shapes = {}
     for parts in layout.layers:
@@ -118,6 +118,6 @@ def install_lora(layout: DecoderLayout, targets: list[str], router: MemoryRouter
             module = getattr(owner, name)
             key = lora_key(parts.index, name)
             if not isinstance(module, RoutedLoRALinear):
-                setattr(owner, name, RoutedLoRALinear(module, key, router))
+                setattr(owner, name, RoutedLoRALinear(module, key, batch))
             shapes[key] = (module.in_features, module.out_features)
     return shapes

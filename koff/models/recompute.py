@@ -24,7 +24,7 @@ Restorer = Callable[[], ContextManager]
 
 
 class PassState(Protocol):
-    """Something a forward pass sets and clears (the gate hooks, the memory router)."""
+    """Something a forward pass sets and clears (the gate hooks, the batch's memories)."""
 
     def snapshot(self) -> Restorer:
         """A context manager factory that, inside, puts the state back as it is now."""

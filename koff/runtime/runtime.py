@@ -60,6 +60,23 @@ class KoffRuntime:
     def memories(self) -> list[str]:
         return list(self.model.memories)
 
+    @property
+    def context(self) -> int:
+        """Positions the backbone attends over (a memory's KV slots take some of them)."""
+        return int(getattr(self.model.base.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def memory_slots(self, name: str | None) -> int:
+        """The KV slots memory ``name`` puts before every prompt (0 for the bare backbone)."""
+        return self.model.memories[name].slots if name is not None else 0
+
+    @staticmethod
+    def memory_name(folder: str | Path) -> str | None:
+        """The name a memory folder's manifest gives it, or None where it cannot be read."""
+        try:
+            return read_json(Path(folder) / MANIFEST).get("name")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     # ----- memories -----------------------------------------------------------------------------
     def add_memory(self, path: str | Path, name: str | None = None) -> str:
         """Load a memory folder; every check runs before the model sees it, so a refusal leaves nothing half-loaded."""

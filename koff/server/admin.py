@@ -2,7 +2,7 @@
 
 Both run on the batcher's worker thread between decode steps, so they never race with generation. A
 folder must lie inside the export's ``memories/`` (after resolving ``..`` and symlinks), and
-only its JSON manifest and safetensors files are read.
+only its JSON manifest and safetensors files are read. The routes use the runtime's public methods only.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from koff.data.sources import DomainDataError, validate_domain_name
-from koff.formats.exported_memory import MANIFEST
-from koff.io import read_json
 from koff.model import UnknownMemoryError
 from koff.runtime import KoffRuntime, MemoryLoadError
 from koff.runtime.runtime import inside
@@ -45,16 +43,11 @@ def install_admin_routes(app: FastAPI) -> None:
         requested = _valid_name(body.name, batcher.backbone_id) if body.name is not None else None
 
         def load() -> str:
-            name = requested
-            if name is None:
-                try:
-                    name = read_json(folder / MANIFEST).get("name")
-                except (OSError, ValueError, AttributeError):
-                    name = None  # add_memory reports the unreadable manifest
+            name = requested if requested is not None else runtime.memory_name(folder)  # None: add_memory says why
             if name == batcher.backbone_id:
                 raise APIError(400, f"{name!r} is the id of the bare backbone; load the memory under another name",
                                param="name")
-            if name is not None and name in runtime.model.memories:
+            if name is not None and name in runtime.memories:
                 raise APIError(409, f"a memory named {name!r} is already loaded; unload it first or pass another name",
                                param="name", code="memory_exists")
             try:

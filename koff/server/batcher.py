@@ -134,7 +134,7 @@ class Batcher:
             raise UserInputError("max_batch must be at least 1")
         self.runtime, self.max_batch, self.batch_wait = runtime, max_batch, batch_wait_ms / 1000
         self.backbone_id, self.default_max_tokens = backbone_id, default_max_tokens
-        self.context = int(getattr(runtime.model.base.config, "max_position_embeddings", 0) or 1 << 30)
+        self.context = runtime.context
         self._queue: queue.Queue = queue.Queue()  # jobs, _WAKE (a call is waiting) and None (stop)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -261,7 +261,7 @@ class Batcher:
     def _prepare(self, job: Job) -> tuple[list[int], Sampling]:
         """Render and encode the prompt and check that it fits: (token ids, sampling)."""
         runtime = self.runtime
-        if job.memory is not None and job.memory not in runtime.model.memories:
+        if job.memory is not None and job.memory not in runtime.memories:
             raise not_found(job.memory, self.models())
         if isinstance(job.prompt, list):
             if not getattr(runtime.tokenizer, "chat_template", None):
@@ -279,7 +279,7 @@ class Batcher:
         prompt_tokens = len(ids)
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
-        slots = runtime.model.memories[job.memory].slots if job.memory is not None else 0
+        slots = runtime.memory_slots(job.memory)
         room = self.context - slots - prompt_tokens
         max_tokens = job.max_tokens if job.max_tokens is not None else min(self.default_max_tokens, room)
         if max_tokens < 1 or prompt_tokens + max_tokens > self.context - slots:

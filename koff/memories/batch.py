@@ -1,4 +1,6 @@
-"""Which memory each sample of the current forward pass uses."""
+"""Which memory each sample of the current forward pass uses: set once per pass, read by every LoRA
+wrapper of the model. (Per-row dispatch of memories already chosen; choosing a memory for a
+request is another matter.)"""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from koff.models.recompute import Restorer, attribute_snapshot
 KEPT_INDICES = 16
 
 
-class MemoryRouter:
+class BatchMemories:
     """Shared by every LoRA wrapper of a model; set once per forward pass.
 
     A batch that uses one memory (or none) takes ``single``. A mixed batch has ``per_sample``
@@ -33,7 +35,7 @@ class MemoryRouter:
         self._indices: OrderedDict = OrderedDict()
 
     @contextmanager
-    def route(self, per_sample: Sequence[DomainMemory | None]) -> Iterator[None]:
+    def use(self, per_sample: Sequence[DomainMemory | None]) -> Iterator[None]:
         distinct = {id(m): m for m in per_sample if m is not None}
         self.mixed = len(distinct) > 1 or (len(distinct) == 1 and None in per_sample)
         if not self.mixed:
@@ -48,7 +50,7 @@ class MemoryRouter:
             self.single, self.per_sample, self.distinct, self.mixed, self._rows = None, [], [], False, ()
 
     def snapshot(self) -> Restorer:
-        """The routing of the pass under way, for a checkpointed layer's recompute in backward."""
+        """The memories of the pass under way, for a checkpointed layer's recompute in backward."""
         return attribute_snapshot(self, ("single", "per_sample", "distinct", "mixed", "_rows"))
 
     def index(self, present: list[DomainMemory], device: torch.device) -> torch.Tensor:
