@@ -13,7 +13,7 @@ LEVELS = [
     {"io", "locks"},
     {"tensor_files"},
     {"models"},
-    {"data", "masks", "memories", "scoring"},
+    {"data", "masks", "memories", "routing", "scoring"},
     {"config", "model"},
     {"evaluation", "formats", "plan"},
     {"analysis", "export", "runtime", "training"},

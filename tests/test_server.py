@@ -45,7 +45,7 @@ def admin(server, method, path, headers=None, **kwargs):
 
 
 def test_models_health_and_greedy_completion_equal_the_runtime(export, server, client):
-    assert {m.id for m in client.models.list().data} == {"backbone", "eng", "code"}
+    assert {m.id for m in client.models.list().data} == {"backbone", "eng", "code", "auto"}  # auto: the router
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
     reference = load(export[0])
     for model, memory in (("eng", "eng"), ("backbone", None)):

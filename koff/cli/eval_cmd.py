@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(repeatable; e.g. deu=corpora/debian-reference/deu)")
     parser.add_argument("--transfer-max-blocks", type=int, default=None,
                         help="evenly spaced blocks per --transfer source (default: all of it)")
+    parser.add_argument("--routing", action="store_true",
+                        help="with an export: how well `model: auto` picks memories (accuracy at 16, 64 and 256 prompt "
+                        "tokens, confusion matrix) and the perplexity of routed, right, wrong and no memories; "
+                        "--transfer adds other sources; routing.md/.json in EXPORT/eval")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/eval, or RUN_OR_EXPORT_DIR/eval for a table)")
     tasks = parser.add_argument_group("downstream tasks (lm-evaluation-harness; pip install 'koff[lmeval]')")
@@ -63,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tasks:
         return run_tasks(args)
+    if args.routing:
+        return run_routing(args)
     if args.runs:
         return run_table(args)
     specs = parse_domains(require(args.domain, "--domain"))
@@ -89,6 +95,24 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", table + "\n")
     log.info("wrote %s", out / "eval.json")
+    return 0
+
+
+def run_routing(args: argparse.Namespace) -> int:
+    from koff.experiments.routing import routing_markdown, routing_table
+
+    export = Path(require(args.runs, "EXPORT")[0])
+    if len(args.runs) != 1 or not is_export(export):
+        raise UsageError("--routing takes one `koff export` folder")
+    table = routing_table(export, args.val_fraction, args.seed, args.max_blocks or 16, args.transfer,
+                          args.transfer_max_blocks or 16, device=args.device)
+    out = Path(args.out or export / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    text = routing_markdown(table)
+    print(text)
+    write_json(out / "routing.json", table)
+    write_text(out / "routing.md", text + "\n")
+    log.info("wrote %s (routing.md, routing.json)", out)
     return 0
 
 

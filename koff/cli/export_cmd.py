@@ -18,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", metavar="RUN", help="a finished `koff decompose` run folder")
     parser.add_argument("export_dir", metavar="EXPORT", help="where to write backbone/ and memories/ (the export folder)")
     parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT")
+    parser.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
+                        help="build router.safetensors, which picks a memory for `model: auto` requests, from 32 blocks "
+                        "of each memory's training text (default: on; off for a base too large to run here)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file, e.g. 5GB or 500MB")
     parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
-                        help="gguf: also write OUT_DIR/gguf/ for llama.cpp: the backbone, and each memory's LoRA as an "
+                        help="gguf: also write EXPORT/gguf/ for llama.cpp: the backbone, and each memory's LoRA as an "
                         "adapter (a KV prefix has no GGUF form)")
     parser.add_argument("--gguf-dtype", choices=("f16", "f32", "q8_0"), default="f16", help="the GGUF backbone's matrices")
     parser.set_defaults(func=run)
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from koff.export import export_run
 
     summary = export_run(args.run_dir, args.export_dir, uniform=args.uniform, force=args.force,
-                         max_shard_size=args.max_shard_size)
+                         max_shard_size=args.max_shard_size, router=args.router)
     ratio = summary["parameters"] / summary["dense_parameters"]
     print(f"backbone: {summary['parameters']:,} parameters ({ratio:.1%} of the dense {summary['dense_parameters']:,})")
     for name, memory in summary["memories"].items():

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from koff.cli.common import markdown_table
+from koff.cli.common import log, markdown_table
 from koff.models import DTYPE_CHOICES
 
 
@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description="Generate text with an exported backbone and one of its memories (streamed).")
     gen.add_argument("export_dir", metavar="EXPORT", help="a `koff export` folder")
     gen.add_argument("prompt", help="the text to complete (with --chat: the user's message)")
-    gen.add_argument("--memory", default=None, help="memory name (default: the bare backbone)")
+    gen.add_argument("--memory", default=None,
+                     help="memory name, or auto: the export's router picks one from the prompt (default: the bare backbone)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens of this probability (default: 1, all)")
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from koff.runtime import Sampling, load
+    from koff.runtime import AUTO, Sampling, load
 
     Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
     runtime = load(args.export_dir, device=args.device, dtype=args.dtype)
@@ -42,7 +43,11 @@ def generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = runtime.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                        add_generation_prompt=True)
-    for piece in runtime.generate(prompt, memory=args.memory, max_new_tokens=args.max_new_tokens,
+    memory = args.memory
+    if memory == AUTO:
+        (memory, confidence), = runtime.route(args.prompt)
+        log.info("router: %s (confidence %.3f)", memory or "the bare backbone", confidence)
+    for piece in runtime.generate(prompt, memory=memory, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, stop=args.stop, seed=args.seed,
                                   stream=True):
         sys.stdout.write(piece)
@@ -65,6 +70,9 @@ def show_info(args: argparse.Namespace) -> int:
               f"({1 - info['parameters'] / info['dense_parameters']:.2%} removed); block sparsity {info['sparsity']:.4f}")
     rows = [[i, f, g] for i, (f, g) in enumerate(zip(widths["intermediate_size"], widths["num_key_value_heads"]))]
     print(markdown_table(["layer", "FFN neurons", "KV groups"], rows))
+    router = info["router"]
+    print(f"router (memory=auto): {', '.join(router['memories'])}, layer {router['layer']}" if "memories" in router
+          else f"router: off ({router['off']})")
     mem_rows = [[n, m["parameters"], m["lora_rank"], m["kv_slots"], f"{(m['bytes'] or 0) / 1e6:.2f}"] for n, m in info["memories"].items()]
     print(markdown_table(["memory", "parameters", "LoRA rank", "KV slots", "MB"], mem_rows or [["(none)", "", "", "", ""]]))
     return 0

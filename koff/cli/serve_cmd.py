@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-connections", type=int, default=1000,
                         help="open connections beyond this are closed at once (the open-file limit is raised to fit)")
     parser.add_argument("--max-tokens", type=int, default=256, help="completion length when a chat request sets none")
+    parser.add_argument("--auto-fallback", metavar="MEMORY", default=None,
+                        help="where `model: auto` sends a prompt the router is not confident about (default: the bare "
+                        "backbone)")
     parser.add_argument("--backbone-id", default="backbone", help="model id of the bare backbone")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,
-                         default_max_tokens=args.max_tokens, limits=limits)
+                         default_max_tokens=args.max_tokens, limits=limits, auto_fallback=args.auto_fallback)
     except ValueError as err:
         raise UsageError(str(err)) from err
     log.info("serving %s (%s + memories: %s) on http://%s:%d", args.export_dir, args.backbone_id,

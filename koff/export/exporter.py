@@ -10,6 +10,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from koff.errors import KoffError
 from koff.export.prune import layer_widths, select_layers, slice_memory
+from koff.export.router_build import write_router
 from koff.export.weights import base_weight_files, stored_dtype, write_backbone_weights
 from koff.formats.backbone import DEFAULT_SHARD_SIZE, finish_backbone, narrowed_config
 from koff.formats.export_folder import SUMMARY, is_export
@@ -20,6 +21,7 @@ from koff.locks import folder_lock
 from koff.masks.units import UnitCosts
 from koff.models import load_tokenizer, model_folder, resolve_dtype
 from koff.models.architecture import decoder_layout
+from koff.routing import ROUTER_FILE
 
 
 class ExportError(KoffError, RuntimeError):
@@ -27,8 +29,9 @@ class ExportError(KoffError, RuntimeError):
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, force: bool = False,
-               max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
-    """Write ``out_dir``. Everything is checked before anything is written, and the export is
+               max_shard_size: str = DEFAULT_SHARD_SIZE, router: bool = True) -> dict:
+    """Write ``out_dir``, with a router over the memories unless ``router`` is False (building it
+    runs the backbone over 32 blocks of each memory's training text). Everything is checked before anything is written, and the export is
     written to a temporary folder renamed into place, so a refused or failed export leaves an
     existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export.
 
@@ -40,16 +43,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, 
     check_shard_size(max_shard_size)
     with folder_lock(run_dir, "koff export"), folder_lock(out, "koff export"):
         check_target(Path(run_dir), out, force)
-        return _export(read_run(run_dir), out, uniform, max_shard_size)
+        return _export(read_run(run_dir), out, uniform, max_shard_size, router)
 
 
-def _export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str) -> dict:
+def _export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str, router: bool) -> dict:
     for i, (ffn, attn) in enumerate(zip(run.mask.ffn, run.mask.attn)):
         if not ffn.any() or not attn.any():
             kind = "FFN neuron" if not ffn.any() else "attention group"
             raise ExportError(f"the mask is not exportable: layer {i} keeps no {kind} (a stock layer needs at least one)")
     with staged_folder(out) as staged:
-        return _write_export(run, staged, uniform, max_shard_size)
+        summary = _write_export(run, staged, uniform, max_shard_size)
+        if router and write_router(run, staged) is not None:
+            summary["router"] = ROUTER_FILE
+            write_json(staged / SUMMARY, summary)
+        return summary
 
 
 def check_shard_size(size: str) -> None:

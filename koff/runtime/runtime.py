@@ -21,10 +21,13 @@ from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
 from koff.models import resolve_dtype
+from koff.routing import ROUTER_FILE, Router, RouterError, embed, pad_left
 from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
 from koff.scoring import token_nll_sum
 
 log = logging.getLogger(__name__)
+
+AUTO = "auto"  # the memory name that asks the router
 
 
 class MemoryLoadError(UserInputError):
@@ -51,6 +54,23 @@ class KoffRuntime:
             except MemoryLoadError as err:
                 self.broken[path.name] = str(err)
                 log.warning("memory %s not loaded: %s", path.name, err)
+        # The router that picks a memory for memory="auto"; a missing or bad one leaves named memories working.
+        self.router: Router | None = None
+        self.router_problem: str | None = None
+        if (self.folder / ROUTER_FILE).is_file():
+            try:
+                layout = self.model.layout
+                router = Router.load(self.folder / ROUTER_FILE, layout.hidden_size, layout.num_layers)
+                foreign = sorted(set(router.names) - set(self.memories) - set(self.broken))
+                if foreign:
+                    raise RouterError(f"{ROUTER_FILE} routes to {', '.join(foreign)}, which this export does not hold: "
+                                      "it does not fit these memories (export again to rebuild it)")
+                self.router = router
+            except RouterError as err:
+                self.router_problem = str(err)
+                log.warning("memory=auto is off: %s", err)
+        else:
+            self.router_problem = f"this export has no {ROUTER_FILE} (made by `koff export` for two or more memories)"
 
     @property
     def fingerprint(self) -> str:
@@ -106,6 +126,8 @@ class KoffRuntime:
                 )
             if name in self.model.memories:
                 raise MemoryLoadError(f"a memory named {name!r} is already loaded")
+            if name == AUTO:
+                raise MemoryLoadError(f"{AUTO!r} is reserved (it asks the router to pick a memory); load it under another name")
             state = read_exported_state(path, self._fit, manifest)
             if not state:
                 raise MemoryLoadError(f"{path} holds neither LoRA nor KV weights")
@@ -117,6 +139,29 @@ class KoffRuntime:
         except Exception as err:  # corrupt JSON, a manifest without its keys
             raise MemoryLoadError(f"cannot load memory from {path}: {type(err).__name__}: {err}") from err
         return memory
+
+    # ----- routing ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def route(self, texts: str | Sequence[str]) -> list[tuple[str | None, float]]:
+        """The memory the router picks for each text (None: below its confidence threshold, or a
+        memory that is not loaded) and its confidence. Runs the backbone up to the routing layer."""
+        if self.router is None:
+            raise UserInputError(f"memory 'auto' needs a router: {self.router_problem}; name a memory instead")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = [torch.tensor(self.encode(t) or [self.tokenizer.pad_token_id]) for t in texts]
+        batch, mask = pad_left(ids, self.tokenizer.pad_token_id, self.model.device)
+        chosen = self.router.choose(embed(self.model.base, batch, mask, self.router.layer))
+        return [(name if name in self.model.memories else None, confidence) for name, confidence in chosen]
+
+    def _resolve_auto(self, prompts: list[str], memories: list[str | None]) -> list[str | None]:
+        auto = [i for i, m in enumerate(memories) if m == AUTO]
+        if not auto:
+            return memories
+        picks = self.route([prompts[i] for i in auto])
+        resolved = list(memories)
+        for i, (name, _) in zip(auto, picks):
+            resolved[i] = name
+        return resolved
 
     # ----- text -----------------------------------------------------------------------------------
     @property
@@ -143,12 +188,14 @@ class KoffRuntime:
         seed: int | None = None,
         stream: bool = False,
     ):
-        """Complete one prompt (a string back) or several (a list back), each with its own memory.
+        """Complete one prompt (a string back) or several (a list back), each with its own memory;
+        ``"auto"`` lets the router pick it from the prompt (``route`` says which).
 
         ``stream=True`` (one prompt) returns an iterator of text pieces instead."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         memories = [memory] * len(prompts) if memory is None or isinstance(memory, str) else list(memory)
+        memories = self._resolve_auto(prompts, memories)
         params = Sampling(max_new_tokens, temperature, top_p, seed)
         params.validate()
         for name in memories:
@@ -212,6 +259,8 @@ class KoffRuntime:
             "dense_parameters": self.meta.get("dense_parameters"),
             "sparsity": (self.meta.get("mask") or {}).get("sparsity"),
             "broken": dict(self.broken),
+            "router": {"memories": self.router.names, "layer": self.router.layer, "threshold": self.router.threshold}
+            if self.router else {"off": self.router_problem},
             "memories": {
                 name: {"parameters": m.num_parameters(), "kv_slots": m.slots, "lora_rank": m.rank, "bytes": self.sizes.get(name)}
                 for name, m in self.model.memories.items()
@@ -233,4 +282,4 @@ def load(folder: str | Path, device: str = "cpu", dtype: str = "auto") -> KoffRu
     return KoffRuntime(folder, device=device, dtype=dtype)
 
 
-__all__ = ["BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]
+__all__ = ["AUTO", "BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]

@@ -14,19 +14,25 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from koff.errors import UserInputError
-from koff.runtime import KoffRuntime
+from koff.runtime import AUTO, KoffRuntime
 from koff.server.admin import install_admin_routes, within_export
 from koff.server.batcher import Batcher, Delta, Failed, Finished, Job, JobHandle, Started, request_id
-from koff.server.errors import install_error_handlers, not_found
+from koff.server.errors import APIError, install_error_handlers, not_found
 from koff.server.guard import Guard
 from koff.server.limits import ConnectionLimits
 from koff.server.responses import DONE, Shape, sse
 from koff.server.schemas import ChatRequest, CompletionRequest, SamplingFields
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+MEMORY_HEADER = "x-koff-memory"
+
+
+def _named(models: list[str]) -> str:
+    """The answer's ``model``: the one every prompt ran on, else each in order, comma-separated."""
+    return models[0] if len(set(models)) == 1 else ",".join(models)
 
 
 def create_app(
@@ -38,12 +44,17 @@ def create_app(
     backbone_id: str = "backbone",
     default_max_tokens: int = 256,
     limits: ConnectionLimits = ConnectionLimits(),
+    auto_fallback: str | None = None,
 ) -> FastAPI:
     """An app serving ``runtime``; ``api_key`` (if set) is required as ``Authorization: Bearer``.
     ``limits`` bound how long reading a request may take; ``app.state.limits.protocol()`` is the
-    uvicorn protocol that enforces the connection-level ones."""
+    uvicorn protocol that enforces the connection-level ones. ``model: "auto"`` asks the export's
+    router for a memory; a prompt it is not confident about goes to ``auto_fallback`` (a memory
+    name; None: the bare backbone)."""
     batcher = Batcher(runtime, max_batch=max_batch, batch_wait_ms=batch_wait_ms, backbone_id=backbone_id,
                       default_max_tokens=default_max_tokens)
+    if auto_fallback is not None and auto_fallback not in batcher.memory_names:
+        raise UserInputError(f"the fallback for model 'auto', {auto_fallback!r}, is not a loaded memory")
     if backbone_id in batcher.memory_names:
         raise UserInputError(f"a memory is named {backbone_id!r}, the id of the bare backbone; pass another backbone_id")
     started = int(time.time())
@@ -72,7 +83,8 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [card(m) for m in batcher.models()]}
+        routed = [card(AUTO) | {"koff_kind": "router"}] if runtime.router is not None else []
+        return {"object": "list", "data": [card(m) for m in batcher.models()] + routed}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict:
@@ -90,27 +102,43 @@ def create_app(
             raise not_found(model, batcher.models())
         return model
 
-    def _job(prompt: str | list[dict], body: SamplingFields, max_tokens: int | None) -> Job:
-        memory = None if _check_model(body.model) == backbone_id else body.model
+    def _job(prompt: str | list[dict], body: SamplingFields, max_tokens: int | None, model: str) -> Job:
+        memory = None if _check_model(model) == backbone_id else model
         return Job(prompt, memory, max_tokens, body.temperature, body.top_p, body.seed, body.stop)
+
+    async def _models(body: SamplingFields, texts: list[str]) -> list[str]:
+        """The model each prompt runs on: the one named, or for "auto" the router's pick, chosen
+        before the request joins a batch (on the worker, between decode steps)."""
+        if body.model != AUTO:
+            return [body.model] * len(texts)
+        try:
+            picks = await batcher.call(lambda: runtime.route(texts))
+        except UserInputError as err:
+            raise APIError(400, str(err), param="model", code="no_router") from err
+        return [name or auto_fallback or backbone_id for name, _ in picks]
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        jobs = [_job(prompt, body, body.max_tokens) for prompt in body.prompts]
-        return await _respond(jobs, body, Shape(request_id("cmpl"), body.model, chat=False), request)
+        models = await _models(body, body.prompts)
+        jobs = [_job(prompt, body, body.max_tokens, model) for prompt, model in zip(body.prompts, models)]
+        return await _respond(jobs, body, Shape(request_id("cmpl"), _named(models), chat=False), request, models)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        job = _job([m.plain() for m in body.messages], body, body.limit)
-        return await _respond([job], body, Shape(request_id("chatcmpl"), body.model, chat=True), request)
+        messages = [m.plain() for m in body.messages]
+        models = await _models(body, ["\n".join(m["content"] for m in messages if m["role"] == "user")])
+        job = _job(messages, body, body.limit, models[0])
+        return await _respond([job], body, Shape(request_id("chatcmpl"), models[0], chat=True), request, models)
 
-    async def _respond(jobs: list[Job], body: SamplingFields, shape: Shape, request: Request):
+    async def _respond(jobs: list[Job], body: SamplingFields, shape: Shape, request: Request, models: list[str]):
+        # Which memory served each prompt (the router's pick for "auto"), comma-separated.
+        headers = {MEMORY_HEADER: ",".join(models)}
         handles = [batcher.submit(job) for job in jobs]
         try:
             if body.stream:
                 first = await _started(handles[0])  # errors found before generation keep their HTTP status
                 return StreamingResponse(_stream(handles[0], first, shape, body.include_usage),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
             results = await _unless_disconnected(request, asyncio.gather(*(_collect(h) for h in handles)))
             if results is None:  # the client went away: its samples were stopped; nobody reads this
                 for handle in handles:
@@ -122,7 +150,7 @@ def create_app(
             raise
         prompt_tokens = sum(r[2] for r in results)
         completion_tokens = sum(r[3] for r in results)
-        return shape.answer([(r[0], r[1]) for r in results], prompt_tokens, completion_tokens)
+        return JSONResponse(shape.answer([(r[0], r[1]) for r in results], prompt_tokens, completion_tokens), headers=headers)
 
     install_admin_routes(app)
     return app

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from koff.config import DecomposeConfig
+from koff.data import load_domain
 from koff.data.sources import DomainSpec, parse_domain
 from koff.errors import UserInputError
 from koff.formats.backbone import load_backbone
@@ -23,7 +24,12 @@ from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_modul
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
+from koff.models.architecture import decoder_layout
+from koff.routing import ROUTER_FILE, Router, RouterError, build_router, spread
 from koff.training.trainer import Decomposer
+
+
+ROUTER_BLOCKS = 32  # training blocks of a domain that place its centroid in the router
 
 
 class AddDomainError(UserInputError):
@@ -104,5 +110,35 @@ def _add_domain(out: Path, spec: DomainSpec, steps: int, device: str, dtype: tor
         if target.exists():  # someone else took the name while we trained
             raise AddDomainError(f"{target} appeared while training; nothing was written")
         os.replace(staged, target)
+        new_domain = next(d for d in trainer.domains if d.name == spec.name)
+        routed = update_router(out, spec.name, spread(new_domain.train, ROUTER_BLOCKS), base, tokenizer, config)
     return {"name": spec.name, "folder": str(target), "parameters": manifest["parameters"],
-            "bytes": memory_size_bytes(target), "steps": summary["steps"], "settings": settings}
+            "bytes": memory_size_bytes(target), "steps": summary["steps"], "settings": settings, "router": routed}
+
+
+def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, tokenizer, config: DecomposeConfig) -> list[str]:
+    """Add memory ``name`` to the export's router (made anew from every memory's training text where
+    there is none or it cannot be read); the memories it routes to back. The model runs bare: the
+    new memory's LoRA wrappers add nothing outside a routed pass."""
+    path = export / ROUTER_FILE
+    layout = decoder_layout(model)
+    try:
+        router = Router.load(path, layout.hidden_size, layout.num_layers) if path.is_file() else None
+    except RouterError:
+        router = None
+    if router is not None:
+        added = build_router(model, {name: blocks}, tokenizer.pad_token_id)
+        router = Router([*router.names, name], torch.cat([router.centroids, added.centroids]), router.layer, router.threshold)
+    else:
+        texts = {name: blocks}
+        for manifest_path in sorted((export / "memories").glob(f"*/{MANIFEST}")):
+            data, other = read_json(manifest_path).get("data") or {}, manifest_path.parent.name
+            if other != name and data.get("source"):
+                domain = load_domain(parse_domain(f"{other}={data['source']}"), tokenizer,
+                                     block_len=data.get("block_len") or config.block_len)
+                texts[other] = spread(domain.train, ROUTER_BLOCKS)
+        if len(texts) < 2:
+            return []
+        router = build_router(model, texts, tokenizer.pad_token_id)
+    router.save(path)
+    return router.names

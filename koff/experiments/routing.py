@@ -1,0 +1,105 @@
+"""``koff eval EXPORT --routing``: how well ``model: "auto"`` picks memories, and what a wrong pick costs.
+
+On held-out blocks of each memory's domain (its validation split, and other sources given with
+``--transfer NAME=SOURCE``), the router sees each block's first 16, 64 and 256 tokens. Reported:
+the accuracy per domain and the confusion matrix at each prompt length; every block's perplexity
+under every memory and under the bare backbone (the cost matrix of a wrong pick); and the perplexity
+with the memory the router picked from the first 64 tokens against the right memory (the oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
+from koff.errors import UserInputError
+from koff.formats.exported_memory import MANIFEST
+from koff.io import markdown_table, read_json
+from koff.runtime import load
+from koff.scoring import token_nll_sum
+
+PROMPT_TOKENS = (16, 64, 256)
+ROUTED_AT = 64
+BACKBONE = "(backbone)"
+
+
+def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, max_blocks: int | None = 16,
+                  transfer: list[str] = (), transfer_max_blocks: int | None = 16, device: str = "cpu") -> dict:
+    runtime = load(folder, device=device)
+    if runtime.router is None:
+        raise UserInputError(f"{folder}: {runtime.router_problem}")
+    data = {name: _manifest_data(runtime, name) for name in runtime.router.names if name in runtime.memories}
+    block_len = next(iter(data.values()))["block_len"]
+    specs = parse_domains([f"{name}={d['source']}" for name, d in data.items()])
+    sets = {"validation": load_domains(specs, runtime.tokenizer, block_len=block_len, val_fraction=val_fraction, seed=seed)}
+    if transfer:
+        others = [load_heldout(parse_domain(t), runtime.tokenizer, block_len, transfer_max_blocks) for t in transfer]
+        unknown = sorted({d.name for d in others} - set(data))
+        if unknown:
+            raise UserInputError(f"--transfer names {', '.join(unknown)}, which the router does not route to")
+        sets["other source"] = others
+    return {"export": str(folder), "memories": list(data), "layer": runtime.router.layer,
+            "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
+            **{kind: _evaluate(runtime, domains, max_blocks) for kind, domains in sets.items()}}
+
+
+def _manifest_data(runtime, name: str) -> dict:
+    data = (read_json(runtime.folder / "memories" / name / MANIFEST).get("data") or {})
+    if not data.get("source"):
+        raise UserInputError(f"memory {name!r} records no training data to evaluate routing on")
+    return data
+
+
+@torch.no_grad()
+def _evaluate(runtime, domains: list[DomainData], max_blocks: int | None) -> dict:
+    targets = [*[n for n in runtime.router.names if n in runtime.memories], BACKBONE]
+    accuracy, confusion, nll, tokens = {}, {}, {}, {}
+    routed_picks = {}
+    for domain in domains:
+        blocks = domain.val if max_blocks is None else domain.val[:max_blocks]
+        for length in PROMPT_TOKENS:
+            texts = [runtime.tokenizer.decode(b[:length]) for b in blocks]
+            picks = [name or BACKBONE for name, _ in runtime.route(texts)]
+            accuracy.setdefault(str(length), {})[domain.name] = sum(p == domain.name for p in picks) / len(picks)
+            row = confusion.setdefault(str(length), {}).setdefault(domain.name, dict.fromkeys(targets, 0))
+            for p in picks:
+                row[p] += 1
+            if length == ROUTED_AT:
+                routed_picks[domain.name] = picks
+        ids = blocks.to(runtime.model.device)
+        nll[domain.name] = {t: [token_nll_sum(runtime.model(ids[i:i + 1], None if t == BACKBONE else t), ids[i:i + 1]).item()
+                                for i in range(len(ids))] for t in targets}
+        tokens[domain.name] = (ids.shape[1] - 1) * len(ids)
+    for table in accuracy.values():
+        table["mean"] = sum(table.values()) / len(table)
+    cost = {d: {t: math.exp(sum(v) / tokens[d]) for t, v in per.items()} for d, per in nll.items()}
+    routed = {d: math.exp(sum(nll[d][p][i] for i, p in enumerate(routed_picks[d])) / tokens[d]) for d in nll}
+    oracle = {d: cost[d][d] for d in nll}
+    ratio = {d: routed[d] / oracle[d] for d in nll}
+    return {"accuracy": accuracy, "confusion": confusion, "perplexity": cost, "routed_perplexity": routed,
+            "routed_to_oracle": ratio, "mean_routed_to_oracle": math.exp(sum(map(math.log, ratio.values())) / len(ratio))}
+
+
+def routing_markdown(table: dict) -> str:
+    parts = [f"Router of {table['export']} over {', '.join(table['memories'])} (layer {table['layer']})."]
+    for kind in ("validation", "other source"):
+        if kind not in table:
+            continue
+        result = table[kind]
+        domains = [d for d in result["routed_perplexity"]]
+        parts += [f"\n### {kind}: accuracy by prompt length (tokens)\n",
+                  markdown_table(["tokens", *domains, "mean"],
+                                 [[n, *[result["accuracy"][n][d] for d in domains], result["accuracy"][n]["mean"]]
+                                  for n in result["accuracy"]]),
+                  f"\n### {kind}: where the router sent each domain's prompts ({table['routed_at']} tokens)\n",
+                  markdown_table(["domain \\ memory", *next(iter(result["confusion"][str(table["routed_at"])].values()))],
+                                 [[d, *row.values()] for d, row in result["confusion"][str(table["routed_at"])].items()]),
+                  f"\n### {kind}: perplexity under each memory, routed ({table['routed_at']} tokens) and oracle\n",
+                  markdown_table(["domain", *next(iter(result["perplexity"].values())), "routed", "routed / oracle"],
+                                 [[d, *row.values(), result["routed_perplexity"][d], result["routed_to_oracle"][d]]
+                                  for d, row in result["perplexity"].items()]),
+                  f"\nRouted / oracle perplexity, geometric mean: {result['mean_routed_to_oracle']:.4f}"]
+    return "\n".join(parts)

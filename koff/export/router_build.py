@@ -1,0 +1,39 @@
+"""The export's router: built from the memories' own training text, on the exported backbone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from koff.data import load_domain, parse_domain
+from koff.formats.backbone import load_backbone
+from koff.formats.run import RunOutputs
+from koff.routing import ROUTER_FILE, build_router, spread
+
+log = logging.getLogger(__name__)
+
+BLOCKS_PER_MEMORY = 32  # evenly spaced training blocks of each memory's domain (add-domain uses as many)
+
+
+def write_router(run: RunOutputs, export: Path) -> Path | None:
+    """``export/router.safetensors`` for the run's memories (None where the run has fewer than two:
+    there is nothing to choose)."""
+    if len(run.memories) < 2:
+        return None
+    model, tokenizer, _ = load_backbone(export / "backbone")
+    texts = {name: domain_blocks(run, name, tokenizer) for name in run.memories}
+    router = build_router(model, texts, tokenizer.pad_token_id)
+    router.save(export / ROUTER_FILE)
+    log.info("router over %s at layer %d", ", ".join(router.names), router.layer)
+    return export / ROUTER_FILE
+
+
+def domain_blocks(run: RunOutputs, name: str, tokenizer) -> list[torch.Tensor]:
+    """Up to BLOCKS_PER_MEMORY evenly spaced training blocks of memory ``name``'s domain, as its run split them."""
+    data = run.manifests[name].get("data") or {}
+    cfg = run.config
+    domain = load_domain(parse_domain(f"{name}={data.get('source')}"), tokenizer, block_len=data.get("block_len") or cfg.block_len,
+                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return spread(domain.train, BLOCKS_PER_MEMORY)

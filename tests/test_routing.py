@@ -1,0 +1,136 @@
+"""`model: "auto"`: the export's router picks a memory from the prompt; a low-confidence prompt goes
+to the fallback; a missing or corrupt router is one line and named memories keep working."""
+
+import json
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from koff.cli import main
+from koff.export import export_run
+from koff.routing import ROUTER_FILE, Router
+from koff.runtime import load
+from koff.server import BackgroundServer, create_app
+from test_export import make_run
+from tiny import CORPUS, write_corpus
+
+PROMPTS = {"eng": CORPUS["eng"] * 3, "code": CORPUS["code"] * 3}
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routing")
+    corpus = write_corpus(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KOFF_CACHE_DIR", str(root / "koff-cache"))
+        export_run(make_run(root, corpus, "llama"), root / "export")
+    return root / "export", corpus
+
+
+def copy_of(export_dir, tmp_path, change=None):
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    if change:
+        change(copy / ROUTER_FILE)
+    return copy
+
+
+def test_export_writes_a_router_that_separates_its_domains(export):
+    runtime = load(export[0])
+    assert runtime.router is not None and runtime.router.names == ["code", "eng"]
+    picks = runtime.route([PROMPTS["eng"], PROMPTS["code"], CORPUS["eng"][:20], CORPUS["code"][:16]])
+    assert [name for name, _ in picks] == ["eng", "code", "eng", "code"]
+    assert all(confidence > 0 for _, confidence in picks)
+    text = runtime.generate(PROMPTS["code"], memory="auto", max_new_tokens=6)
+    assert text == runtime.generate(PROMPTS["code"], memory="code", max_new_tokens=6)
+
+
+def test_a_prompt_below_the_threshold_goes_to_the_backbone(export):
+    runtime = load(export[0])
+    runtime.router.threshold = 3.0  # no margin of two cosines reaches 3
+    assert runtime.route(PROMPTS["eng"])[0][0] is None
+    assert runtime.generate(PROMPTS["eng"], memory="auto", max_new_tokens=5) == \
+        runtime.generate(PROMPTS["eng"], memory=None, max_new_tokens=5)
+
+
+def test_the_server_routes_auto_and_says_where(export):
+    app = create_app(load(export[0]), api_key="k")
+    with BackgroundServer(app) as server:
+        def ask(model, prompt):
+            return httpx.post(server.url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                              json={"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+
+        auto, named = ask("auto", PROMPTS["code"]), ask("code", PROMPTS["code"])
+        assert auto.status_code == 200 and auto.json()["model"] == "code" and auto.headers["x-koff-memory"] == "code"
+        assert auto.json()["choices"][0]["text"] == named.json()["choices"][0]["text"]
+        both = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                          json={"model": "auto", "prompt": [PROMPTS["eng"], PROMPTS["code"]], "max_tokens": 2})
+        assert both.headers["x-koff-memory"] == "eng,code"
+        chat = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                          json={"model": "auto", "messages": [{"role": "user", "content": PROMPTS["eng"]}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["model"] == "eng" and chat.headers["x-koff-memory"] == "eng"
+        assert "auto" in {m["id"] for m in httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k"}).json()["data"]}
+
+
+def test_low_confidence_requests_go_to_the_configured_fallback(export):
+    runtime = load(export[0])
+    runtime.router.threshold = 3.0
+    app = create_app(runtime, auto_fallback="eng")
+    with BackgroundServer(app) as server:
+        answer = httpx.post(server.url + "/v1/completions", timeout=60,
+                            json={"model": "auto", "prompt": PROMPTS["code"], "max_tokens": 2})
+    assert answer.json()["model"] == "eng" and answer.headers["x-koff-memory"] == "eng"
+
+
+def corrupt(path):
+    path.write_bytes(b"\x00" * 40)
+
+
+def for_other_memories(path):
+    router = Router.load(path, 64, 2)
+    Router(["eng", "code", "deu"], torch.cat([router.centroids, router.centroids[:1]]), router.layer).save(path)
+
+
+@pytest.mark.parametrize("change, reason", [(lambda p: p.unlink(), "has no router.safetensors"),
+                                            (corrupt, "not a readable koff router"),
+                                            (for_other_memories, "does not fit")])
+def test_a_missing_or_bad_router_is_one_line_and_named_memories_still_serve(export, tmp_path, capsys, change, reason):
+    copy = copy_of(export[0], tmp_path, change)
+    runtime = load(copy)
+    assert runtime.router is None and reason in runtime.router_problem
+    assert runtime.generate("the cat", memory="eng", max_new_tokens=2) is not None
+    capsys.readouterr()
+    assert main(["generate", str(copy), "the cat", "--memory", "auto", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "needs a router" in err[-1]
+    with BackgroundServer(create_app(runtime)) as server:
+        named = httpx.post(server.url + "/v1/completions", json={"model": "eng", "prompt": "the cat", "max_tokens": 2}, timeout=60)
+        auto = httpx.post(server.url + "/v1/completions", json={"model": "auto", "prompt": "the cat", "max_tokens": 2}, timeout=60)
+    assert named.status_code == 200
+    assert auto.status_code == 400 and auto.json()["error"]["code"] == "no_router"
+
+
+def test_eval_routing_reports_accuracy_confusion_and_the_cost_of_a_wrong_memory(export, tmp_path, capsys):
+    folder, corpus = export
+    out = tmp_path / "eval"
+    assert main(["eval", str(folder), "--routing", "--max-blocks", "2", "--out", str(out),
+                 "--transfer", f"eng={corpus['eng']}", "--transfer-max-blocks", "2"]) == 0
+    table = json.loads((out / "routing.json").read_text())
+    for kind in ("validation", "other source"):
+        result = table[kind]
+        assert set(result["accuracy"]) == {"16", "64", "256"}
+        assert set(result["perplexity"]["eng"]) == {"code", "eng", "(backbone)"}
+    assert table["validation"]["accuracy"]["64"]["mean"] == 1.0  # two clearly different domains
+    assert table["validation"]["routed_to_oracle"] == pytest.approx({"code": 1.0, "eng": 1.0})
+    assert "routed / oracle" in (out / "routing.md").read_text()
+
+
+def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):
+    folder, corpus = export
+    copy = copy_of(folder, tmp_path)
+    assert main(["add-domain", str(copy), f"deu={corpus['deu']}", "--steps", "1", "--block-len", "32", "--kv-slots", "4"]) == 0
+    runtime = load(copy)
+    assert runtime.router.names == ["code", "eng", "deu"]
+    assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
