@@ -14,7 +14,7 @@ from koff.routing import ROUTER_FILE, Router
 from koff.runtime import load
 from koff.server import BackgroundServer, create_app
 from test_export import make_run
-from tiny import CORPUS, write_corpus
+from tiny import CORPUS, tiny_model, write_corpus
 
 PROMPTS = {"eng": CORPUS["eng"] * 3, "code": CORPUS["code"] * 3}
 
@@ -42,7 +42,7 @@ def test_export_writes_a_router_that_separates_its_domains(export):
     assert runtime.router is not None and runtime.router.names == ["code", "eng"]
     picks = runtime.route([PROMPTS["eng"], PROMPTS["code"], CORPUS["eng"][:20], CORPUS["code"][:16]])
     assert [name for name, _ in picks] == ["eng", "code", "eng", "code"]
-    assert all(confidence > 0 for _, confidence in picks)
+    assert all(confidence > 0 for _, confidence in picks) and runtime.router.kind == "tokens"
     text = runtime.generate(PROMPTS["code"], memory="auto", max_new_tokens=6)
     assert text == runtime.generate(PROMPTS["code"], memory="code", max_new_tokens=6)
 
@@ -89,8 +89,8 @@ def corrupt(path):
 
 
 def for_other_memories(path):
-    router = Router.load(path, 64, 2)
-    Router(["eng", "code", "deu"], torch.cat([router.centroids, router.centroids[:1]]), router.layer).save(path)
+    router = Router.load(path, tiny_model())
+    router.add("deu", tiny_model(), [torch.tensor([1, 2, 3])], 0).save(path)
 
 
 @pytest.mark.parametrize("change, reason", [(lambda p: p.unlink(), "has no router.safetensors"),
@@ -134,3 +134,20 @@ def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):
     runtime = load(copy)
     assert runtime.router.names == ["code", "eng", "deu"]
     assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
+
+
+def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):
+    from koff.routing import HiddenStateRouter, spread
+    from koff.data import load_domain, parse_domain
+
+    folder, corpus = export
+    runtime = load(folder)
+    pad = runtime.tokenizer.pad_token_id
+    texts = {name: spread(load_domain(parse_domain(f"{name}={corpus[name]}"), runtime.tokenizer, block_len=32).train, 8)
+             for name in ("eng", "code")}
+    router = HiddenStateRouter.build(runtime.model.base, texts, pad)
+    router.save(tmp_path / ROUTER_FILE)
+    again = Router.load(tmp_path / ROUTER_FILE, runtime.model.base)
+    assert isinstance(again, HiddenStateRouter) and again.layer == router.layer and torch.equal(again.means, router.means)
+    prompts = [torch.tensor(runtime.encode(PROMPTS[name])) for name in ("eng", "code")]
+    assert [name for name, _ in again.choose(runtime.model.base, prompts, pad)] == ["eng", "code"]

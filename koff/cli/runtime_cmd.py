@@ -71,7 +71,7 @@ def show_info(args: argparse.Namespace) -> int:
     rows = [[i, f, g] for i, (f, g) in enumerate(zip(widths["intermediate_size"], widths["num_key_value_heads"]))]
     print(markdown_table(["layer", "FFN neurons", "KV groups"], rows))
     router = info["router"]
-    print(f"router (memory=auto): {', '.join(router['memories'])}, layer {router['layer']}" if "memories" in router
+    print(f"router (memory=auto, {router['kind']}): {', '.join(router['memories'])}" if "memories" in router
           else f"router: off ({router['off']})")
     mem_rows = [[n, m["parameters"], m["lora_rank"], m["kv_slots"], f"{(m['bytes'] or 0) / 1e6:.2f}"] for n, m in info["memories"].items()]
     print(markdown_table(["memory", "parameters", "LoRA rank", "KV slots", "MB"], mem_rows or [["(none)", "", "", "", ""]]))

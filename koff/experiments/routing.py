@@ -41,7 +41,7 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
         if unknown:
             raise UserInputError(f"--transfer names {', '.join(unknown)}, which the router does not route to")
         sets["other source"] = others
-    return {"export": str(folder), "memories": list(data), "layer": runtime.router.layer,
+    return {"export": str(folder), "memories": list(data), "kind": runtime.router.kind,
             "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
             **{kind: _evaluate(runtime, domains, max_blocks) for kind, domains in sets.items()}}
 
@@ -84,7 +84,7 @@ def _evaluate(runtime, domains: list[DomainData], max_blocks: int | None) -> dic
 
 
 def routing_markdown(table: dict) -> str:
-    parts = [f"Router of {table['export']} over {', '.join(table['memories'])} (layer {table['layer']})."]
+    parts = [f"The {table['kind']} router of {table['export']} over {', '.join(table['memories'])}."]
     for kind in ("validation", "other source"):
         if kind not in table:
             continue

@@ -26,7 +26,7 @@ def write_router(run: RunOutputs, export: Path) -> Path | None:
     texts = {name: domain_blocks(run, name, tokenizer) for name in run.memories}
     router = build_router(model, texts, tokenizer.pad_token_id)
     router.save(export / ROUTER_FILE)
-    log.info("router over %s at layer %d", ", ".join(router.names), router.layer)
+    log.info("%s router over %s", router.kind, ", ".join(router.names))
     return export / ROUTER_FILE
 
 

@@ -1,28 +1,37 @@
 """Choosing a memory for a request from its prompt alone (``model: "auto"``).
 
-A ``Router`` holds one centroid per memory: the mean, over text of that memory's domain, of the
-backbone's hidden state at one early decoder layer, mean-pooled over the tokens and normalised. A
-prompt is embedded the same way and goes to the memory whose centroid is nearest (cosine). The
-forward pass stops at that layer (a hook ends it), so routing costs a fraction of a prefill. The
-confidence is the margin between the best and the second-best cosine similarity; a prompt below
-``threshold`` goes to the fallback (the bare backbone unless the server names a memory).
+Two kinds of router, each a type with its own file contents:
 
-The file is ``router.safetensors`` in the export: the centroids as one tensor, the names, layer,
-threshold and token count in its metadata (no pickles).
+* ``TokenRouter`` (what ``koff export`` builds): a unigram model of each memory's training text over
+  the tokenizer's vocabulary (add-one smoothing). A prompt goes to the memory under which its tokens
+  are most likely, per token (naive Bayes). It needs no forward pass, so it costs nothing next to a
+  prefill, and on text of another source and genre it picked better than the hidden-state router
+  (``bench/routing.py``).
+* ``HiddenStateRouter``: one mean embedding per memory, the backbone's hidden state at a quarter of
+  its depth, mean-pooled over the tokens; a prompt goes to the nearest (cosine, both measured from
+  the center of all the means). The forward pass stops at that layer (a hook ends it).
+
+The confidence is the margin of the best memory's score over the second best; a prompt below
+``threshold`` goes to the fallback (the bare backbone unless the server names a memory). The file
+is ``router.safetensors`` in the export: the router's tensor, its kind, names and threshold in the
+metadata (no pickles).
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from koff.errors import UserInputError
 from koff.models.architecture import decoder_layout
-from koff.tensor_files import load_tensors, read_header, save_tensors
+from koff.tensor_files import TensorInfo, load_tensors, read_header, save_tensors
 
 ROUTER_FILE = "router.safetensors"
 FORMAT = "koff-router-v1"
@@ -69,66 +78,172 @@ def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int) -
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-@dataclass
-class Router:
+class Router(ABC):
+    """Picks a memory for each prompt (token ids); subclasses say how they score one."""
+
+    kind: ClassVar[str]
+    tensor: ClassVar[str]  # the name of the one tensor its file holds
     names: list[str]
-    centroids: torch.Tensor  # (memories, hidden), unit rows
-    layer: int
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float
 
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(batch, memories) cosine similarities."""
-        return embeddings @ self.centroids.to(embeddings.device, embeddings.dtype).T
+    @abstractmethod
+    def scores(self, model: nn.Module, prompts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+        """(prompts, memories), higher is better."""
 
-    def choose(self, embeddings: torch.Tensor) -> list[tuple[str | None, float]]:
-        """Each prompt's memory (None below the threshold) and its confidence (the cosine margin
-        of the best memory over the second best; the best cosine where there is one memory)."""
-        scores = self.scores(embeddings)
+    @abstractmethod
+    def add(self, name: str, model: nn.Module, blocks: list[torch.Tensor], pad_id: int) -> "Router":
+        """This router with one more memory, learnt from token blocks of its domain."""
+
+    @abstractmethod
+    def _fits(self, info: TensorInfo, model: nn.Module) -> bool:
+        """Whether a stored tensor of this shape belongs to a router for ``model``."""
+
+    def choose(self, model: nn.Module, prompts: list[torch.Tensor], pad_id: int) -> list[tuple[str | None, float]]:
+        """Each prompt's memory (None below the threshold) and its confidence: the margin of the
+        best memory's score over the second best's."""
+        scores = self.scores(model, [p[:PROMPT_TOKENS] for p in prompts], pad_id)
         top = scores.topk(min(2, len(self.names)), dim=1)
         margin = top.values[:, 0] - (top.values[:, 1] if len(self.names) > 1 else 0)
         return [(self.names[i] if m >= self.threshold else None, m)
                 for i, m in zip(top.indices[:, 0].tolist(), margin.tolist())]
 
     def save(self, path: Path) -> None:
-        metadata = {"format": FORMAT, "names": json.dumps(self.names), "layer": str(self.layer),
-                    "threshold": repr(float(self.threshold)), "prompt_tokens": str(PROMPT_TOKENS)}
-        save_tensors({"centroids": self.centroids.float()}, path, metadata)
+        metadata = {"format": FORMAT, "kind": self.kind, "names": json.dumps(self.names),
+                    "threshold": repr(float(self.threshold)), "prompt_tokens": str(PROMPT_TOKENS), **self._metadata()}
+        save_tensors({self.tensor: getattr(self, self.tensor).float()}, path, metadata)
 
-    @classmethod
-    def load(cls, path: Path, hidden_size: int, num_layers: int) -> "Router":
-        """The router in ``path``, checked against the backbone it routes for."""
+    def _metadata(self) -> dict[str, str]:
+        return {}
+
+    @staticmethod
+    def load(path: Path, model: nn.Module) -> "Router":
+        """The router in ``path``, of whichever kind it is, checked against the backbone it routes for."""
         try:
             header = read_header(path)
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-            names, layer, threshold = json.loads(metadata["names"]), int(metadata["layer"]), float(metadata["threshold"])
+            kind = ROUTER_KINDS[metadata["kind"]]
+            names, threshold = json.loads(metadata["names"]), float(metadata["threshold"])
+            extra = kind.read_metadata(metadata)
         except (UserInputError, OSError, KeyError, ValueError, TypeError) as err:
-            raise RouterError(f"{path} is not a readable koff router ({err})") from err
-        info = header.get("centroids")
-        if metadata.get("format") != FORMAT or info is None or info.shape != (len(names), hidden_size) \
-                or not 0 <= layer < num_layers or not all(isinstance(n, str) for n in names):
+            raise RouterError(f"{path} is not a readable koff router ({type(err).__name__}: {err})") from err
+        info = header.get(kind.tensor)
+        router = kind(names, torch.empty(0), threshold=threshold, **extra)
+        if metadata.get("format") != FORMAT or info is None or info.shape[0] != len(names) \
+                or not all(isinstance(n, str) for n in names) or not router._fits(info, model):
             raise RouterError(f"{path} does not fit this backbone (a router for another export?)")
-        centroids = load_tensors(path)["centroids"]
-        if not torch.isfinite(centroids).all():
-            raise RouterError(f"{path}: its centroids hold NaN or infinite values")
-        return cls(names, centroids, layer, threshold)
+        tensor = load_tensors(path)[kind.tensor]
+        if not torch.isfinite(tensor).all():
+            raise RouterError(f"{path}: its {kind.tensor} hold NaN or infinite values")
+        setattr(router, kind.tensor, tensor)
+        return router
+
+    @staticmethod
+    def read_metadata(metadata: dict) -> dict:
+        return {}
+
+
+@dataclass
+class TokenRouter(Router):
+    names: list[str]
+    counts: torch.Tensor  # (memories, vocabulary): each memory's training tokens, counted
+    threshold: float = DEFAULT_THRESHOLD
+    kind: ClassVar[str] = "tokens"
+    tensor: ClassVar[str] = "counts"
+    smoothing: ClassVar[float] = 1.0  # add-one: the best of 0.01, 0.1 and 1 on other-source text
+
+    @classmethod
+    def build(cls, model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,
+              threshold: float = DEFAULT_THRESHOLD) -> "TokenRouter":
+        vocabulary = model.get_input_embeddings().num_embeddings
+        return cls(sorted(texts), torch.stack([token_counts(texts[n], vocabulary) for n in sorted(texts)]), threshold)
+
+    def scores(self, model, prompts, pad_id):
+        """Mean log-probability per token of each prompt under each memory's unigram model."""
+        log_probs = torch.log((self.counts + self.smoothing) / (self.counts.sum(1, keepdim=True)
+                                                               + self.smoothing * self.counts.shape[1]))
+        return torch.stack([log_probs[:, p.clamp(0, self.counts.shape[1] - 1).cpu()].mean(1) for p in prompts])
+
+    def add(self, name, model, blocks, pad_id):
+        counts = torch.cat([self.counts, token_counts(blocks, self.counts.shape[1])[None]])
+        return TokenRouter([*self.names, name], counts, self.threshold)
+
+    def _fits(self, info, model):
+        return info.shape == (len(self.names), model.get_input_embeddings().num_embeddings)
+
+
+@dataclass
+class HiddenStateRouter(Router):
+    names: list[str]
+    means: torch.Tensor  # (memories, hidden): each memory's mean prompt embedding over its domain's text
+    layer: int = 0
+    threshold: float = DEFAULT_THRESHOLD
+    kind: ClassVar[str] = "hidden"
+    tensor: ClassVar[str] = "means"
+
+    @classmethod
+    def build(cls, model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,
+              threshold: float = DEFAULT_THRESHOLD, layer: int | None = None) -> "HiddenStateRouter":
+        layer = routing_layer(decoder_layout(model).num_layers) if layer is None else layer
+        return cls(sorted(texts), mean_embeddings(model, texts, pad_id, layer), layer, threshold)
+
+    @property
+    def center(self) -> torch.Tensor:
+        return self.means.mean(0)
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        """(memories, hidden) unit rows: each mean measured from the center. Every hidden state
+        shares a large common direction, which would otherwise dominate each cosine."""
+        return torch.nn.functional.normalize(self.means - self.center, dim=-1)
+
+    def scores(self, model, prompts, pad_id):
+        """Cosine similarities, both sides measured from the center."""
+        ids, mask = pad_left(prompts, pad_id, next(model.parameters()).device)
+        embeddings = embed(model, ids, mask, self.layer)
+        embeddings = torch.nn.functional.normalize(embeddings - self.center.to(embeddings), dim=-1)
+        return embeddings @ self.centroids.to(embeddings.device, embeddings.dtype).T
+
+    def add(self, name, model, blocks, pad_id):
+        mean = mean_embeddings(model, {name: blocks}, pad_id, self.layer)
+        return HiddenStateRouter([*self.names, name], torch.cat([self.means, mean]), self.layer, self.threshold)
+
+    def _metadata(self):
+        return {"layer": str(self.layer)}
+
+    @staticmethod
+    def read_metadata(metadata):
+        return {"layer": int(metadata["layer"])}
+
+    def _fits(self, info, model):
+        layout = decoder_layout(model)
+        return info.shape == (len(self.names), layout.hidden_size) and 0 <= self.layer < layout.num_layers
+
+
+ROUTER_KINDS: dict[str, type[Router]] = {kind.kind: kind for kind in (TokenRouter, HiddenStateRouter)}
 
 
 def build_router(model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,
-                 threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8) -> Router:
-    """A router from token blocks of each memory's domain (name -> 1D id tensors)."""
-    layer = routing_layer(decoder_layout(model).num_layers)
+                 kind: type[Router] = TokenRouter) -> Router:
+    """A router of ``kind`` from token blocks of each memory's domain (name -> 1D id tensors)."""
+    return kind.build(model, texts, pad_id)
+
+
+def token_counts(blocks: list[torch.Tensor], vocabulary: int) -> torch.Tensor:
+    ids = torch.cat([b.flatten() for b in blocks]).clamp(0, vocabulary - 1)
+    return torch.bincount(ids, minlength=vocabulary).float()
+
+
+def mean_embeddings(model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int, layer: int,
+                    batch_size: int = 8) -> torch.Tensor:
+    """(domains, hidden): each domain's mean prompt embedding at decoder ``layer``, names in sorted order."""
     device = next(model.parameters()).device
-    names, centroids = sorted(texts), []
-    for name in names:
-        pooled = []
-        for start in range(0, len(texts[name]), batch_size):
-            ids, mask = pad_left(texts[name][start:start + batch_size], pad_id, device)
-            pooled.append(embed(model, ids, mask, layer))
-        centroids.append(torch.nn.functional.normalize(torch.cat(pooled).mean(0), dim=-1))
-    return Router(names, torch.stack(centroids).cpu(), layer, threshold)
+    means = []
+    for name in sorted(texts):
+        pooled = [embed(model, *pad_left(texts[name][i:i + batch_size], pad_id, device), layer)
+                  for i in range(0, len(texts[name]), batch_size)]
+        means.append(torch.cat(pooled).mean(0))
+    return torch.stack(means).cpu()
 
 
 def spread(blocks: torch.Tensor, count: int) -> list[torch.Tensor]:

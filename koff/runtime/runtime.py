@@ -21,7 +21,7 @@ from koff.io import read_json
 from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
 from koff.models import resolve_dtype
-from koff.routing import ROUTER_FILE, Router, RouterError, embed, pad_left
+from koff.routing import ROUTER_FILE, Router, RouterError
 from koff.runtime.generation import BatchGeneration, DecodeBatch, Sampling, TextStream
 from koff.scoring import token_nll_sum
 
@@ -59,8 +59,7 @@ class KoffRuntime:
         self.router_problem: str | None = None
         if (self.folder / ROUTER_FILE).is_file():
             try:
-                layout = self.model.layout
-                router = Router.load(self.folder / ROUTER_FILE, layout.hidden_size, layout.num_layers)
+                router = Router.load(self.folder / ROUTER_FILE, self.model.base)
                 foreign = sorted(set(router.names) - set(self.memories) - set(self.broken))
                 if foreign:
                     raise RouterError(f"{ROUTER_FILE} routes to {', '.join(foreign)}, which this export does not hold: "
@@ -144,13 +143,12 @@ class KoffRuntime:
     @torch.no_grad()
     def route(self, texts: str | Sequence[str]) -> list[tuple[str | None, float]]:
         """The memory the router picks for each text (None: below its confidence threshold, or a
-        memory that is not loaded) and its confidence. Runs the backbone up to the routing layer."""
+        memory that is not loaded) and its confidence."""
         if self.router is None:
             raise UserInputError(f"memory 'auto' needs a router: {self.router_problem}; name a memory instead")
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids = [torch.tensor(self.encode(t) or [self.tokenizer.pad_token_id]) for t in texts]
-        batch, mask = pad_left(ids, self.tokenizer.pad_token_id, self.model.device)
-        chosen = self.router.choose(embed(self.model.base, batch, mask, self.router.layer))
+        chosen = self.router.choose(self.model.base, ids, self.tokenizer.pad_token_id)
         return [(name if name in self.model.memories else None, confidence) for name, confidence in chosen]
 
     def _resolve_auto(self, prompts: list[str], memories: list[str | None]) -> list[str | None]:
@@ -259,7 +257,7 @@ class KoffRuntime:
             "dense_parameters": self.meta.get("dense_parameters"),
             "sparsity": (self.meta.get("mask") or {}).get("sparsity"),
             "broken": dict(self.broken),
-            "router": {"memories": self.router.names, "layer": self.router.layer, "threshold": self.router.threshold}
+            "router": {"kind": self.router.kind, "memories": self.router.names, "threshold": self.router.threshold}
             if self.router else {"off": self.router_problem},
             "memories": {
                 name: {"parameters": m.num_parameters(), "kv_slots": m.slots, "lora_rank": m.rank, "bytes": self.sizes.get(name)}

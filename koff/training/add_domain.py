@@ -24,7 +24,6 @@ from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_modul
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
-from koff.models.architecture import decoder_layout
 from koff.routing import ROUTER_FILE, Router, RouterError, build_router, spread
 from koff.training.trainer import Decomposer
 
@@ -121,14 +120,12 @@ def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, to
     there is none or it cannot be read); the memories it routes to back. The model runs bare: the
     new memory's LoRA wrappers add nothing outside a routed pass."""
     path = export / ROUTER_FILE
-    layout = decoder_layout(model)
     try:
-        router = Router.load(path, layout.hidden_size, layout.num_layers) if path.is_file() else None
+        router = Router.load(path, model) if path.is_file() else None
     except RouterError:
         router = None
     if router is not None:
-        added = build_router(model, {name: blocks}, tokenizer.pad_token_id)
-        router = Router([*router.names, name], torch.cat([router.centroids, added.centroids]), router.layer, router.threshold)
+        router = router.add(name, model, blocks, tokenizer.pad_token_id)
     else:
         texts = {name: blocks}
         for manifest_path in sorted((export / "memories").glob(f"*/{MANIFEST}")):
