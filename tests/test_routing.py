@@ -9,24 +9,13 @@ import pytest
 import torch
 
 from koff.cli import main
-from koff.export import export_run
 from koff.routing import ROUTER_FILE, Router
 from koff.runtime import load
 from koff.server import BackgroundServer, create_app
-from test_export import make_run
-from tiny import CORPUS, tiny_model, write_corpus
+from test_server import export  # noqa: F401 - the module's export fixture
+from tiny import CORPUS, tiny_model
 
 PROMPTS = {"eng": CORPUS["eng"] * 3, "code": CORPUS["code"] * 3}
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("routing")
-    corpus = write_corpus(root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KOFF_CACHE_DIR", str(root / "koff-cache"))
-        export_run(make_run(root, corpus, "llama"), root / "export")
-    return root / "export", corpus
 
 
 def copy_of(export_dir, tmp_path, change=None):
@@ -37,7 +26,7 @@ def copy_of(export_dir, tmp_path, change=None):
     return copy
 
 
-def test_export_writes_a_router_that_separates_its_domains(export):
+def test_export_writes_a_router_that_separates_its_domains(export):  # noqa: F811
     runtime = load(export[0])
     assert runtime.router is not None and runtime.router.names == ["code", "eng"]
     picks = runtime.route([PROMPTS["eng"], PROMPTS["code"], CORPUS["eng"][:20], CORPUS["code"][:16]])
@@ -47,7 +36,7 @@ def test_export_writes_a_router_that_separates_its_domains(export):
     assert text == runtime.generate(PROMPTS["code"], memory="code", max_new_tokens=6)
 
 
-def test_a_prompt_below_the_threshold_goes_to_the_backbone(export):
+def test_a_prompt_below_the_threshold_goes_to_the_backbone(export):  # noqa: F811
     runtime = load(export[0])
     runtime.router.threshold = 3.0  # no margin of two cosines reaches 3
     assert runtime.route(PROMPTS["eng"])[0][0] is None
@@ -55,7 +44,7 @@ def test_a_prompt_below_the_threshold_goes_to_the_backbone(export):
         runtime.generate(PROMPTS["eng"], memory=None, max_new_tokens=5)
 
 
-def test_the_server_routes_auto_and_says_where(export):
+def test_the_server_routes_auto_and_says_where(export):  # noqa: F811
     app = create_app(load(export[0]), api_key="k")
     with BackgroundServer(app) as server:
         def ask(model, prompt):
@@ -74,7 +63,7 @@ def test_the_server_routes_auto_and_says_where(export):
         assert "auto" in {m["id"] for m in httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k"}).json()["data"]}
 
 
-def test_low_confidence_requests_go_to_the_configured_fallback(export):
+def test_low_confidence_requests_go_to_the_configured_fallback(export):  # noqa: F811
     runtime = load(export[0])
     runtime.router.threshold = 3.0
     app = create_app(runtime, auto_fallback="eng")
@@ -96,7 +85,7 @@ def for_other_memories(path):
 @pytest.mark.parametrize("change, reason", [(lambda p: p.unlink(), "has no router.safetensors"),
                                             (corrupt, "not a readable koff router"),
                                             (for_other_memories, "does not fit")])
-def test_a_missing_or_bad_router_is_one_line_and_named_memories_still_serve(export, tmp_path, capsys, change, reason):
+def test_a_missing_or_bad_router_is_one_line_and_named_memories_still_serve(export, tmp_path, capsys, change, reason):  # noqa: F811
     copy = copy_of(export[0], tmp_path, change)
     runtime = load(copy)
     assert runtime.router is None and reason in runtime.router_problem
@@ -112,7 +101,7 @@ def test_a_missing_or_bad_router_is_one_line_and_named_memories_still_serve(expo
     assert auto.status_code == 400 and auto.json()["error"]["code"] == "no_router"
 
 
-def test_eval_routing_reports_accuracy_confusion_and_the_cost_of_a_wrong_memory(export, tmp_path, capsys):
+def test_eval_routing_reports_accuracy_confusion_and_the_cost_of_a_wrong_memory(export, tmp_path, capsys):  # noqa: F811
     folder, corpus = export
     out = tmp_path / "eval"
     assert main(["eval", str(folder), "--routing", "--max-blocks", "2", "--out", str(out),
@@ -127,7 +116,7 @@ def test_eval_routing_reports_accuracy_confusion_and_the_cost_of_a_wrong_memory(
     assert "routed / oracle" in (out / "routing.md").read_text()
 
 
-def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):
+def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):  # noqa: F811
     folder, corpus = export
     copy = copy_of(folder, tmp_path)
     assert main(["add-domain", str(copy), f"deu={corpus['deu']}", "--steps", "1", "--block-len", "32", "--kv-slots", "4"]) == 0
@@ -136,7 +125,7 @@ def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):
     assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
 
 
-def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):
+def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):  # noqa: F811
     from koff.routing import HiddenStateRouter, spread
     from koff.data import load_domain, parse_domain
 
