@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uniform", action="store_true", help="one width for every layer (loads in plain transformers, vLLM, PEFT)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT")
     parser.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
-                        help="build router.safetensors, which picks a memory for `model: auto` requests, from 32 blocks "
-                        "of each memory's training text (default: on; off for a base too large to run here)")
+                        help="write router.safetensors, which picks a memory for `model: auto` requests, from the "
+                        "tokens of 32 blocks of each memory's training text (default: on)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest backbone safetensors file, e.g. 5GB or 500MB")
     parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
                         help="gguf: also write EXPORT/gguf/ for llama.cpp: the backbone, and each memory's LoRA as an "

@@ -30,8 +30,8 @@ class ExportError(KoffError, RuntimeError):
 
 def export_run(run_dir: str | Path, out_dir: str | Path, uniform: bool = False, force: bool = False,
                max_shard_size: str = DEFAULT_SHARD_SIZE, router: bool = True) -> dict:
-    """Write ``out_dir``, with a router over the memories unless ``router`` is False (building it
-    runs the backbone over 32 blocks of each memory's training text). Everything is checked before anything is written, and the export is
+    """Write ``out_dir``, with a router over the memories unless ``router`` is False (it counts the
+    tokens of 32 blocks of each memory's training text). Everything is checked before anything is written, and the export is
     written to a temporary folder renamed into place, so a refused or failed export leaves an
     existing ``out_dir`` as it was; ``force`` replaces only an earlier koff export.
 

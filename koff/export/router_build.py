@@ -1,4 +1,4 @@
-"""The export's router: built from the memories' own training text, on the exported backbone."""
+"""The export's router: a token model of each memory's own training text (no model is loaded)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from koff.data import load_domain, parse_domain
-from koff.formats.backbone import load_backbone
 from koff.formats.run import RunOutputs
-from koff.routing import ROUTER_FILE, build_router, spread
+from koff.models import load_tokenizer
+from koff.routing import ROUTER_FILE, TokenRouter, spread
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,9 @@ def write_router(run: RunOutputs, export: Path) -> Path | None:
     there is nothing to choose)."""
     if len(run.memories) < 2:
         return None
-    model, tokenizer, _ = load_backbone(export / "backbone")
+    tokenizer = load_tokenizer(export / "backbone")
     texts = {name: domain_blocks(run, name, tokenizer) for name in run.memories}
-    router = build_router(model, texts, tokenizer.pad_token_id)
+    router = TokenRouter.build(texts, AutoConfig.from_pretrained(export / "backbone").vocab_size)
     router.save(export / ROUTER_FILE)
     log.info("%s router over %s", router.kind, ", ".join(router.names))
     return export / ROUTER_FILE

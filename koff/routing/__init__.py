@@ -1,6 +1,6 @@
 """Choosing a memory from a prompt: ``model: "auto"`` (see ``koff.routing.router``)."""
 
-from koff.routing.router import (ROUTER_FILE, HiddenStateRouter, Router, RouterError, TokenRouter, build_router, embed,
+from koff.routing.router import (ROUTER_FILE, HiddenStateRouter, Router, RouterError, TokenRouter, embed,
                                  mean_embeddings, pad_left, spread)
 
-__all__ = ["ROUTER_FILE", "HiddenStateRouter", "Router", "TokenRouter", "RouterError", "build_router", "embed", "mean_embeddings", "pad_left", "spread"]
+__all__ = ["ROUTER_FILE", "HiddenStateRouter", "Router", "TokenRouter", "RouterError", "embed", "mean_embeddings", "pad_left", "spread"]

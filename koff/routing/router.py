@@ -153,9 +153,8 @@ class TokenRouter(Router):
     smoothing: ClassVar[float] = 1.0  # add-one: the best of 0.01, 0.1 and 1 on other-source text
 
     @classmethod
-    def build(cls, model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,
-              threshold: float = DEFAULT_THRESHOLD) -> "TokenRouter":
-        vocabulary = model.get_input_embeddings().num_embeddings
+    def build(cls, texts: dict[str, list[torch.Tensor]], vocabulary: int, threshold: float = DEFAULT_THRESHOLD) -> "TokenRouter":
+        """From token blocks of each memory's domain (name -> 1D id tensors): no model needed."""
         return cls(sorted(texts), torch.stack([token_counts(texts[n], vocabulary) for n in sorted(texts)]), threshold)
 
     def scores(self, model, prompts, pad_id):
@@ -221,12 +220,6 @@ class HiddenStateRouter(Router):
 
 
 ROUTER_KINDS: dict[str, type[Router]] = {kind.kind: kind for kind in (TokenRouter, HiddenStateRouter)}
-
-
-def build_router(model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,
-                 kind: type[Router] = TokenRouter) -> Router:
-    """A router of ``kind`` from token blocks of each memory's domain (name -> 1D id tensors)."""
-    return kind.build(model, texts, pad_id)
 
 
 def token_counts(blocks: list[torch.Tensor], vocabulary: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_modul
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
-from koff.routing import ROUTER_FILE, Router, RouterError, build_router, spread
+from koff.routing import ROUTER_FILE, Router, RouterError, TokenRouter, spread
 from koff.training.trainer import Decomposer
 
 
@@ -136,6 +136,6 @@ def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, to
                 texts[other] = spread(domain.train, ROUTER_BLOCKS)
         if len(texts) < 2:
             return []
-        router = build_router(model, texts, tokenizer.pad_token_id)
+        router = TokenRouter.build(texts, model.get_input_embeddings().num_embeddings)
     router.save(path)
     return router.names
