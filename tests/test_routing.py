@@ -82,9 +82,16 @@ def for_other_memories(path):
     router.add("deu", tiny_model(), [torch.tensor([1, 2, 3])], 0).save(path)
 
 
+def with_negative_counts(path):
+    router = Router.load(path, tiny_model())
+    router.counts[0, 0] = -5
+    router.save(path)
+
+
 @pytest.mark.parametrize("change, reason", [(lambda p: p.unlink(), "has no router.safetensors"),
                                             (corrupt, "not a readable koff router"),
-                                            (for_other_memories, "does not fit")])
+                                            (for_other_memories, "does not fit"),
+                                            (with_negative_counts, "no router makes")])
 def test_a_missing_or_bad_router_is_one_line_and_named_memories_still_serve(export, tmp_path, capsys, change, reason):  # noqa: F811
     copy = copy_of(export[0], tmp_path, change)
     runtime = load(copy)

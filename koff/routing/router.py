@@ -124,23 +124,27 @@ class Router(ABC):
                 metadata = f.metadata() or {}
             kind = ROUTER_KINDS[metadata["kind"]]
             names, threshold = json.loads(metadata["names"]), float(metadata["threshold"])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("its names are not a list of strings")
             extra = kind.read_metadata(metadata)
         except (UserInputError, OSError, KeyError, ValueError, TypeError) as err:
             raise RouterError(f"{path} is not a readable koff router ({type(err).__name__}: {err})") from err
         info = header.get(kind.tensor)
         router = kind(names, torch.empty(0), threshold=threshold, **extra)
-        if metadata.get("format") != FORMAT or info is None or info.shape[0] != len(names) \
-                or not all(isinstance(n, str) for n in names) or not router._fits(info, model):
+        if metadata.get("format") != FORMAT or info is None or info.shape[0] != len(names) or not router._fits(info, model):
             raise RouterError(f"{path} does not fit this backbone (a router for another export?)")
         tensor = load_tensors(path)[kind.tensor]
-        if not torch.isfinite(tensor).all():
-            raise RouterError(f"{path}: its {kind.tensor} hold NaN or infinite values")
+        if not router._valid(tensor):
+            raise RouterError(f"{path}: its {kind.tensor} hold values no router makes (NaN, infinite or negative)")
         setattr(router, kind.tensor, tensor)
         return router
 
     @staticmethod
     def read_metadata(metadata: dict) -> dict:
         return {}
+
+    def _valid(self, tensor: torch.Tensor) -> bool:
+        return bool(torch.isfinite(tensor).all())
 
 
 @dataclass
@@ -169,6 +173,9 @@ class TokenRouter(Router):
 
     def _fits(self, info, model):
         return info.shape == (len(self.names), model.get_input_embeddings().num_embeddings)
+
+    def _valid(self, tensor):
+        return super()._valid(tensor) and bool((tensor >= 0).all())
 
 
 @dataclass
