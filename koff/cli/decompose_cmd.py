@@ -11,9 +11,9 @@ from pathlib import Path
 from koff.cli.common import UsageError, add_config_option, add_setting_flags, log, markdown_table, require
 from koff.config import DecomposeConfig
 from koff.evaluation import DecompositionEval
-from koff.training.pipeline import decompose
 from koff.formats import run as run_folder
 from koff.locks import folder_lock
+from koff.training.pipeline import decompose
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
