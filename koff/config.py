@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from koff.errors import UserInputError
 from koff.masks.oneshot import IMPORTANCES
+from koff.masks.spec import MaskSpec, parse_mask_spec
 from koff.models import DTYPE_CHOICES
 from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfig
 
@@ -121,14 +121,7 @@ class DecomposeConfig:
             raise UserInputError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.memory not in MEMORY_KINDS:
             raise UserInputError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
-        kind, _, importance = self.mask.partition(":")
-        if kind not in ("learned", "oneshot", "none", "file") or (kind in ("oneshot", "file")) != bool(importance):
-            raise UserInputError(
-                f"--mask must be learned, none, oneshot:<{'|'.join(IMPORTANCES)}> or file:<mask.safetensors or run folder>, "
-                f"got {self.mask!r}"
-            )
-        if kind == "oneshot" and importance not in IMPORTANCES:
-            raise UserInputError(f"unknown one-shot importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        self.mask_spec: MaskSpec = parse_mask_spec(self.mask)  # not a field: config.yaml keeps the text
         parse_sampling(self.sampling)
         if self.init_from not in (*IMPORTANCES, "none"):
             raise UserInputError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
@@ -136,7 +129,7 @@ class DecomposeConfig:
             raise UserInputError(f"--ffn-align must be at least 1, got {self.ffn_align}")
         if self.keep_outliers < 0:
             raise UserInputError(f"--keep-outliers must be at least 0, got {self.keep_outliers}")
-        if self.keep_outliers and kind != "learned":
+        if self.keep_outliers and not self.mask_spec.learned:
             raise UserInputError(f"--keep-outliers holds gates of a learned mask open; --mask {self.mask} has none "
                                  "(a one-shot mask keeps the most important neurons anyway)")
         if self.init_shape not in INIT_SHAPES:
@@ -152,7 +145,7 @@ class DecomposeConfig:
             raise UserInputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.constraint not in CONSTRAINTS:
             raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
-        if kind != "none" and not (self.prune_ffn or self.prune_attention):
+        if self.mask_spec.prunes and not (self.prune_ffn or self.prune_attention):
             raise UserInputError("nothing to prune: enable --prune-ffn or --prune-attention, or use --mask none")
         if not 0.0 <= self.final_fraction < 1.0:
             raise UserInputError(f"final_fraction must be in [0, 1), got {self.final_fraction}")
@@ -175,20 +168,6 @@ class DecomposeConfig:
     @property
     def uniform_layers(self) -> bool:
         return self.layer_shape == "uniform"
-
-    @property
-    def mask_kind(self) -> str:
-        return self.mask.partition(":")[0]
-
-    @property
-    def importance(self) -> str:
-        return self.mask.partition(":")[2] if self.mask_kind == "oneshot" else ""
-
-    @property
-    def mask_file(self) -> str:
-        """``file:`` masks: a mask.safetensors, or a run folder holding one."""
-        path = self.mask.partition(":")[2] if self.mask_kind == "file" else ""
-        return str(Path(path) / "mask.safetensors") if path and Path(path).is_dir() else path
 
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(self.memory, self.lora_rank, self.lora_alpha, list(self.lora_targets), self.kv_slots)

@@ -150,7 +150,7 @@ def saved_per_token(sizes: ModelSizes, cfg: DecomposeConfig, dtype_bytes: int) -
     factor, what attention and the gates need, and the fp32 inputs of the two RMSNorms."""
     memory, b = cfg.memory_config(), dtype_bytes
     targets = set(memory.lora_targets) if memory.use_lora else set()
-    learned = cfg.mask_kind == "learned" and cfg.sparsity > 0
+    learned = cfg.mask_spec.learned and cfg.sparsity > 0
     seq = cfg.block_len + (cfg.kv_slots if memory.use_kv else 0)  # keys and values include the prefix
     q, h, f = sizes.q_width, sizes.hidden, sizes.ffn
     kept = 2 * h * FP32 + 2 * FP32  # RMSNorm inputs in fp32, and their 1/rms
@@ -178,7 +178,7 @@ def plan_decomposition(config: PretrainedConfig, cfg: DecomposeConfig, domains: 
     if cfg.memory_config().use_lora:  # each sample's LoRA factors, stacked for one batched matmul
         per_layer += cfg.batch_size * memory / sizes.layers * b
     chunk = tokens if cfg.loss_chunk_tokens <= 0 else min(cfg.loss_chunk_tokens, tokens)
-    distill = cfg.distill_weight > 0 and cfg.mask_kind != "none"
+    distill = cfg.distill_weight > 0 and cfg.mask_spec.prunes
     loss = chunk * sizes.vocab * ((b + 3 * FP32) + (b + 3 * FP32 if distill else 0))  # logits, fp32, log-softmax, grad
     parts = {
         "weights": sizes.params * b,  # the teacher is the same weights, with no mask and no memory

@@ -226,3 +226,23 @@ def test_learned_mask_computes_all_layers_at_once_and_projects_without_reading_t
     reference = sum(c * (1 - g.prob_nonzero(mask.offset)).sum() for g, c in zip(mask.ffn, costs.ffn_cost)) + \
         sum(c * (1 - g.prob_nonzero(mask.offset)).sum() for g, c in zip(mask.attn, costs.attn_cost))
     torch.testing.assert_close(mask.expected_removed_params(), reference)
+
+
+def test_a_mask_value_is_parsed_once_into_its_type(tmp_path):
+    from koff.config import DecomposeConfig
+    from koff.errors import UserInputError
+    from koff.masks.spec import FileMaskSpec, LearnedMaskSpec, NoMaskSpec, OneShotMaskSpec, parse_mask_spec
+
+    assert parse_mask_spec("learned") == LearnedMaskSpec() and parse_mask_spec("none") == NoMaskSpec()
+    assert parse_mask_spec("oneshot:wanda") == OneShotMaskSpec("wanda")
+    (tmp_path / "run").mkdir()
+    spec = parse_mask_spec(f"file:{tmp_path / 'run'}")
+    assert isinstance(spec, FileMaskSpec) and spec.file == str(tmp_path / "run" / "mask.safetensors")
+    for spec in ("learned", "none", "oneshot:activation", f"file:{tmp_path}/m.safetensors"):
+        assert parse_mask_spec(spec).text == spec  # what config.yaml keeps round-trips
+    for bad in ("oneshot", "oneshot:magic", "file:", "learned:x", "pruned"):
+        with pytest.raises(UserInputError, match="mask|importance"):
+            parse_mask_spec(bad)
+    config = DecomposeConfig(mask="oneshot:wanda", domain=["a=b"])
+    assert config.mask_spec == OneShotMaskSpec("wanda") and "mask_spec" not in config.to_dict()
+    assert not NoMaskSpec.prunes and LearnedMaskSpec.learned and not OneShotMaskSpec.learned

@@ -58,9 +58,7 @@ class Configuration:
 def describe(run: Run) -> str:
     """A readable name for a run's configuration, e.g. 'one-shot wanda mask + LoRA only'."""
     cfg = run.config
-    mask = {"learned": "learned mask", "oneshot": f"one-shot {cfg.importance} mask", "file": "fixed mask",
-            "none": "dense"}[cfg.mask_kind]
-    return f"{mask} + {MEMORY_NAMES[cfg.memory]}"
+    return f"{cfg.mask_spec.describe()} + {MEMORY_NAMES[cfg.memory]}"
 
 
 def memory_parameters_per_domain(model) -> int:

@@ -12,16 +12,18 @@ from koff.data import DomainData
 from koff.errors import MissingFileError, UserInputError
 from koff.masks import BinaryMask, LearnedMask, UnitCosts, oneshot_mask, unit_importance
 from koff.masks.oneshot import mask_from_importance, standardise, top_ffn_neurons
+from koff.masks.spec import FileMaskSpec, LearnedMaskSpec, OneShotMaskSpec
 from koff.model import KoffModel
 
 
 def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[DomainData]) -> LearnedMask | BinaryMask | None:
-    if config.mask_kind == "file":
-        return mask_from_file(config.mask_file, model)
-    if config.mask_kind == "none" or config.sparsity == 0:
+    spec = config.mask_spec
+    if isinstance(spec, FileMaskSpec):
+        return mask_from_file(spec.file, model)
+    if not spec.prunes or config.sparsity == 0:
         return None
     batches = calibration_batches(config, domains)
-    if config.mask_kind == "learned":
+    if isinstance(spec, LearnedMaskSpec):
         mask = LearnedMask(model.costs, config.prune_ffn, config.prune_attention, config.init_log_alpha)
         ranking = None if config.init_from == "none" else unit_importance(model.base, model.layout, batches, config.init_from)
         if ranking is not None:
@@ -30,7 +32,8 @@ def initial_mask(config: DecomposeConfig, model: KoffModel, domains: list[Domain
             wanda = ranking if config.init_from == "wanda" else unit_importance(model.base, model.layout, batches, "wanda")
             hold_outliers_open(mask, config.keep_outliers, wanda[0])
         return mask
-    return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, config.importance,
+    assert isinstance(spec, OneShotMaskSpec), spec
+    return oneshot_mask(model.base, model.layout, model.costs, batches, config.sparsity, spec.importance,
                         config.prune_ffn, config.prune_attention, config.uniform_layers, config.ffn_align)
 
 

@@ -100,7 +100,7 @@ class Decomposer:
 
     @property
     def learned(self) -> bool:
-        return self.config.mask_kind == "learned" and self.config.sparsity > 0
+        return self.config.mask_spec.learned and self.config.sparsity > 0
 
     @property
     def gates_training(self) -> bool:
