@@ -23,9 +23,14 @@ class MaskSpec:
     prunes: ClassVar[bool] = True  # it removes units (the dense "none" does not)
 
     @property
+    def argument(self) -> str:
+        """What follows ``kind:`` in the text form ("" for kinds that take nothing)."""
+        return ""
+
+    @property
     def text(self) -> str:
         """The form flags and config files hold."""
-        return self.kind
+        return f"{self.kind}:{self.argument}" if self.argument else self.kind
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -46,8 +51,8 @@ class OneShotMaskSpec(MaskSpec):
     kind: ClassVar[str] = "oneshot"
 
     @property
-    def text(self) -> str:
-        return f"oneshot:{self.importance}"
+    def argument(self) -> str:
+        return self.importance
 
     def describe(self) -> str:
         return f"one-shot {self.importance} mask"
@@ -59,8 +64,8 @@ class FileMaskSpec(MaskSpec):
     kind: ClassVar[str] = "file"
 
     @property
-    def text(self) -> str:
-        return f"file:{self.path}"
+    def argument(self) -> str:
+        return self.path
 
     @property
     def file(self) -> str:
