@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -60,7 +62,11 @@ CONFIGS = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "mistral": MistralConfig,
+    "gemma2": Gemma2Config,
+    "gemma3_text": Gemma3TextConfig,
 }
+# Gemma's sliding window, small enough that the tests' sequences run past it.
+SLIDING_WINDOW = 8
 
 
 def tiny_config(kind: str = "llama", vocab_size: int = 300, layers: int = 2):
@@ -77,6 +83,7 @@ def tiny_config(kind: str = "llama", vocab_size: int = 300, layers: int = 2):
         eos_token_id=0,
         pad_token_id=0,
         bos_token_id=0,
+        **({"sliding_window": SLIDING_WINDOW} if kind.startswith("gemma") else {}),
     )
 
 

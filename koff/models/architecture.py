@@ -2,9 +2,13 @@
 
 koff never forks Hugging Face modelling code. It only needs to find, per decoder layer, the
 gated MLP (gate/up/down projections) and the attention projections (q/k/v/o), plus a few
-sizes. Llama, Mistral, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) share the same
-module names, so one layout serves them all; a new architecture is one entry in
-``SUPPORTED_MODEL_TYPES`` when its names match, or a small subclass when they do not.
+sizes. Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Gemma 2 and Gemma 3's
+text model (GeGLU MLP, sliding-window and global layers, logit soft-capping, head_dim apart from
+hidden / heads) share the same module names, so one layout serves them all: the gates sit on the
+inputs of ``down_proj`` and ``o_proj`` whatever the activation, and the KV prefix goes through the
+cache the model builds for itself (a sliding-window layer sees a memory's prefix while it lies
+within its window). A new architecture is one entry in ``SUPPORTED_MODEL_TYPES`` and its tiny
+model in the tests when its names match, or a small subclass when they do not.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 
 from koff.errors import UserInputError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
