@@ -17,6 +17,7 @@ import torch
 
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory, parse_lora_key
+from koff.models.architecture import NARROWED_AXIS, NARROWING_UNITS
 
 
 @dataclass
@@ -94,13 +95,14 @@ class Narrowing:
 
 def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int) -> dict[str, Narrowing]:
     """Each projection's narrowing for one layer's selection."""
-    q_rows, kv_rows = head_rows(sel.groups, heads_per_group, head_dim), group_rows(sel.groups, head_dim)
-    dead_neurons = (~sel.ffn_live).nonzero().flatten()
-    dead_heads = head_rows((~sel.groups_live).nonzero().flatten(), heads_per_group, head_dim)
-    return {"gate_proj": Narrowing(rows=sel.ffn), "up_proj": Narrowing(rows=sel.ffn),
-            "down_proj": Narrowing(cols=sel.ffn, dead_cols=dead_neurons),
-            "q_proj": Narrowing(rows=q_rows), "k_proj": Narrowing(rows=kv_rows), "v_proj": Narrowing(rows=kv_rows),
-            "o_proj": Narrowing(cols=q_rows, dead_cols=dead_heads)}
+    kept = {"ffn": sel.ffn, "query": head_rows(sel.groups, heads_per_group, head_dim),
+            "kv": group_rows(sel.groups, head_dim)}
+    # A consumer (an "in" projection) also learns which of its kept columns are padding (uniform export).
+    dead = {"ffn": (~sel.ffn_live).nonzero().flatten(),
+            "query": head_rows((~sel.groups_live).nonzero().flatten(), heads_per_group, head_dim)}
+    return {name: Narrowing(rows=kept[NARROWING_UNITS[name]]) if axis == "out"
+            else Narrowing(cols=kept[NARROWING_UNITS[name]], dead_cols=dead[NARROWING_UNITS[name]])
+            for name, axis in NARROWED_AXIS.items()}
 
 
 def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from koff.errors import KoffError
 from koff.io import read_json, write_json
-from koff.models.architecture import decoder_layout
+from koff.models.architecture import NARROWED_AXIS, NARROWING_UNITS, decoder_layout
 from koff.models.folder_check import check_model_folder
 from koff.tensor_files import load_tensors
 
@@ -110,14 +110,11 @@ def _load_per_layer(folder: Path, widths: dict[str, list[int]], dtype: torch.dty
     rep, hd = layout.heads_per_group, layout.head_dim
     with init_empty_weights(include_buffers=False):
         for parts, ffn, groups in zip(layout.layers, widths["intermediate_size"], widths["num_key_value_heads"]):
-            mlp, attn = parts.mlp, parts.attention
-            mlp.gate_proj = _resized(mlp.gate_proj, out=ffn)
-            mlp.up_proj = _resized(mlp.up_proj, out=ffn)
-            mlp.down_proj = _resized(mlp.down_proj, inp=ffn)
-            attn.q_proj = _resized(attn.q_proj, out=groups * rep * hd)
-            attn.k_proj = _resized(attn.k_proj, out=groups * hd)
-            attn.v_proj = _resized(attn.v_proj, out=groups * hd)
-            attn.o_proj = _resized(attn.o_proj, inp=groups * rep * hd)
+            size = {"ffn": ffn, "query": groups * rep * hd, "kv": groups * hd}
+            for name, axis in NARROWED_AXIS.items():
+                width = size[NARROWING_UNITS[name]]
+                resized = _resized(parts.projection(name), **({"out": width} if axis == "out" else {"inp": width}))
+                setattr(parts.owner(name), name, resized)
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state |= load_tensors(path)

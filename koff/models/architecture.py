@@ -25,6 +25,16 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+# The narrowing geometry, in one place: which axis of each projection's weight a pruned unit
+# removes ("out": rows, "in": columns) and which units index it ("ffn": FFN neurons, "query": the
+# query heads of the kept KV groups, "kv": the key/value heads of those groups). Export, the
+# per-layer backbone loader and the memories' slicing read it from here.
+NARROWED_AXIS = {"gate_proj": "out", "up_proj": "out", "down_proj": "in",
+                 "q_proj": "out", "k_proj": "out", "v_proj": "out", "o_proj": "in"}
+NARROWING_UNITS = {"gate_proj": "ffn", "up_proj": "ffn", "down_proj": "ffn",
+                   "q_proj": "query", "k_proj": "kv", "v_proj": "kv", "o_proj": "query"}
+
+
 class UnsupportedArchitectureError(UserInputError):
     """The model's architecture is not one koff knows how to decompose."""
 
