@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from common import command_line, git_commit, machine
+from recovery import HELD_OUT as GENRE  # the held-out text of another genre recovery.py scores on
+from transfer import OTHER_SOURCES as OTHER  # Debian's reference manual, Python's standard library
 from koff.data import load_domains, load_heldout, parse_domain, parse_domains
 from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_table
 from koff.export import export_run
@@ -37,10 +39,6 @@ from koff.routing.router import routing_layer
 from koff.runtime import load
 from koff.scoring import token_nll_sum
 
-OTHER = {"eng": "debian-reference/eng", "deu": "debian-reference/deu", "fra": "debian-reference/fra",
-         "spa": "debian-reference/spa", "python": "python-stdlib/python"}
-GENRE = {"eng": "maint-guide/eng", "deu": "maint-guide/deu", "fra": "maint-guide/fra", "spa": "maint-guide/spa",
-         "python": "python-site/python"}
 
 
 def accuracy(picks: dict[str, list[str | None]]) -> dict[str, float]:

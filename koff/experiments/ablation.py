@@ -28,9 +28,9 @@ import torch
 from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
 from koff.errors import UserInputError
 from koff.evaluation.perplexity import Scorer, evaluate
-from koff.formats.exported_memory import MANIFEST
+from koff.formats.exported_memory import training_data
 from koff.formats.run import Run, load_run
-from koff.io import markdown_table, read_json
+from koff.io import markdown_table
 from koff.masks.binary import BinaryMask
 from koff.models import load_model
 from koff.runtime import load
@@ -263,8 +263,8 @@ def export_table(folder: str | Path, base_model: str | None = None, val_fraction
     """The table for an exported folder: the dense base it came from, the backbone alone and with its
     memories, on each memory's own data (source and block length from its manifest)."""
     runtime = load(folder, device=device)
-    manifests = {name: read_json(Path(folder) / "memories" / name / MANIFEST) for name in runtime.memories}
-    sources = [m["data"] for m in manifests.values() if m.get("data", {}).get("source")]
+    data = [training_data(Path(folder) / "memories" / name) for name in runtime.memories]
+    sources = [d for d in data if d.get("source")]
     if not sources:
         raise TableError(f"{folder}: no memory records the data it was trained on; evaluate with --model/--domain instead")
     block_len = sources[0]["block_len"]

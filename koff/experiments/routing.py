@@ -16,8 +16,8 @@ import torch
 
 from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
 from koff.errors import UserInputError
-from koff.formats.exported_memory import MANIFEST
-from koff.io import markdown_table, read_json
+from koff.formats.exported_memory import training_data
+from koff.io import markdown_table
 from koff.runtime import load
 from koff.scoring import token_nll_sum
 
@@ -47,7 +47,7 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
 
 
 def _manifest_data(runtime, name: str) -> dict:
-    data = (read_json(runtime.folder / "memories" / name / MANIFEST).get("data") or {})
+    data = training_data(runtime.folder / "memories" / name)
     if not data.get("source"):
         raise UserInputError(f"memory {name!r} records no training data to evaluate routing on")
     return data
@@ -89,7 +89,7 @@ def routing_markdown(table: dict) -> str:
         if kind not in table:
             continue
         result = table[kind]
-        domains = [d for d in result["routed_perplexity"]]
+        domains = list(result["routed_perplexity"])
         parts += [f"\n### {kind}: accuracy by prompt length (tokens)\n",
                   markdown_table(["tokens", *domains, "mean"],
                                  [[n, *[result["accuracy"][n][d] for d in domains], result["accuracy"][n]["mean"]]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from koff.errors import UserInputError
-from koff.io import write_json
+from koff.io import read_json, write_json
 from koff.memories.memory import DomainMemory, lora_key, parse_lora_key
 from koff.models.architecture import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, decoder_layout
 from koff.tensor_files import FLOAT_DTYPES, TensorInfo, load_tensors, read_header, save_tensors
@@ -158,6 +158,12 @@ def _expect(path: Path, name: str, info: TensorInfo, shape: tuple[int, ...]) -> 
     if info.shape != shape or info.dtype not in FLOAT_DTYPES:
         raise UserInputError(f"{path}: {name} is {info.dtype} {list(info.shape)}; this backbone needs a float tensor "
                              f"of shape {list(shape)}")
+
+
+def training_data(folder: Path) -> dict:
+    """The summary of the text a memory was trained on (name, source, block_len, ...) that its
+    manifest records; {} where it records none."""
+    return read_json(folder / MANIFEST).get("data") or {}
 
 
 def memory_size_bytes(folder: Path) -> int:

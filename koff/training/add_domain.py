@@ -20,7 +20,7 @@ from koff.data import load_domain
 from koff.data.sources import DomainSpec, parse_domain
 from koff.errors import UserInputError
 from koff.formats.backbone import load_backbone
-from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, write_memory
+from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, training_data, write_memory
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
@@ -129,7 +129,7 @@ def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, to
     else:
         texts = {name: blocks}
         for manifest_path in sorted((export / "memories").glob(f"*/{MANIFEST}")):
-            data, other = read_json(manifest_path).get("data") or {}, manifest_path.parent.name
+            data, other = training_data(manifest_path.parent), manifest_path.parent.name
             if other != name and data.get("source"):
                 domain = load_domain(parse_domain(f"{other}={data['source']}"), tokenizer,
                                      block_len=data.get("block_len") or config.block_len)
