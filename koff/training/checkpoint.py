@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from koff.errors import KoffError
-from koff.io import read_json, write_json
+from koff.io import read_json, remove_leftovers, write_json
 from koff.tensor_files import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for stray in folder.glob(".step-*"):  # left by a run killed while writing
-        shutil.rmtree(stray, ignore_errors=True)
+    remove_leftovers(folder, ".step-*")  # left by a run killed while writing
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
     save_tensors(tensors, tmp / "tensors.safetensors")
