@@ -71,7 +71,7 @@ def export_model(model: str, settings: DecomposeConfig, work: Path) -> tuple[str
     run = replace(run, out=str(work / "run"), steps=2, checkpoint_every=2)
     trainer = Decomposer(run, domains=domains)
     trainer.train()
-    blocks = [d.val for d in trainer.domains]
+    blocks = [d.val.long() for d in trainer.domains]
     base_folder = run.model if domains is None else str(work / "base")
     del trainer
     reset_peak(settings.device)

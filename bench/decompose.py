@@ -110,7 +110,7 @@ def main() -> None:
     records = [json.loads(line) for line in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     # The mean, not the median: with --distill-every k the steps alternate between two costs.
     koff_step = statistics.mean(r["seconds"] for r in records[1:] or records)
-    batch = torch.stack([d.train[0] for d in domains][: args.batch_size]).to(args.device)
+    batch = torch.stack([d.train[0] for d in domains][: args.batch_size]).to(args.device, torch.long)
     targets = list(config.lora_targets)
     peft_step = peft_lora_step_seconds(args.model, batch, args.timing_steps, config.lora_rank, targets)
     lora_config = DecomposeConfig(**{**config.to_dict(), "mask": "none", "memory": "lora", "out": args.out + "-lora"})

@@ -78,7 +78,7 @@ def main() -> None:
     runtime = load(args.export)
     domains = load_domains(parse_domains(config.domain), runtime.tokenizer, block_len=config.block_len,
                            val_fraction=config.val_fraction, seed=config.seed)  # the run's own split
-    blocks = {d.name: d.val[: args.max_blocks] for d in domains}
+    blocks = {d.name: d.val[: args.max_blocks].long() for d in domains}
     model = runtime.model
     for name in list(model.memories):
         for keep in ("lora", "kv"):

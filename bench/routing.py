@@ -104,13 +104,13 @@ def main() -> None:
     data = {m: read_json(export / "memories" / m / "manifest.json")["data"] for m in runtime.memories}
     block_len = next(iter(data.values()))["block_len"]
     specs = parse_domains([f"{m}={d['source']}" for m, d in data.items()])
-    sets = {"validation": {d.name: d.val[:args.max_blocks] for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}}
+    sets = {"validation": {d.name: d.val[:args.max_blocks].long() for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}}
     if transfer:
         sets["other source"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len,
-                                                           args.max_blocks).val for t in transfer}
+                                                           args.max_blocks).val.long() for t in transfer}
     genre = [f"{d}={corpora / s}" for d, s in GENRE.items() if d in runtime.memories and (corpora / s).is_dir()]
     if genre:
-        sets["other genre"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len, args.max_blocks).val
+        sets["other genre"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len, args.max_blocks).val.long()
                                for t in genre}
     layers = runtime.model.layout.num_layers
     depths = {"an eighth": max(0, layers // 8), "a quarter": routing_layer(layers), "a half": layers // 2,

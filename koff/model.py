@@ -92,7 +92,7 @@ class KoffModel(nn.Module):
             if init_ids is None or init_ids.numel() < cfg.kv_slots:
                 raise UserInputError(f"memory {name!r}: the KV prefix needs {cfg.kv_slots} tokens of text to start from")
             with self.dense():
-                keys, values = prefix_from_text(self.base, init_ids[: cfg.kv_slots].to(self.device))
+                keys, values = prefix_from_text(self.base, init_ids[: cfg.kv_slots].to(self.device, torch.long))
             memory.set_prefix(keys, values)
         self.add_memory(memory)
         return memory

@@ -81,6 +81,15 @@ def test_split_is_disjoint_complete_and_deterministic():
     train2, val2 = split_blocks(blocks, 0.2, seed=3)
     assert torch.equal(val, val2) and torch.equal(train, train2)
     assert not torch.equal(split_blocks(blocks, 0.2, seed=4)[1], val)
+    train3, val3 = split_blocks(blocks.clone(), 0.2, seed=3, in_place=True)
+    assert torch.equal(val3, val) and torch.equal(train3, train)
+
+
+def test_an_in_place_split_of_many_blocks_moves_every_chunk_right():
+    blocks = torch.arange(5000 * 2, dtype=torch.int32).view(5000, 2)
+    train, val = split_blocks(blocks, 0.1, seed=1)
+    train2, val2 = split_blocks(blocks.clone(), 0.1, seed=1, in_place=True)
+    assert torch.equal(train2, train) and torch.equal(val2, val)
 
 
 def test_load_domain_is_the_split_of_the_packed_stream(tokenizer, corpus):

@@ -24,7 +24,7 @@ def test_perplexity_matches_hand_computed_loss(tokenizer, corpus):
     result = evaluate(hf_scorer(model), [data], batch_size=3, progress=False)["domains"]["eng"]
     with torch.no_grad():
         # HF's own loss, one block at a time; blocks are equal length so the mean is token-weighted.
-        losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in data.val]
+        losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in data.val.long()]
     assert result["tokens"] == data.val.shape[0] * 15
     assert math.isclose(result["nll"], sum(losses) / len(losses), rel_tol=1e-5)
     assert math.isclose(result["perplexity"], math.exp(sum(losses) / len(losses)), rel_tol=1e-5)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import koff.tensor_files as tensor_files
-from koff.data.blocks import PIECE_CHARS, pack_tokens, text_pieces, tokenize_documents
+from koff.data.blocks import PIECE_CHARS, cut_blocks, split_pieces, text_pieces, token_stream
 from koff.errors import KoffError
 from koff.locks import FolderBusyError, folder_lock, lock_path
 from koff.models.gguf_header import GGUFHeaderError, read_gguf_header
@@ -270,6 +270,8 @@ def test_text_is_tokenised_in_pieces_cut_before_whitespace():
     assert "".join(pieces) == text and max(map(len, pieces)) <= PIECE_CHARS
     assert all(p.startswith(" ") for p in pieces[1:])  # no word is cut in two
     assert text_pieces("x" * (PIECE_CHARS + 5)) == ["x" * PIECE_CHARS, "xxxxx"]
+    chunks = [text[i: i + 1000] for i in range(0, len(text), 1000)]  # as a file is read
+    assert list(split_pieces(chunks)) == pieces
 
 
 def test_a_one_line_corpus_never_reaches_the_tokenizer_whole(world):  # noqa: F811
@@ -286,8 +288,10 @@ def test_a_one_line_corpus_never_reaches_the_tokenizer_whole(world):  # noqa: F8
 
     tokenizer.__class__ = Spy
     line = "the cat sat on the mat " * 20_000
-    ids = tokenize_documents(tokenizer, [line, "a short one"])
-    assert max(longest) <= PIECE_CHARS
+    stream, n_docs = token_stream(tokenizer, [[line[:1000], line[1000:]], ["a short one"], [" ", "\n"]], eos_id=0)
+    assert max(longest) <= PIECE_CHARS and n_docs == 2  # the blank document is skipped
     whole = tokenizer(line[:PIECE_CHARS // 2], add_special_tokens=False)["input_ids"]
-    assert ids[0][: len(whole) - 1].tolist() == whole[:-1]
-    assert pack_tokens(ids, 16, 0).shape[1] == 16
+    assert stream.dtype == torch.int32 and stream[: len(whole) - 1].tolist() == whole[:-1]
+    short = tokenizer("a short one", add_special_tokens=False)["input_ids"]
+    assert stream[-len(short) - 2:].tolist() == [0, *short, 0]
+    assert cut_blocks(stream, 16).shape[1] == 16

@@ -37,10 +37,10 @@ def spread_blocks(blocks: torch.Tensor, max_blocks: int | None) -> torch.Tensor:
     """At most ``max_blocks`` blocks, evenly spaced over the corpus (blocks keep corpus order, so
     taking the first ones would see only the first files of a multi-file corpus)."""
     if max_blocks is None or max_blocks >= len(blocks):
-        return blocks
+        return blocks.long()
     if max_blocks < 1:
         raise UserInputError(f"max_blocks must be at least 1, got {max_blocks}")
-    return blocks[torch.linspace(0, len(blocks) - 1, max_blocks).round().long()]
+    return blocks[torch.linspace(0, len(blocks) - 1, max_blocks).round().long()].long()
 
 
 def _fire_counter(counts: torch.Tensor, layer: int, act_fn):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ HF_PREFIX = "hf:"
 HF_MAX_CHARS = 20_000_000
 HTML_SUFFIXES = {".html", ".htm"}
 TEXT_SUFFIXES = {".txt", ".jsonl", *HTML_SUFFIXES}
+# Characters read from a text file at a time.
+READ_CHARS = 1 << 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -66,26 +69,43 @@ def parse_domains(args: list[str]) -> list[DomainSpec]:
     return specs
 
 
-def read_documents(spec: DomainSpec) -> list[str]:
-    """Return the documents of a domain, in a deterministic order."""
+def iter_documents(spec: DomainSpec) -> Iterator[Iterable[str]]:
+    """The domain's documents in a deterministic order, each as an iterable of text pieces.
+
+    Nothing is read before it is asked for: a plain text file comes a piece of ``READ_CHARS`` at a
+    time (a corpus of one enormous line is never held whole) and a ``.jsonl`` file a record at a
+    time. Whitespace-only documents are left to the consumer to skip (``read_documents`` does)."""
     if spec.source.startswith(HF_PREFIX):
-        return _hub_documents(spec)
-    files = _source_files(spec)
-    docs: list[str] = []
-    for path in files:
-        try:
-            if path.suffix == ".jsonl":
-                docs.extend(_read_jsonl(spec, path))
-            elif path.suffix in HTML_SUFFIXES:
-                docs.append(html_to_text(path.read_text(encoding="utf-8", errors="replace")))
-            else:
-                docs.append(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise DomainDataError(f"domain {spec.name!r}: cannot read {path}: {err}") from err
-    docs = [doc for doc in docs if doc.strip()]
+        yield from ([doc] for doc in _hub_documents(spec))
+        return
+    for path in _source_files(spec):
+        if path.suffix == ".jsonl":
+            yield from ([text] for text in _read_jsonl(spec, path))
+        elif path.suffix in HTML_SUFFIXES:
+            yield [html_to_text("".join(_file_pieces(spec, path, errors="replace")))]
+        else:
+            yield _file_pieces(spec, path)
+
+
+def read_documents(spec: DomainSpec) -> list[str]:
+    """Every non-blank document of a domain as one string each, in order."""
+    docs = [text for doc in iter_documents(spec) if (text := "".join(doc)).strip()]
     if not docs:
-        raise DomainDataError(f"domain {spec.name!r}: {spec.source} holds no text (found {len(files)} empty file(s))")
+        raise no_text_error(spec)
     return docs
+
+
+def no_text_error(spec: DomainSpec) -> DomainDataError:
+    return DomainDataError(f"domain {spec.name!r}: {spec.source} holds no text (only empty or blank documents)")
+
+
+def _file_pieces(spec: DomainSpec, path: Path, errors: str = "strict") -> Iterator[str]:
+    try:
+        with path.open(encoding="utf-8", errors=errors) as f:
+            while piece := f.read(READ_CHARS):
+                yield piece
+    except (OSError, UnicodeDecodeError) as err:
+        raise DomainDataError(f"domain {spec.name!r}: cannot read {path}: {err}") from err
 
 
 def bundled_root() -> Path:
@@ -130,19 +150,24 @@ def _bundled_files(spec: DomainSpec) -> list[Path]:
     return files
 
 
-def _read_jsonl(spec: DomainSpec, path: Path) -> list[str]:
-    texts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DomainDataError(f"domain {spec.name!r}: {path}:{lineno} is not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DomainDataError(f"domain {spec.name!r}: {path}:{lineno} has no string field 'text'")
-        texts.append(record["text"])
-    return texts
+def _read_jsonl(spec: DomainSpec, path: Path) -> Iterator[str]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield _record(spec, path, lineno, line)
+    except (OSError, UnicodeDecodeError) as err:
+        raise DomainDataError(f"domain {spec.name!r}: cannot read {path}: {err}") from err
+
+
+def _record(spec: DomainSpec, path: Path, lineno: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DomainDataError(f"domain {spec.name!r}: {path}:{lineno} is not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DomainDataError(f"domain {spec.name!r}: {path}:{lineno} has no string field 'text'")
+    return record["text"]
 
 
 def _hub_documents(spec: DomainSpec, max_chars: int = HF_MAX_CHARS) -> list[str]:
@@ -170,9 +195,6 @@ def _hub_documents(spec: DomainSpec, max_chars: int = HF_MAX_CHARS) -> list[str]
         raise DomainDataError(
             f"domain {spec.name!r}: cannot read {spec.source} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             "without network, save the text where you have one and pass a .txt, a folder or a .jsonl") from err
-    docs = [doc for doc in docs if doc.strip()]
-    if not docs:
-        raise DomainDataError(f"domain {spec.name!r}: {spec.source} holds no text")
     return docs
 
 

@@ -46,7 +46,7 @@ def domain_perplexity(
     blocks = data.val if max_blocks is None else data.val[:max_blocks]
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=f"eval {data.name}", disable=not progress, leave=False):
-        batch = blocks[start : start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device, torch.long)
         total += token_nll_sum(scorer(batch, data.name), batch).item()
         count += batch[:, 1:].numel()
     nll = total / count

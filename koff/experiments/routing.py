@@ -69,7 +69,7 @@ def _evaluate(runtime, domains: list[DomainData], max_blocks: int | None) -> dic
                 row[p] += 1
             if length == ROUTED_AT:
                 routed_picks[domain.name] = picks
-        ids = blocks.to(runtime.model.device)
+        ids = blocks.to(runtime.model.device, torch.long)
         nll[domain.name] = {t: [token_nll_sum(runtime.model(ids[i:i + 1], None if t == BACKBONE else t), ids[i:i + 1]).item()
                                 for i in range(len(ids))] for t in targets}
         tokens[domain.name] = (ids.shape[1] - 1) * len(ids)

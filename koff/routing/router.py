@@ -250,7 +250,7 @@ def spread(blocks: torch.Tensor, count: int) -> list[torch.Tensor]:
     """Up to ``count`` evenly spaced rows of ``blocks`` (token blocks of one domain), so that one part
     of a corpus does not stand for all of it."""
     picks = torch.linspace(0, blocks.shape[0] - 1, min(count, blocks.shape[0])).round().long().unique()
-    return list(blocks[picks])
+    return list(blocks[picks].long())
 
 
 def pad_left(sequences: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ def mask_from_file(path: str, model: KoffModel) -> BinaryMask:
 def calibration_batches(config: DecomposeConfig, domains: list[DomainData]) -> list[torch.Tensor]:
     """The first training blocks of every domain, ``calib_blocks`` in all (balanced over domains)."""
     per_domain = max(1, config.calib_blocks // len(domains))
-    return [d.train[:per_domain] for d in domains]
+    return [d.train[:per_domain].long() for d in domains]
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ class DomainSampler:
                 blocks.append(block)
                 names.append(self.domains[d].name)
             self.state.samples += 1
-        return torch.stack(blocks), names
+        return torch.stack(blocks).long(), names
 
     def state_dict(self) -> dict:
         return {"samples": self.state.samples, "epoch": list(self.state.epoch), "position": list(self.state.position)}
