@@ -8,7 +8,9 @@ no early stop (``max_new_tokens`` forced), timed as the median of ``--repeats`` 
 * ``koff_dense``: koff's decoding step (``DecodeBatch``) on the dense base, no memory;
 * ``koff_backbone``: koff's step on the exported backbone, no memory;
 * ``koff_memory``: the same with a memory (LoRA + KV prefix); at batch 16, ``koff_one_memory``
-  gives every row the same memory and ``koff_mixed`` spreads 4 memories over the rows.
+  gives every row the same memory and ``koff_mixed`` spreads 4 memories over the rows;
+* ``..._merged``: the same with ``--merge-lora`` (a batch on one memory runs on weights with its
+  LoRA merged in).
 
 Per generated token it also counts, at batch 1, the PyTorch operations dispatched (each a kernel
 launch or more on a GPU) and the reads back to the host (each a wait for the GPU). On a GPU the
@@ -148,6 +150,17 @@ def per_token_counts(generate, short: int = 4, long: int = 12) -> tuple[float, f
     return (ops_long - ops_short) / (long - short), (reads_long - reads_short) / (long - short)
 
 
+def merged(model: KoffModel, generate):
+    """``generate`` run with ``--merge-lora``'s setting switched on for the call."""
+    def run(n):
+        model.batch_memories.merge_single = True
+        try:
+            return generate(n)
+        finally:
+            model.batch_memories.merge_single = False
+    return run
+
+
 def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tensor, names: list[str]) -> dict:
     """name -> (rows, generate(n)) for batch 1 and batch ``len(prompts)``."""
     one, rows = prompts[:1], len(prompts)
@@ -158,11 +171,13 @@ def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tenso
             "koff_dense": (1, lambda n: koff_generate(dense_koff, one, [None], n)),
             "koff_backbone": (1, lambda n: koff_generate(backbone, one, [None], n)),
             "koff_memory": (1, lambda n: koff_generate(backbone, one, [names[0]], n)),
+            "koff_memory_merged": (1, merged(backbone, lambda n: koff_generate(backbone, one, [names[0]], n))),
         },
         f"batch {rows}": {
             "hf_dense": (rows, lambda n: hf_generate(dense, prompts, n)),
             "koff_backbone": (rows, lambda n: koff_generate(backbone, prompts, [None] * rows, n)),
             "koff_one_memory": (rows, lambda n: koff_generate(backbone, prompts, [names[0]] * rows, n)),
+            "koff_one_memory_merged": (rows, merged(backbone, lambda n: koff_generate(backbone, prompts, [names[0]] * rows, n))),
             "koff_mixed": (rows, lambda n: koff_generate(backbone, prompts, mixed, n)),
         },
     }
@@ -282,6 +297,9 @@ def goal_rows(r: dict) -> list[list[str]]:
     ideal = r["dense_parameters"] / r["parameters"]
     goals = [("koff backbone + memory / hf_dense, batch 1", one["koff_memory"] / one["hf_dense"], 1.05),
              ("4 memories mixed / one memory, batched", rows["koff_mixed"] / rows["koff_one_memory"], 0.9)]
+    if "koff_memory_merged" in one:
+        goals.insert(1, ("the same, --merge-lora", one["koff_memory_merged"] / one["hf_dense"], 1.05))
+        goals.append(("4 memories mixed / one memory merged, batched", rows["koff_mixed"] / rows["koff_one_memory_merged"], 0.9))
     if "llama_cpp_dense" in one:
         goals.append((f"llama.cpp backbone / dense (ideal {ideal:.3f})", one["llama_cpp_backbone"] / one["llama_cpp_dense"],
                       1 + 0.7 * (ideal - 1)))
@@ -306,7 +324,8 @@ def report(results: list[dict], device: str) -> str:
         if limit:
             speeds = r["tokens_per_s"]["batch 1"]
             rows = [[name, f"{r['weight_bytes'][kind] * speeds[name] / limit:.2f}"]
-                    for name, kind in (("hf_dense", "dense"), ("koff_backbone", "backbone"), ("koff_memory", "backbone"))]
+                    for name, kind in (("hf_dense", "dense"), ("koff_backbone", "backbone"), ("koff_memory", "backbone"),
+                                       ("koff_memory_merged", "backbone")) if name in speeds]
             lines.append(f"Weights read per second over the bandwidth ({limit / 1e9:.0f} GB/s), batch 1:\n\n"
                          + markdown_table(["way", "share of the limit"], rows))
     return "\n\n".join(lines)

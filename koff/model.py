@@ -18,7 +18,7 @@ from koff.masks.binary import BinaryMask
 from koff.masks.hooks import GateHooks
 from koff.masks.learned import LearnedMask
 from koff.masks.units import UnitCosts
-from koff.memories.lora import install_lora
+from koff.memories.lora import RoutedLoRALinear, install_lora
 from koff.memories.memory import DomainMemory, MemoryConfig
 from koff.memories.prefix import prefix_from_text, prefix_inputs, prefix_shapes
 from koff.memories.batch import BatchMemories
@@ -101,8 +101,11 @@ class KoffModel(nn.Module):
         self.memories[memory.name] = memory.to(self.device)
 
     def remove_memory(self, name: str) -> None:
-        self._memory(name)
+        memory = self._memory(name)
         del self.memories[name]
+        for module in self.base.modules():  # what the LoRA wrappers kept of it (a merged weight is large)
+            if isinstance(module, RoutedLoRALinear):
+                module.forget(memory)
 
     def adapt_projections(self, targets: list[str]) -> None:
         """Give LoRA wrappers to more projections (a memory may adapt ones the others do not)."""

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import koff.runtime.generation as generation
 from koff.export import export_run
 from koff.runtime import Sampling, load
+from koff.memories.lora import RoutedLoRALinear
 from koff.runtime.sampling import RowSampling, uniform_noise
 from test_export import make_run
 
@@ -100,3 +101,28 @@ def test_noise_depends_on_seed_and_step_only():
     joined = RowSampling.joined([rows(2, temperature=1.0), rows(1, temperature=0.0)])
     assert joined.any_sampled and joined.temperature.tolist() == [1.0, 1.0, 0.0]
     assert joined.select(torch.tensor([2, 0])).seed_lo.tolist() == [0, 0]
+
+
+def test_a_memory_merged_into_the_weights_gives_the_same_logits_and_text(runtime, tmp_path):
+    merged = load(tmp_path / "export", merge_lora=True)
+    ids = torch.tensor([runtime.encode("the cat sat on the mat")])
+    wrappers = [m for m in merged.model.base.modules() if isinstance(m, RoutedLoRALinear)]
+    assert any(w.key in m.lora_B and m.lora_B[w.key].abs().sum() > 0 for w in wrappers for m in merged.model.memories.values())
+    with torch.no_grad():
+        for memory in ("eng", "code", None):
+            assert torch.allclose(merged.model(ids, memory), runtime.model(ids, memory), atol=1e-5)
+    assert all(w._merged and w._merged[1] is merged.model.memories["code"] for w in wrappers)  # the last one alone
+    for prompt, memory in [("the cat sat", "eng"), ("def f(x):", "code")]:
+        assert merged.generate(prompt, memory=memory, max_new_tokens=12) == runtime.generate(prompt, memory=memory, max_new_tokens=12)
+    mixed = (["the cat sat", "def f(x):", "a dog"], ["eng", "code", None])
+    assert merged.generate(mixed[0], memory=mixed[1], max_new_tokens=8) == runtime.generate(mixed[0], memory=mixed[1], max_new_tokens=8)
+    merged.remove_memory("code")
+    assert not any(w._merged for w in wrappers)  # an unloaded memory's merged weights are let go
+
+
+def test_training_never_runs_on_merged_weights(runtime):
+    runtime.model.batch_memories.merge_single = True
+    ids = torch.tensor([runtime.encode("the cat sat")])
+    runtime.model(ids, "eng").sum().backward()
+    memory = runtime.model.memories["eng"]
+    assert all(p.grad is not None for p in memory.lora_B.values())

@@ -17,6 +17,17 @@ from koff.models import DTYPE_CHOICES
 log = logging.getLogger("koff")
 
 # Options that describe how to run, not what to compute: never stored in a resolved config.
+MERGE_HELP = ("run a request that uses one memory alone on weights with its LoRA merged in: faster, "
+              "at the price of one more copy of the adapted weights in memory")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how an export runs (``generate`` and ``serve``)."""
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--merge-lora", action="store_true", help=MERGE_HELP)
+
+
 _NOT_CONFIG = {"func", "config", "command", "resume", "verbose", "quiet", "explicit"}
 _UNSET = object()
 

@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from koff.cli.common import log, markdown_table
-from koff.models import DTYPE_CHOICES
+from koff.cli.common import add_runtime_options, log, markdown_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,8 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None, help="makes sampling repeatable (the same text alone or in any batch)")
     gen.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
+    add_runtime_options(gen)
     gen.set_defaults(func=generate)
 
     info = subparsers.add_parser("info", help="widths, parameter counts, sparsity and memories of an exported folder",
@@ -38,7 +36,7 @@ def generate(args: argparse.Namespace) -> int:
     from koff.runtime import AUTO, Sampling, load
 
     Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
-    runtime = load(args.export_dir, device=args.device, dtype=args.dtype)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora)
     prompt = args.prompt
     if args.chat:
         prompt = runtime.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

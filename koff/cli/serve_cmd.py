@@ -6,8 +6,7 @@ import argparse
 import ipaddress
 import os
 
-from koff.cli.common import UsageError, log
-from koff.models import DTYPE_CHOICES
+from koff.cli.common import UsageError, add_runtime_options, log
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where `model: auto` sends a prompt the router is not confident about (default: the bare "
                         "backbone)")
     parser.add_argument("--backbone-id", default="backbone", help="model id of the bare backbone")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
+    add_runtime_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections).fit_descriptors()
     except ValueError as err:
         raise UsageError(f"--header-timeout, --body-timeout, --max-connections: {err}") from err
-    runtime = load(args.export_dir, device=args.device, dtype=args.dtype)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora)
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,

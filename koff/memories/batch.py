@@ -26,7 +26,9 @@ class BatchMemories:
     name order so that the same set of memories always stacks the same way).
     """
 
-    def __init__(self):
+    def __init__(self, merge_single: bool = False):
+        # At inference, run a batch of one memory on weights with its LoRA merged in (see lora.py).
+        self.merge_single = merge_single
         self.single: DomainMemory | None = None
         self.per_sample: list[DomainMemory | None] = []
         self.distinct: list[DomainMemory] = []

@@ -35,7 +35,8 @@ class MemoryLoadError(UserInputError):
 
 
 class KoffRuntime:
-    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto"):
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto",
+                 merge_lora: bool = False):
         self.folder = Path(folder)
         dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         base, self.tokenizer, self.meta = load_backbone(self.folder / "backbone", dtype, device)
@@ -43,6 +44,8 @@ class KoffRuntime:
         targets = self.meta.get("lora_targets") or list(DEFAULT_LORA_TARGETS)
         self.model = KoffModel(base, MemoryConfig(kind="lora+kv", lora_targets=list(targets)))
         self.model.eval()
+        # A batch on one memory runs on weights with its LoRA merged in: faster, one more copy of them.
+        self.model.batch_memories.merge_single = merge_lora
         self.sizes: dict[str, int] = {}
         # Memory folders of the export that could not be loaded, with the reason: one bad folder
         # must not keep the others (or a server) from starting.
@@ -275,9 +278,12 @@ def inside(path: Path, root: Path) -> Path:
     return resolved
 
 
-def load(folder: str | Path, device: str = "cpu", dtype: str = "auto") -> KoffRuntime:
-    """Load an exported koff folder (``koff export`` output); ``dtype`` auto: bfloat16 on a GPU, else float32."""
-    return KoffRuntime(folder, device=device, dtype=dtype)
+def load(folder: str | Path, device: str = "cpu", dtype: str = "auto", merge_lora: bool = False) -> KoffRuntime:
+    """Load an exported koff folder (``koff export`` output); ``dtype`` auto: bfloat16 on a GPU, else
+    float32. ``merge_lora``: a batch that uses one memory alone runs on weights with that memory's
+    LoRA merged in (one matmul per projection instead of three more operations; the merged copy of
+    the adapted weights is kept for the last such memory)."""
+    return KoffRuntime(folder, device=device, dtype=dtype, merge_lora=merge_lora)
 
 
 __all__ = ["AUTO", "BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]
