@@ -63,9 +63,8 @@ class RoutedLoRALinear(nn.Module):
             memory = batch.single
             if memory is None or self.key not in memory.lora_A:
                 return y
-            a, scaled_b_t = self._single(memory, x.dtype)  # kept between decoding steps, made anew in training
-            low = F.linear(x, a)
-            return torch.addmm(y.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), scaled_b_t).view_as(y)
+            a, scaled_b = self._single(memory, x.dtype)  # kept between decoding steps, made anew in training
+            return y + F.linear(F.linear(x, a), scaled_b)  # three operations (reshaping for addmm costs more)
         present = [m for m in batch.distinct if self.key in m.lora_A]
         if not present:
             return y
@@ -95,9 +94,9 @@ class RoutedLoRALinear(nn.Module):
         return self._cached("stacked", present, dtype, build)
 
     def _single(self, memory, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One memory's A (rank, in) and its B times its scaling, transposed (rank, out), in ``dtype``."""
+        """One memory's A and its B times its scaling, in ``dtype``."""
         def build():
-            return memory.lora_A[self.key].to(dtype), (memory.lora_B[self.key] * memory.scaling).t().contiguous().to(dtype)
+            return memory.lora_A[self.key].to(dtype), (memory.lora_B[self.key] * memory.scaling).to(dtype)
 
         return self._cached("single", [memory], dtype, build)
 
