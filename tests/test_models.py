@@ -139,3 +139,45 @@ def test_gguf_conversion_started_by_several_processes_at_once_runs_once(tmp_path
     assert len(calls) == 1
     assert results == [["config.json", "weights"]] * 4
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == ["m"]
+
+
+class RenamedMLP(torch.nn.Module):
+    """A gated MLP whose projections are called as another family calls them (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.w1, self.w3, self.w2, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+def test_a_family_with_other_module_names_is_one_adapter(monkeypatch):
+    """Masks, gates and LoRA find a family's projections only through its adapter."""
+    import koff.models.architecture as architecture
+    from koff.masks.binary import BinaryMask
+    from koff.memories.lora import RoutedLoRALinear
+    from koff.memories.memory import MemoryConfig
+    from koff.model import KoffModel
+    from koff.models.adapter import ArchitectureAdapter, gated_mlp_gqa
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+    for layer in model.model.layers:
+        layer.feed_forward = RenamedMLP(layer.mlp)  # the family keeps its MLP under another name too
+        layer.mlp = layer.feed_forward
+    renamed = ArchitectureAdapter("renamed", ("llama",), mlp="feed_forward",
+                                  projections=gated_mlp_gqa(gate_proj="w1", up_proj="w3", down_proj="w2"))
+    monkeypatch.setitem(architecture.ADAPTERS, "llama", renamed)
+    koff = KoffModel(model, MemoryConfig(kind="lora", lora_targets=["gate_proj", "down_proj"]))
+    layer = model.model.layers[0]
+    assert isinstance(layer.feed_forward.w1, RoutedLoRALinear) and isinstance(layer.feed_forward.w2, RoutedLoRALinear)
+    assert koff.layout.layers[0].projection("up_proj") is layer.feed_forward.w3
+    with torch.no_grad():
+        assert torch.allclose(koff(ids, None), dense, atol=1e-5)
+        mask = BinaryMask([torch.ones(96, dtype=torch.bool) for _ in range(2)], [torch.ones(2, dtype=torch.bool)] * 2)
+        mask.ffn[0][:48] = False
+        koff.set_mask(mask)
+        assert not torch.allclose(koff(ids, None), dense, atol=1e-3)  # the gate sits on w2's input

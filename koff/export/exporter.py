@@ -106,7 +106,7 @@ def _write_export(run: RunOutputs, out: Path, uniform: bool, max_shard_size: str
     module_names = peft_module_names(model)
     memories = {}
     for name, memory in run.memories.items():
-        state = slice_memory(memory, selections, layout.heads_per_group, layout.head_dim)
+        state = slice_memory(memory, selections, layout)
         manifest = {
             "backbone_fingerprint": meta["fingerprint"],
             "memory_kind": run.manifests[name].get("memory_kind"),

@@ -26,11 +26,13 @@ from koff.formats.exported_memory import MANIFEST, MemoryFit, read_exported_stat
 from koff.io import atomic_path, read_json
 from koff.memories.memory import parse_lora_key
 from koff.models.architecture import decoder_layout
+from koff.models.families import FAMILIES
 from koff.models.loader import source_gguf
 
 ARCH = "deci"
-# Model types whose layers are Llama's, up to projection biases (and whose GGUF is therefore deci).
-SUPPORTED = ("llama", "mistral", "qwen2")
+# Model types whose layers are Llama's, up to projection biases (and whose GGUF is therefore deci):
+# each family's adapter names its own.
+SUPPORTED = tuple(t for adapter in FAMILIES for t in adapter.gguf_model_types)
 TENSORS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 DTYPES = ("f16", "f32", "q8_0")

@@ -17,7 +17,8 @@ import torch
 
 from koff.masks.binary import BinaryMask
 from koff.memories.memory import DomainMemory, parse_lora_key
-from koff.models.architecture import NARROWED_AXIS, NARROWING_UNITS
+from koff.models.adapter import Axis, Projection, Units
+from koff.models.architecture import DecoderLayout
 
 
 @dataclass
@@ -93,26 +94,28 @@ class Narrowing:
         return Narrowing(rows=self.rows)
 
 
-def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int) -> dict[str, Narrowing]:
-    """Each projection's narrowing for one layer's selection."""
-    kept = {"ffn": sel.ffn, "query": head_rows(sel.groups, heads_per_group, head_dim),
-            "kv": group_rows(sel.groups, head_dim)}
+def projection_narrowings(sel: LayerSelection, heads_per_group: int, head_dim: int,
+                          projections: dict[str, Projection]) -> dict[str, Narrowing]:
+    """Each projection's narrowing (by role) for one layer's selection."""
+    kept = {Units.FFN: sel.ffn, Units.QUERY: head_rows(sel.groups, heads_per_group, head_dim),
+            Units.KV: group_rows(sel.groups, head_dim)}
     # A consumer (an "in" projection) also learns which of its kept columns are padding (uniform export).
-    dead = {"ffn": (~sel.ffn_live).nonzero().flatten(),
-            "query": head_rows((~sel.groups_live).nonzero().flatten(), heads_per_group, head_dim)}
-    return {name: Narrowing(rows=kept[NARROWING_UNITS[name]]) if axis == "out"
-            else Narrowing(cols=kept[NARROWING_UNITS[name]], dead_cols=dead[NARROWING_UNITS[name]])
-            for name, axis in NARROWED_AXIS.items()}
+    dead = {Units.FFN: (~sel.ffn_live).nonzero().flatten(),
+            Units.QUERY: head_rows((~sel.groups_live).nonzero().flatten(), heads_per_group, head_dim)}
+    return {role: Narrowing(rows=kept[p.units]) if p.axis is Axis.OUT
+            else Narrowing(cols=kept[p.units], dead_cols=dead[p.units])
+            for role, p in projections.items()}
 
 
 def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:
     return {"intermediate_size": [len(s.ffn) for s in selections], "num_key_value_heads": [len(s.groups) for s in selections]}
 
 
-def slice_memory(memory: DomainMemory, selections: list[LayerSelection], heads_per_group: int, head_dim: int) -> dict:
+def slice_memory(memory: DomainMemory, selections: list[LayerSelection], layout: DecoderLayout) -> dict:
     """The memory's flat state restricted to the kept units of each layer."""
     state = {}
-    narrowings = [projection_narrowings(sel, heads_per_group, head_dim) for sel in selections]
+    narrowings = [projection_narrowings(sel, layout.heads_per_group, layout.head_dim, layout.projections)
+                  for sel in selections]
     for key, a in memory.lora_A.items():
         layer, proj = parse_lora_key(key)
         narrowing = narrowings[layer][proj]

@@ -60,7 +60,7 @@ def projection_narrowings_by_name(model: nn.Module, layout: DecoderLayout,
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for parts, sel in zip(layout.layers, selections):
-        for proj, narrowing in projection_narrowings(sel, layout.heads_per_group, layout.head_dim).items():
+        for proj, narrowing in projection_narrowings(sel, layout.heads_per_group, layout.head_dim, layout.projections).items():
             module = parts.projection(proj)
             out[f"{names[id(module)]}.weight"] = narrowing
             if module.bias is not None:

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from koff.errors import KoffError
 from koff.io import read_json, write_json
-from koff.models.architecture import NARROWED_AXIS, NARROWING_UNITS, decoder_layout
+from koff.models.adapter import Axis, Units
+from koff.models.architecture import decoder_layout
 from koff.models.folder_check import check_model_folder
 from koff.tensor_files import load_tensors
 
@@ -110,11 +111,10 @@ def _load_per_layer(folder: Path, widths: dict[str, list[int]], dtype: torch.dty
     rep, hd = layout.heads_per_group, layout.head_dim
     with init_empty_weights(include_buffers=False):
         for parts, ffn, groups in zip(layout.layers, widths["intermediate_size"], widths["num_key_value_heads"]):
-            size = {"ffn": ffn, "query": groups * rep * hd, "kv": groups * hd}
-            for name, axis in NARROWED_AXIS.items():
-                width = size[NARROWING_UNITS[name]]
-                resized = _resized(parts.projection(name), **({"out": width} if axis == "out" else {"inp": width}))
-                setattr(parts.owner(name), name, resized)
+            size = {Units.FFN: ffn, Units.QUERY: groups * rep * hd, Units.KV: groups * hd}
+            for role, p in layout.projections.items():
+                width = size[p.units]
+                parts.replace(role, _resized(parts.projection(role), **({"out": width} if p.axis is Axis.OUT else {"inp": width})))
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state |= load_tensors(path)

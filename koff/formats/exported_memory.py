@@ -19,7 +19,7 @@ import torch
 from koff.errors import UserInputError
 from koff.io import read_json, write_json
 from koff.memories.memory import DomainMemory, lora_key, parse_lora_key
-from koff.models.architecture import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, decoder_layout
+from koff.models.architecture import decoder_layout
 from koff.tensor_files import FLOAT_DTYPES, TensorInfo, load_tensors, read_header, save_tensors
 
 FORMAT = "koff-memory-export-v1"
@@ -40,7 +40,7 @@ def peft_module_names(model) -> dict[tuple[int, str], str]:
     """(layer, projection) -> the module's dotted name in the backbone (e.g. model.layers.3.mlp.up_proj)."""
     layout = decoder_layout(model)
     names = {id(m): n for n, m in model.named_modules()}
-    return {(p.index, proj): names[id(p.projection(proj))] for p in layout.layers for proj in (*ATTENTION_PROJECTIONS, *MLP_PROJECTIONS)}
+    return {(p.index, proj): names[id(p.projection(proj))] for p in layout.layers for proj in layout.adapter.roles}
 
 
 def write_memory(folder: Path, name: str, state: dict, memory: DomainMemory, module_names: dict, manifest: dict) -> None:

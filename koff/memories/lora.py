@@ -149,10 +149,9 @@ def install_lora(layout: DecoderLayout, targets: list[str], batch: BatchMemories
     shapes = {}
     for parts in layout.layers:
         for name in targets:
-            owner = parts.owner(name)
-            module = getattr(owner, name)
+            module = parts.projection(name)
             key = lora_key(parts.index, name)
             if not isinstance(module, RoutedLoRALinear):
-                setattr(owner, name, RoutedLoRALinear(module, key, batch))
+                parts.replace(name, RoutedLoRALinear(module, key, batch))
             shapes[key] = (module.in_features, module.out_features)
     return shapes

@@ -1,3 +1,4 @@
+from koff.models.adapter import ArchitectureAdapter
 from koff.models.architecture import (
     SUPPORTED_MODEL_TYPES,
     DecoderLayout,
@@ -17,6 +18,7 @@ from koff.models.loader import (
 )
 
 __all__ = [
+    "ArchitectureAdapter",
     "SUPPORTED_MODEL_TYPES",
     "DecoderLayout",
     "LayerParts",
