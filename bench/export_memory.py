@@ -37,7 +37,8 @@ from koff.formats.run import CONFIG, write_outputs
 from koff.io import markdown_table, write_json, write_text, write_yaml
 from koff.masks.binary import select_units
 from koff.masks.units import UnitCosts
-from koff.memories.memory import DomainMemory, lora_key
+from koff.memories.memory import DomainMemory
+from koff.memories.parts import lora_key
 from koff.models.architecture import decoder_layout
 from koff.plan import GiB
 

@@ -4,6 +4,7 @@ import torch
 from koff.formats.run_memory import load_memory_state, save_memory
 from koff.masks import LearnedMask
 from koff.memories import DomainMemory, MemoryConfig
+from koff.memories.parts import KV_PREFIX, LORA
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime import DecodeBatch, Sampling
 from tiny import tiny_model
@@ -107,6 +108,19 @@ def test_memory_kinds_hold_what_they_say():
         MemoryConfig(kind="prefix")
     with pytest.raises(ValueError, match="unknown LoRA target"):
         MemoryConfig(lora_targets=["q_proj", "lm_head"])
+
+
+def test_a_memory_kind_names_its_parts_and_each_part_owns_its_tensors():
+    assert MemoryConfig(kind="lora+kv").parts == (LORA, KV_PREFIX)
+    assert MemoryConfig(kind="lora").parts == (LORA,) and MemoryConfig(kind="kv").parts == (KV_PREFIX,)
+    assert MemoryConfig(kind="none").parts == ()
+    memory = DomainMemory("x", {"0_q_proj": (8, 16)}, 4, 8.0, [(2, 4)], 3)
+    state = memory.flat_state()
+    assert {n for n in state if LORA.owns(n)} == {"lora_A.0_q_proj", "lora_B.0_q_proj"}
+    assert {n for n in state if KV_PREFIX.owns(n)} == {"prefix.keys.0", "prefix.values.0"}
+    assert LORA.parameters(memory) == memory.lora_parameters() and len(KV_PREFIX.parameters(memory)) == 2
+    again = DomainMemory.from_flat_state("x", state, 8.0)
+    assert (again.rank, again.slots) == (4, 3) and again.prefix_keys[0].shape == (2, 3, 4)
 
 
 def test_unknown_memory_and_short_kv_text_are_refused():

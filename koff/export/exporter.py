@@ -14,7 +14,8 @@ from koff.export.router_build import write_router
 from koff.export.weights import base_weight_files, stored_dtype, write_backbone_weights
 from koff.formats.backbone import DEFAULT_SHARD_SIZE, finish_backbone, narrowed_config
 from koff.formats.export_folder import SUMMARY, is_export
-from koff.formats.exported_memory import memory_size_bytes, peft_module_names, write_memory
+from koff.formats.exported_memory import memory_size_bytes, write_memory
+from koff.memories.parts import peft_module_names
 from koff.formats.run import RunOutputs, read_run
 from koff.io import staged_folder, write_json
 from koff.locks import folder_lock

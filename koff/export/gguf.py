@@ -22,9 +22,9 @@ import torch
 
 from koff.errors import KoffError
 from koff.formats.backbone import load_backbone
-from koff.formats.exported_memory import MANIFEST, MemoryFit, read_exported_state
+from koff.formats.exported_memory import MANIFEST, read_exported_state
 from koff.io import atomic_path, read_json
-from koff.memories.memory import parse_lora_key
+from koff.memories.parts import MemoryFit, parse_lora_key
 from koff.models.architecture import decoder_layout
 from koff.models.families import FAMILIES
 from koff.models.loader import source_gguf

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from koff.masks.binary import BinaryMask
-from koff.memories.memory import DomainMemory, parse_lora_key
+from koff.memories.memory import DomainMemory
+from koff.memories.parts import PARTS
 from koff.models.adapter import Axis, Projection, Units
 from koff.models.architecture import DecoderLayout
 
@@ -112,17 +113,8 @@ def layer_widths(selections: list[LayerSelection]) -> dict[str, list[int]]:
 
 
 def slice_memory(memory: DomainMemory, selections: list[LayerSelection], layout: DecoderLayout) -> dict:
-    """The memory's flat state restricted to the kept units of each layer."""
-    state = {}
+    """The memory's flat state restricted to the kept units of each layer, part by part."""
     narrowings = [projection_narrowings(sel, layout.heads_per_group, layout.head_dim, layout.projections)
                   for sel in selections]
-    for key, a in memory.lora_A.items():
-        layer, proj = parse_lora_key(key)
-        narrowing = narrowings[layer][proj]
-        state[f"lora_A.{key}"] = narrowing.of_cols(a.detach()).contiguous()
-        state[f"lora_B.{key}"] = narrowing.of_rows(memory.lora_B[key].detach()).contiguous()
-    for i, (k, v) in enumerate(zip(memory.prefix_keys, memory.prefix_values)):
-        groups = selections[i].groups
-        state[f"prefix.keys.{i}"] = k.detach()[groups].contiguous()
-        state[f"prefix.values.{i}"] = v.detach()[groups].contiguous()
-    return state
+    kept_groups = [sel.groups for sel in selections]
+    return {name: tensor for part in PARTS for name, tensor in part.sliced(memory, narrowings, kept_groups).items()}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from koff.errors import UserInputError
 from koff.io import read_json, write_json
-from koff.memories.memory import DomainMemory, parse_lora_key
+from koff.memories.memory import DomainMemory
+from koff.memories.parts import parse_lora_key
 from koff.tensor_files import load_tensors, save_tensors
 
 FORMAT = "koff-memory-v1"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from koff.memories.memory import lora_key
+from koff.memories.parts import lora_key
 from koff.memories.batch import BatchMemories
 from koff.models.architecture import DecoderLayout
 

@@ -1,8 +1,10 @@
-"""One domain's memory: LoRA adapters on chosen projections plus a learned key-value prefix."""
+"""One domain's memory: LoRA adapters on chosen projections plus a learned key-value prefix.
+
+The memory holds the parameters; each kind of part (``koff.memories.parts``) says what its
+parameters are, how they are named, sliced, exported and checked."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from koff.errors import UserInputError
+from koff.memories.parts import KV_PREFIX, LORA, PARTS, MemoryPart
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEMORY_KINDS = ("lora+kv", "lora", "kv", "none")
@@ -37,12 +40,18 @@ class MemoryConfig:
             raise UserInputError("kv_slots must be at least 1")
 
     @property
+    def parts(self) -> tuple[MemoryPart, ...]:
+        """The kinds of part ``kind`` names ("lora+kv": both; "none": no memory)."""
+        named = set(self.kind.split("+"))
+        return tuple(part for part in PARTS if part.kind in named)
+
+    @property
     def use_lora(self) -> bool:
-        return "lora" in self.kind
+        return LORA in self.parts
 
     @property
     def use_kv(self) -> bool:
-        return "kv" in self.kind
+        return KV_PREFIX in self.parts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,16 +64,6 @@ def rows_in_stack(per_sample: Sequence["DomainMemory | None"], present: Sequence
     prefixes), so a mixed batch gathers each sample's own with one ``index_select``."""
     place = {id(m): i + 1 for i, m in enumerate(present)}
     return torch.tensor([place.get(id(m), 0) for m in per_sample], device=device)
-
-
-def lora_key(layer: int, projection: str) -> str:
-    """Parameter-dict key of one adapted projection (dots are not allowed in module keys)."""
-    return f"{layer}_{projection}"
-
-
-def parse_lora_key(key: str) -> tuple[int, str]:
-    layer, projection = key.split("_", 1)
-    return int(layer), projection
 
 
 class DomainMemory(nn.Module):
@@ -86,31 +85,17 @@ class DomainMemory(nn.Module):
         self.scaling = alpha / rank if rank else 0.0
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        for key, (fan_in, fan_out) in lora_shapes.items():
-            a = torch.empty(rank, fan_in)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT: A random, B zero
-            self.lora_A[key] = nn.Parameter(a)
-            self.lora_B[key] = nn.Parameter(torch.zeros(fan_out, rank))
         self.prefix_keys = nn.ParameterList()
         self.prefix_values = nn.ParameterList()
-        for kv_heads, head_dim in prefix_shapes or []:
-            self.prefix_keys.append(nn.Parameter(torch.zeros(kv_heads, slots, head_dim)))
-            self.prefix_values.append(nn.Parameter(torch.zeros(kv_heads, slots, head_dim)))
+        LORA.add_to(self, lora_shapes, rank)
+        KV_PREFIX.add_to(self, prefix_shapes or [], slots)
 
     @classmethod
     def from_flat_state(cls, name: str, state: dict[str, torch.Tensor], alpha: float) -> "DomainMemory":
         """Rebuild a memory from ``flat_state()`` tensors; shapes (and so per-layer widths) come from them."""
-        lora_shapes = {k[len("lora_A."):]: (v.shape[1], state["lora_B." + k[len("lora_A."):]].shape[0])
-                       for k, v in state.items() if k.startswith("lora_A.")}
-        ranks = {v.shape[0] for k, v in state.items() if k.startswith("lora_A.")}
-        if len(ranks) > 1:
-            raise UserInputError(f"memory {name!r}: LoRA factors of different ranks {sorted(ranks)}")
-        n_layers = len([k for k in state if k.startswith("prefix.keys.")])
-        keys = [state[f"prefix.keys.{i}"] for i in range(n_layers)]
-        if len({k.shape[1] for k in keys}) > 1:
-            raise UserInputError(f"memory {name!r}: KV prefix layers hold different slot counts")
-        memory = cls(name, lora_shapes, ranks.pop() if ranks else 0, alpha,
-                     [(k.shape[0], k.shape[2]) for k in keys], keys[0].shape[1] if keys else 0)
+        lora_shapes, rank = LORA.shapes_of(state, name)
+        prefix_shapes, slots = KV_PREFIX.shapes_of(state, name)
+        memory = cls(name, lora_shapes, rank, alpha, prefix_shapes, slots)
         memory.load_flat_state(state)
         return memory
 
@@ -123,10 +108,10 @@ class DomainMemory(nn.Module):
         return len(self.prefix_keys) > 0
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return list(self.lora_A.values()) + list(self.lora_B.values())
+        return LORA.parameters(self)
 
     def prefix_parameters(self) -> list[nn.Parameter]:
-        return list(self.prefix_keys) + list(self.prefix_values)
+        return KV_PREFIX.parameters(self)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -140,10 +125,7 @@ class DomainMemory(nn.Module):
 
     def flat_state(self) -> dict[str, torch.Tensor]:
         """Tensors under stable, file-friendly names."""
-        state = {f"lora_A.{k}": p.detach() for k, p in self.lora_A.items()}
-        state |= {f"lora_B.{k}": p.detach() for k, p in self.lora_B.items()}
-        state |= {f"prefix.keys.{i}": p.detach() for i, p in enumerate(self.prefix_keys)}
-        state |= {f"prefix.values.{i}": p.detach() for i, p in enumerate(self.prefix_values)}
+        state = {name: tensor for part in PARTS for name, tensor in part.flat_state(self).items()}
         return {k: v.contiguous() for k, v in state.items()}
 
     @torch.no_grad()

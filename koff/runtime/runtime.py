@@ -16,9 +16,10 @@ from koff.data.sources import validate_domain_name
 from koff.errors import UserInputError
 from koff.formats.backbone import BackboneError, load_backbone
 from koff.formats.exported_memory import FORMAT as MEMORY_FORMAT
-from koff.formats.exported_memory import MANIFEST, MemoryFit, memory_size_bytes, read_exported_state
+from koff.formats.exported_memory import MANIFEST, memory_size_bytes, read_exported_state
 from koff.io import read_json
-from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig, parse_lora_key
+from koff.memories.memory import DEFAULT_LORA_TARGETS, DomainMemory, MemoryConfig
+from koff.memories.parts import MemoryFit, parse_lora_key
 from koff.model import KoffModel, UnknownMemoryError
 from koff.models import resolve_dtype
 from koff.routing import ROUTER_FILE, Router, RouterError

@@ -20,7 +20,8 @@ from koff.data import load_domain
 from koff.data.sources import DomainSpec, parse_domain
 from koff.errors import UserInputError
 from koff.formats.backbone import load_backbone
-from koff.formats.exported_memory import MANIFEST, memory_size_bytes, peft_module_names, training_data, write_memory
+from koff.formats.exported_memory import MANIFEST, memory_size_bytes, training_data, write_memory
+from koff.memories.parts import peft_module_names
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
