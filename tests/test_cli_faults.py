@@ -77,6 +77,8 @@ def test_decompose_refuses_bad_input(world, capsys):
         (decompose(world, "--mask", f"file:{world['other']}"), "was made for another model"),
         (decompose(world, "--domain", "noequals"), "NAME=SOURCE"),
         (decompose(world, "--domain", f"x={r / 'none.txt'}"), "domain 'x'"),
+        (decompose(world, "--heldout", f"eng={r / 'none.txt'}"), "none.txt does not exist"),
+        (decompose(world, "--heldout", f"deu={world['corpus']['deu']}"), "'deu' is not one of the run's domains"),
         (decompose(world, "--model", r / "no-such-model"), "no-such-model"),
         (decompose(world, "--config", r / "none.yaml"), "config file not found"),
         (decompose(world, "--config", r / "list.yaml"), "is not a koff config"),

@@ -168,3 +168,13 @@ def test_html_pages_are_read_as_their_prose(tmp_path):
     (folder / "ch01.de.html").write_text(page)
     (folder / "debian.css").write_text("body {}")
     assert read_documents(DomainSpec("deu", str(folder))) == [text]
+
+
+def test_a_source_may_name_a_fallback(tmp_path):
+    from koff.data.sources import fell_back
+
+    (tmp_path / "real").mkdir()
+    assert parse_domain(f"eng={tmp_path / 'real'}|bundled:eng").source == str(tmp_path / "real")
+    assert parse_domain(f"eng={tmp_path / 'missing'}|{tmp_path / 'real'}").source == str(tmp_path / "real")
+    assert fell_back(f"{tmp_path / 'missing'}|{tmp_path / 'real'}") and not fell_back(str(tmp_path / "real"))
+    assert parse_domain(f"eng={tmp_path / 'a'}|{tmp_path / 'b'}").source == str(tmp_path / "b")  # none: the last one's error

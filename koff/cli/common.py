@@ -51,7 +51,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, []) else "")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "domain":
+        elif f.name in ("domain", "heldout"):
             parser.add_argument(flag, action="append", default=None, metavar="NAME=SOURCE", help=help_text)
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", default=None, help=help_text)

@@ -43,9 +43,22 @@ def run(args: argparse.Namespace) -> int:
     if not decomposer.accelerator.is_main_process:  # under `accelerate launch`, one process reports
         return 0
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
-    if "eval" in summary:
+    if config.heldout and config.eval:
+        print(_heldout_table(config, out))
+    elif "eval" in summary:
         print(_eval_table(DecompositionEval.from_dict(summary["eval"])))
     return 0
+
+
+def _heldout_table(config: DecomposeConfig, out: Path) -> str:
+    """The run scored as `koff eval RUN --transfer ...` scores it, with the held-out text as transfer columns."""
+    from koff.experiments.ablation import ablation_table, save_table, usable_heldout
+
+    table = ablation_table([str(out)], batch_size=config.eval_batch_size, max_blocks=config.eval_max_blocks,
+                           device=config.device, transfer=usable_heldout(config.heldout, config.domain),
+                           transfer_max_blocks=config.eval_max_blocks)
+    log.info("held-out text scored: %s", out / "eval" / "table.md")
+    return save_table(table, out / "eval")
 
 
 def _new_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
@@ -54,7 +67,12 @@ def _new_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:
     values = {f.name: getattr(args, f.name) for f in fields(DecomposeConfig)}
     values = {k: v for k, v in values.items() if v is not None}
     require(values.get("domain"), "--domain")
-    return DecomposeConfig.from_dict(values)
+    config = DecomposeConfig.from_dict(values)
+    if config.heldout:
+        from koff.experiments.ablation import usable_heldout
+
+        usable_heldout(config.heldout, config.domain)  # refuses a bad one before the run trains
+    return config
 
 
 def _resumed_config(args: argparse.Namespace, out: Path) -> DecomposeConfig:

@@ -18,7 +18,7 @@ from koff.cli.common import (
 )
 from koff.data import load_domains, parse_domains
 from koff.evaluation import evaluate, hf_scorer
-from koff.experiments.ablation import ablation_table, export_table, markdown, run_label, to_csv
+from koff.experiments.ablation import ablation_table, export_table, run_label, save_table
 from koff.formats.export_folder import is_export
 from koff.io import write_json, write_text
 from koff.models import load_model
@@ -134,11 +134,7 @@ def run_table(args: argparse.Namespace) -> int:
     out = Path(args.out or first / "eval")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(args, out)
-    text = markdown(table)
-    print(text)
-    write_json(out / "table.json", table)
-    write_text(out / "table.md", text + "\n")
-    write_text(out / "table.csv", to_csv(table))
+    print(save_table(table, out))
     log.info("wrote %s (table.md, table.json, table.csv)", out)
     return 0
 

@@ -53,11 +53,35 @@ def validate_domain_name(name: str) -> str:
 
 
 def parse_domain(arg: str) -> DomainSpec:
-    """Parse ``NAME=SOURCE``."""
+    """Parse ``NAME=SOURCE``, where SOURCE may list alternatives, ``A|B``: the first that exists is
+    used (``corpora/debian-reference/eng|bundled:eng``: the real text where it was fetched, else the
+    bundled corpus)."""
     name, sep, source = arg.partition("=")
     if not sep or not source:
         raise DomainDataError(f"domain {arg!r} must look like NAME=SOURCE (e.g. eng=bundled:eng)")
-    return DomainSpec(validate_domain_name(name.strip()), source.strip())
+    return DomainSpec(validate_domain_name(name.strip()), chosen_source(source))
+
+
+def chosen_source(source: str) -> str:
+    """The first of ``A|B|...`` that exists (the last one when none does, so that its error is the one shown)."""
+    alternatives = [s.strip() for s in source.split("|") if s.strip()]
+    return next((s for s in alternatives if source_exists(s)), alternatives[-1] if alternatives else source.strip())
+
+
+def fell_back(source: str) -> bool:
+    """Whether ``A|B...`` resolves to another alternative than its first."""
+    return chosen_source(source) != source.split("|")[0].strip()
+
+
+def source_exists(source: str) -> bool:
+    if source.startswith(HF_PREFIX):
+        return True  # only reading it can tell
+    if source.startswith(BUNDLED_PREFIX):
+        try:
+            return bool(_bundled_files(DomainSpec("x", source)))
+        except DomainDataError:
+            return False
+    return Path(source).expanduser().exists()
 
 
 def parse_domains(args: list[str]) -> list[DomainSpec]:

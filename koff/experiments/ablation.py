@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,17 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
+from koff.data.sources import chosen_source, fell_back, source_exists
 from koff.errors import UserInputError
 from koff.evaluation.perplexity import Scorer, evaluate
 from koff.formats.exported_memory import training_data
 from koff.formats.run import Run, load_run
-from koff.io import markdown_table
+from koff.io import markdown_table, write_json, write_text
 from koff.masks.binary import BinaryMask
 from koff.models import load_model
 from koff.runtime import load
+
+log = logging.getLogger(__name__)
 
 
 class TableError(UserInputError):
@@ -133,6 +137,8 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
         row["geomean_ratio"] = geomean_ratio(result, results[0])
         if columns:
             row["transfer_mean_ratio"] = sum(ratios[c] for c in columns) / len(columns)
+            row["source_mean_ratio"] = {label: sum(ratios[c] for c in group) / len(group)
+                                        for label, group in columns_by_source(columns).items()}
     table = {"domains": names, "transfer": columns, "rows": rows,
              "tokens": {d: r["tokens"] for d, r in results[0]["domains"].items()}}
     table["tokens"] |= {column: data.val[:, 1:].numel() for column, data in transfer}
@@ -140,6 +146,14 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
     if price:
         table["price_of_offloading"] = price
     return table
+
+
+def columns_by_source(columns: list[str]) -> dict[str, list[str]]:
+    """Held-out columns (``NAME@label``) grouped by their source's label, in order."""
+    groups: dict[str, list[str]] = {}
+    for column in columns:
+        groups.setdefault(column.partition("@")[2], []).append(column)
+    return groups
 
 
 def dense_with_memories_row(rows: list[dict]) -> dict | None:
@@ -164,20 +178,58 @@ def geomean_ratio(result: dict, dense: dict) -> float:
 def markdown(table: dict) -> str:
     names = table["domains"] + table.get("transfer", [])
     other = bool(table.get("transfer"))
-    header = ["configuration", *names, "mean ratio", *(["mean ratio, other source"] if other else []), "geomean ratio",
+    sources = list(columns_by_source(table.get("transfer", [])))
+    by_source = len(sources) > 1
+    header = ["configuration", *names, "mean ratio", *(["mean ratio, other source"] if other else []),
+              *([f"mean ratio, {s}" for s in sources] if by_source else []), "geomean ratio",
               "parameters", "memory params / domain"]
     rows = []
     for row in table["rows"]:
         cells = [f"{row['perplexity'][d]:.2f} ({row['ratio_to_dense'][d]:.3f})" for d in names]
         memory = f"{row['memory_parameters_per_domain']:,}" if row["memory_parameters_per_domain"] else "-"
         rows.append([row["configuration"], *cells, row["mean_ratio"], *([row["transfer_mean_ratio"]] if other else []),
+                     *([row["source_mean_ratio"][s] for s in sources] if by_source else []),
                      row["geomean_ratio"], f"{row['parameters']:,}", memory])
     text = markdown_table(header, rows)
     price = table.get("price_of_offloading")
     if price:
         text += "\n\nPrice of offloading (KOFF / dense base with the same memories): " + ", ".join(
             f"{c} {v:.3f}" for c, v in price.items())
+        groups = {"training text": table["domains"], **columns_by_source(table.get("transfer", []))}
+        text += "\n\nMean price of offloading: " + ", ".join(
+            f"{label} {sum(price[c] for c in group) / len(group):.3f}" for label, group in groups.items())
     return text
+
+
+def save_table(table: dict, folder: Path) -> str:
+    """Write ``table`` as table.json, table.md and table.csv in ``folder``; returns the markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown(table)
+    write_json(folder / "table.json", table)
+    write_text(folder / "table.md", text + "\n")
+    write_text(folder / "table.csv", to_csv(table))
+    return text
+
+
+def usable_heldout(specs: list[str], domains: list[str]) -> list[str]:
+    """The held-out texts to score. One that names no domain of the run, or whose files are missing,
+    is refused before a run trains for an hour and then fails to score it; except where the domain's
+    own source fell back (``A|B``: the real corpora were not fetched), whose held-out text is left
+    out with a warning."""
+    sources = {spec.partition("=")[0].strip(): spec.partition("=")[2] for spec in domains}
+    usable = []
+    for text in specs:
+        spec = parse_domain(text)
+        if spec.name not in sources:
+            raise TableError(f"--heldout {text}: {spec.name!r} is not one of the run's domains ({', '.join(sources)})")
+        if source_exists(spec.source):
+            usable.append(text)
+        elif fell_back(sources[spec.name]):
+            log.warning("--heldout %s: %s does not exist and %s trains on %s instead; not scored", text, spec.source,
+                        spec.name, chosen_source(sources[spec.name]))
+        else:
+            raise TableError(f"--heldout {text}: {spec.source} does not exist")
+    return usable
 
 
 def to_csv(table: dict) -> str:
