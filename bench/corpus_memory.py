@@ -1,6 +1,7 @@
 """Host memory of reading a corpus: how much a domain's text costs while it is tokenised and split.
 
-For each shape of corpus (one enormous line, ordinary lines, a .jsonl of records), a fresh process
+For each shape of corpus (one enormous line, ordinary lines, a .jsonl of records, one enormous HTML
+page), a fresh process
 loads the embedded model's tokenizer and runs ``load_domain`` (read, tokenise, pack, split, write
 the block cache) on ``--megabytes`` MB of text, and another fresh process does the same on a corpus
 of the same shape a thousand times smaller. The difference of their peak resident memory (the
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, git_commit, machine  # noqa: E402
 
-SHAPES = ("one-line.txt", "lines.txt", "records.jsonl")
+SHAPES = ("one-line.txt", "lines.txt", "records.jsonl", "page.html")
 GOAL = 2.0
 
 
@@ -62,6 +63,8 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
             line = " ".join(rng.choices(words, k=rng.randint(8, 40)))
             if path.suffix == ".jsonl":
                 text = json.dumps({"text": line}) + "\n"
+            elif path.suffix == ".html":  # one enormous page of paragraphs
+                text = f"<p>{line}</p>\n"
             else:
                 text = line + (" " if path.name.startswith("one-line") else "\n")
             f.write(text)

@@ -30,8 +30,8 @@ from koff.io import write_json, write_text
 from koff.models import load_model
 from koff.training import DecomposeConfig, Decomposer
 
-README_RUN = named_config("smollm2")  # the README's first command
-DOMAINS = README_RUN["domain"]
+BUNDLED_RUN = named_config("smollm2")  # the run on the bundled corpus (the README first ran this one)
+DOMAINS = BUNDLED_RUN["domain"]
 
 
 def median_step_seconds(step, steps: int, device: torch.device) -> float:
@@ -70,11 +70,11 @@ def koff_step_seconds(config: DecomposeConfig, base, tokenizer, domains, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=README_RUN["model"])
-    parser.add_argument("--steps", type=int, default=README_RUN["steps"])
-    parser.add_argument("--sparsity", type=float, default=README_RUN["sparsity"])
-    parser.add_argument("--batch-size", type=int, default=README_RUN["batch_size"])
-    parser.add_argument("--eval-max-blocks", type=int, default=README_RUN["eval_max_blocks"])
+    parser.add_argument("--model", default=BUNDLED_RUN["model"])
+    parser.add_argument("--steps", type=int, default=BUNDLED_RUN["steps"])
+    parser.add_argument("--sparsity", type=float, default=BUNDLED_RUN["sparsity"])
+    parser.add_argument("--batch-size", type=int, default=BUNDLED_RUN["batch_size"])
+    parser.add_argument("--eval-max-blocks", type=int, default=BUNDLED_RUN["eval_max_blocks"])
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--out", default="bench/out/decompose")
     parser.add_argument("--results", default="bench/results")

@@ -153,7 +153,7 @@ def test_a_hub_source_offline_is_one_clear_error(tmp_path, capsys):
 
 
 def test_html_pages_are_read_as_their_prose(tmp_path):
-    from koff.data.html import html_to_text
+    from koff.data.html import html_pieces_to_text, html_to_text
 
     page = """<html><head><title>T</title><style>p {color: red}</style><script>var x = 1;</script></head>
     <body><nav>Home | Next</nav><h1>Kapitel&nbsp;1</h1><p>Der   schnelle
@@ -168,6 +168,8 @@ def test_html_pages_are_read_as_their_prose(tmp_path):
     (folder / "ch01.de.html").write_text(page)
     (folder / "debian.css").write_text("body {}")
     assert read_documents(DomainSpec("deu", str(folder))) == [text]
+    for size in (1, 7, 64):  # read in pieces, as a large page is: the same text
+        assert "".join(html_pieces_to_text(page[i: i + size] for i in range(0, len(page), size))) == text
 
 
 def test_a_source_may_name_a_fallback(tmp_path):

@@ -1,8 +1,13 @@
-"""Plain text out of HTML documentation pages (Debian's manuals ship as HTML), with the standard library."""
+"""Plain text out of HTML documentation pages (Debian's manuals ship as HTML), with the standard library.
+
+A page may be given whole or in pieces (``html_pieces_to_text``, as a file is read): the text is
+the same either way, and a large page is never held whole, nor its text.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from html.parser import HTMLParser
 
 # Tags whose content is not prose, and tags that end a paragraph or a line.
@@ -17,8 +22,11 @@ class _TextParser(HTMLParser):
         self.parts: list[str] = []
         self.skipping = 0
         self.pre = 0
+        self.in_text = False  # the last event was text: more text continues its run (a piece boundary)
+        self.space_last = False  # the last text kept ended with a (normalised) space
 
     def handle_starttag(self, tag, attrs):
+        self.in_text = False
         if tag in SKIPPED:
             self.skipping += 1
         elif tag == "pre":
@@ -27,6 +35,7 @@ class _TextParser(HTMLParser):
             self.parts.append("\n\n")
 
     def handle_endtag(self, tag):
+        self.in_text = False
         if tag in SKIPPED:
             self.skipping = max(0, self.skipping - 1)
         elif tag == "pre":
@@ -35,15 +44,38 @@ class _TextParser(HTMLParser):
             self.parts.append("\n\n")
 
     def handle_data(self, data):
-        if not self.skipping:
-            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+        continued, self.in_text = self.in_text, True
+        if self.skipping:
+            return
+        if not self.pre:
+            data = re.sub(r"\s+", " ", data)
+            if continued and data.startswith(" ") and self.space_last:
+                data = data[1:]  # one whitespace run that a piece boundary cut in two
+        if data:
+            self.parts.append(data)
+            self.space_last = data.endswith(" ")
 
 
 def html_to_text(markup: str) -> str:
     """The page's prose: tags and scripts dropped, entities decoded, one blank line between
     paragraphs; preformatted blocks (code, shell sessions) keep their lines."""
-    parser = _TextParser()
-    parser.feed(markup)
-    parser.close()
-    paragraphs = (part.strip(" \t") for part in "".join(parser.parts).split("\n\n"))
-    return "\n\n".join(p.strip("\n") for p in paragraphs if p.strip()) + "\n"
+    return "".join(html_pieces_to_text([markup]))
+
+
+def html_pieces_to_text(pieces: Iterable[str]) -> Iterator[str]:
+    """``html_to_text`` of the page that ``pieces`` make up, given a paragraph at a time."""
+    parser, rest, first = _TextParser(), "", True
+    for piece in (*pieces, None):
+        if piece is None:
+            parser.close()
+        else:
+            parser.feed(piece)
+        text, parser.parts = rest + "".join(parser.parts), []
+        paragraphs = text.split("\n\n")
+        rest = "" if piece is None else paragraphs.pop()  # may go on in the next piece
+        for paragraph in paragraphs:
+            if (kept := paragraph.strip(" \t").strip("\n")).strip():
+                yield kept if first else "\n\n" + kept
+                first = False
+    if not first:
+        yield "\n"

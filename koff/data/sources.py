@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from koff.data.html import html_to_text
+from koff.data.html import html_pieces_to_text
 from koff.errors import UserInputError
 
 BUNDLED_PREFIX = "bundled:"
@@ -96,9 +96,9 @@ def parse_domains(args: list[str]) -> list[DomainSpec]:
 def iter_documents(spec: DomainSpec) -> Iterator[Iterable[str]]:
     """The domain's documents in a deterministic order, each as an iterable of text pieces.
 
-    Nothing is read before it is asked for: a plain text file comes a piece of ``READ_CHARS`` at a
-    time (a corpus of one enormous line is never held whole) and a ``.jsonl`` file a record at a
-    time. Whitespace-only documents are left to the consumer to skip (``read_documents`` does)."""
+    Nothing is read before it is asked for: a plain text or HTML file comes a piece of
+    ``READ_CHARS`` at a time (a corpus of one enormous line or page is never held whole) and a
+    ``.jsonl`` file a record at a time. Whitespace-only documents are left to the consumer to skip (``read_documents`` does)."""
     if spec.source.startswith(HF_PREFIX):
         yield from ([doc] for doc in _hub_documents(spec))
         return
@@ -106,7 +106,7 @@ def iter_documents(spec: DomainSpec) -> Iterator[Iterable[str]]:
         if path.suffix == ".jsonl":
             yield from ([text] for text in _read_jsonl(spec, path))
         elif path.suffix in HTML_SUFFIXES:
-            yield [html_to_text("".join(_file_pieces(spec, path, errors="replace")))]
+            yield html_pieces_to_text(_file_pieces(spec, path, errors="replace"))
         else:
             yield _file_pieces(spec, path)
 
