@@ -85,12 +85,11 @@ class MemoryPart(ABC):
 
     kind: str  # its name in a memory kind: "lora", "kv"
     file: str  # its file in an exported memory folder
+    flat_prefixes: tuple[str, ...]  # the first component of its tensors' names in a flat state
 
     def owns(self, flat_name: str) -> bool:
         """Whether a tensor of a memory's flat state is this part's."""
         return flat_name.split(".", 1)[0] in self.flat_prefixes
-
-    flat_prefixes: tuple[str, ...]
 
     @abstractmethod
     def parameters(self, memory: "DomainMemory") -> list[nn.Parameter]: ...
