@@ -14,8 +14,12 @@ library, from `python scripts/real_corpora.py --out corpora`), the prompt being 
 * routing latency per request (ms) and its share of the time to first token.
 
     python bench/routing.py [--run bench/out/lora-only/run] [--max-blocks 16]
+    python bench/routing.py --run runs/smollm2-real --out bench/out/routing-real --name routing-real
 
-Writes bench/results/routing.json and routing.md.
+A run that names held-out text (`heldout` in its config, as configs/smollm2-real.yaml does) is
+scored on that text instead, one set per source (there: another source and another genre).
+
+Writes bench/results/NAME.json and NAME.md (NAME: routing).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from koff.data import load_domains, load_heldout, parse_domain, parse_domains
 from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_table
 from koff.export import export_run
 from koff.io import markdown_table, read_json, write_json, write_text
+from koff.experiments.ablation import source_label
+from koff.formats.run import read_config_values
 from koff.routing import HiddenStateRouter, spread
 from koff.routing.router import routing_layer
 from koff.runtime import load
@@ -91,6 +97,7 @@ def main() -> None:
     parser.add_argument("--corpora", default="corpora")
     parser.add_argument("--max-blocks", type=int, default=16)
     parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--name", default="routing", help="results file name")
     args = parser.parse_args()
     command, commit = command_line(), git_commit()
     export = Path(args.out) / "export"
@@ -98,18 +105,24 @@ def main() -> None:
         export_run(args.run, export, force=export.exists())
     runtime = load(export)
     corpora = Path(args.corpora)
-    transfer = [f"{d}={corpora / s}" for d, s in OTHER.items() if d in runtime.memories and (corpora / s).is_dir()]
+    heldout = [t for t in read_config_values(Path(args.run)).get("heldout") or [] if Path(parse_domain(t).source).is_dir()]
+    transfer = heldout or [f"{d}={corpora / s}" for d, s in OTHER.items() if d in runtime.memories and (corpora / s).is_dir()]
     t0 = time.perf_counter()
     table = routing_table(export, max_blocks=args.max_blocks, transfer=transfer, transfer_max_blocks=args.max_blocks)
     data = {m: read_json(export / "memories" / m / "manifest.json")["data"] for m in runtime.memories}
     block_len = next(iter(data.values()))["block_len"]
     specs = parse_domains([f"{m}={d['source']}" for m, d in data.items()])
     sets = {"validation": {d.name: d.val[:args.max_blocks].long() for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}}
-    if transfer:
+    if heldout:  # a run that names its held-out text (real text): one set per source
+        for text in heldout:
+            spec = parse_domain(text)
+            sets.setdefault(source_label(spec.source), {})[spec.name] = load_heldout(
+                spec, runtime.tokenizer, block_len, args.max_blocks).val.long()
+    elif transfer:
         sets["other source"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len,
                                                            args.max_blocks).val.long() for t in transfer}
     genre = [f"{d}={corpora / s}" for d, s in GENRE.items() if d in runtime.memories and (corpora / s).is_dir()]
-    if genre:
+    if genre and not heldout:
         sets["other genre"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len, args.max_blocks).val.long()
                                for t in genre}
     layers = runtime.model.layout.num_layers
@@ -129,9 +142,9 @@ def main() -> None:
     result = {"command": command, "commit": commit, "machine": machine(), "run": args.run, "export": str(export),
               "max_blocks": args.max_blocks, "routing": table, "methods": methods, "latency": latency(runtime, sets["validation"]),
               "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(Path(args.results) / "routing.json", result)
+    write_json(Path(args.results) / f"{args.name}.json", result)
     text = report(result)
-    write_text(Path(args.results) / "routing.md", text)
+    write_text(Path(args.results) / f"{args.name}.md", text)
     print(text)
 
 
