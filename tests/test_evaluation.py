@@ -98,6 +98,17 @@ def test_transfer_columns_score_each_memory_on_another_source_and_price_the_offl
     assert "eng@manual" in text and "mean ratio, other source" in text and "Price of offloading" in text
     assert main(["eval", koff, "--transfer", f"deu={other}"]) == 2
     assert "'deu' is not a domain of the run" in capsys.readouterr().err
+    # two held-out texts of one domain are two columns, each scored on its own text
+    genre = tmp_path / "story" / "eng"
+    genre.mkdir(parents=True)
+    (genre / "tale.txt").write_text("once upon a time a fox ran into the wood and met an owl " * 40)
+    assert main(["eval", koff, "--max-blocks", "2", "--transfer", f"eng={other}", "--transfer", f"eng={genre}",
+                 "--transfer-max-blocks", "3", "--out", str(tmp_path / "t2")]) == 0
+    two = json.loads((tmp_path / "t2" / "table.json").read_text())
+    dense = two["rows"][0]["perplexity"]
+    assert two["transfer"] == ["eng@manual", "eng@story"] and dense["eng@manual"] != dense["eng@story"]
+    assert dense["eng@manual"] == pytest.approx(rows["dense base"]["perplexity"]["eng@manual"])
+    assert "mean ratio, manual" in (tmp_path / "t2" / "table.md").read_text()
 
 
 def test_eval_table_of_an_export_matches_the_run(tmp_path, corpus):

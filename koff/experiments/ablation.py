@@ -121,11 +121,12 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
     for config in configurations:
         with torch.no_grad(), config.setting():
             results.append(evaluate(config.scorer, domains, **kwargs))
-            # held-out text is already cut to its own block budget (evenly spaced): score all of it
-            other = evaluate(config.scorer, [data for _, data in transfer], **(kwargs | {"max_blocks": None})) \
-                if transfer else {"domains": {}}
+            # held-out text is already cut to its own block budget (evenly spaced): score all of it, one
+            # column at a time (two columns of one domain share its name, which picks its memory)
+            other = {column: evaluate(config.scorer, [data], **(kwargs | {"max_blocks": None}))["domains"][data.name]
+                     for column, data in transfer}
         perplexity = {d: r["perplexity"] for d, r in results[-1]["domains"].items()}
-        perplexity |= {column: other["domains"][data.name]["perplexity"] for column, data in transfer}
+        perplexity |= {column: other[column]["perplexity"] for column, _ in transfer}
         rows.append({"configuration": config.name, "perplexity": perplexity, "parameters": config.parameters,
                      "memory_parameters_per_domain": config.memory_parameters})
     names = [d.name for d in domains]

@@ -1,0 +1,100 @@
+"""The README's first command, measured: decompose configs/smollm2-real.yaml, export it, and record
+its time and its table (validation blocks, another source, another genre, price of offloading).
+
+    python bench/first_command.py                       # runs it (about 80 minutes on 2 cores)
+    python bench/first_command.py --collect --seconds 3900 60   # a run the command made: record it
+
+Writes bench/results/first-command.json and .md with the command, the machine and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import command_line, git_commit, machine, named_config
+from koff.experiments.ablation import columns_by_source, markdown
+from koff.io import markdown_table, read_json, write_json, write_text
+
+CONFIG = "smollm2-real"
+# Goals for new text at 12% (KOFF / dense and its price of offloading).
+GOALS = {"mean": 1.05, "worst": 1.10, "price": 1.10}
+
+
+def run_command(run: Path, export: Path) -> list[float]:
+    """Seconds of `koff decompose --config` and of `koff export`, run as the README runs them."""
+    koff = [sys.executable, "-m", "koff"]
+    seconds = []
+    for argv in ([*koff, "decompose", "--config", f"configs/{CONFIG}.yaml"], [*koff, "export", str(run), str(export)]):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True)
+        seconds.append(round(time.perf_counter() - start, 1))
+    return seconds
+
+
+def summary(table: dict) -> dict:
+    """Per row and per text (training text, then each held-out source): mean and worst ratio to dense,
+    and the price of offloading's mean and worst."""
+    groups = {"training text": table["domains"], **columns_by_source(table["transfer"])}
+    rows = {}
+    for row in table["rows"]:
+        rows[row["configuration"]] = {g: {"mean": sum(row["ratio_to_dense"][c] for c in cols) / len(cols),
+                                          "worst": max(row["ratio_to_dense"][c] for c in cols),
+                                          "worst_column": max(cols, key=lambda c: row["ratio_to_dense"][c])}
+                                      for g, cols in groups.items()}
+    price = table["price_of_offloading"]
+    rows["price of offloading"] = {g: {"mean": sum(price[c] for c in cols) / len(cols), "worst": max(price[c] for c in cols),
+                                       "worst_column": max(cols, key=lambda c: price[c])} for g, cols in groups.items()}
+    return rows
+
+
+def report(result: dict) -> str:
+    s, groups = result["summary"], list(next(iter(result["summary"].values())))
+    rows = [[name, *[f"{v[g]['mean']:.3f} ({v[g]['worst']:.3f}, {v[g]['worst_column']})" for g in groups]]
+            for name, v in s.items()]
+    koff = next(v for k, v in s.items() if k.startswith("KOFF"))
+    new = [g for g in groups if g != "training text"]
+    goals = [[f"KOFF / dense, mean on {g} <= {GOALS['mean']}", f"{koff[g]['mean']:.3f}", koff[g]["mean"] <= GOALS["mean"]]
+             for g in new]
+    goals += [[f"KOFF / dense, worst domain on {g} <= {GOALS['worst']}", f"{koff[g]['worst']:.3f}",
+               koff[g]["worst"] <= GOALS["worst"]] for g in new]
+    goals += [[f"price of offloading, mean on {g} <= {GOALS['price']}", f"{s['price of offloading'][g]['mean']:.3f}",
+               s["price of offloading"][g]["mean"] <= GOALS["price"]] for g in new]
+    minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items() if v) or "times not recorded"
+    return "\n".join([
+        "# first-command", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
+        f"The README's first command: `koff decompose --config configs/{CONFIG}.yaml`, then `koff export` "
+        f"({minutes}; setup apart). One seed.", "",
+        "Perplexity / dense: mean over the domains (worst domain, its column), on 40 blocks per domain and text:", "",
+        markdown_table(["configuration", *groups], rows), "",
+        "Goals (one seed; they ask for three):", "", markdown_table(["goal", "measured", "met"],
+                                                                    [[g, m, "yes" if ok else "no"] for g, m, ok in goals]), "",
+        "The run's whole table (`RUN/eval/table.md`):", "", markdown(result["table"]), ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--collect", action="store_true", help="record the run the command already made")
+    parser.add_argument("--seconds", type=float, nargs=2, metavar=("DECOMPOSE", "EXPORT"),
+                        help="with --collect: how long the two commands took")
+    parser.add_argument("--results", default="bench/results")
+    args = parser.parse_args()
+    run = Path(named_config(CONFIG)["out"])
+    export = run.with_name(run.name + "-export")
+    seconds = args.seconds if args.collect else run_command(run, export)
+    table = read_json(run / "eval" / "table.json")
+    result = {"command": command_line(), "machine": machine(), "commit": git_commit(), "config": named_config(CONFIG),
+              "seconds": dict(zip(("decompose", "export"), seconds or (None, None))), "summary": summary(table),
+              "table": table}
+    out = Path(args.results)
+    write_json(out / "first-command.json", result)
+    text = report(result)
+    write_text(out / "first-command.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
