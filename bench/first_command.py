@@ -35,6 +35,24 @@ def run_command(run: Path, export: Path) -> list[float]:
     return seconds
 
 
+def merged(table: dict, other: dict) -> dict:
+    """``table`` with ``other``'s held-out columns in place of its own of the same name (columns scored
+    again in another call: every row, ratio and price taken from ``other``)."""
+    rows = {r["configuration"]: r for r in other["rows"]}
+    for row in table["rows"]:
+        for key in ("perplexity", "ratio_to_dense"):
+            row[key] |= {c: rows[row["configuration"]][key][c] for c in other["transfer"]}
+    table["transfer"] = [c for c in table["transfer"] if c not in other["transfer"]] + other["transfer"]
+    for row in table["rows"]:  # the means, over the columns as they now are
+        ratios = row["ratio_to_dense"]
+        row["transfer_mean_ratio"] = sum(ratios[c] for c in table["transfer"]) / len(table["transfer"])
+        row["source_mean_ratio"] = {s: sum(ratios[c] for c in cols) / len(cols)
+                                    for s, cols in columns_by_source(table["transfer"]).items()}
+    table["price_of_offloading"] |= {c: other["price_of_offloading"][c] for c in other["transfer"]}
+    table["tokens"] |= {c: other["tokens"][c] for c in other["transfer"]}
+    return table
+
+
 def summary(table: dict) -> dict:
     """Per row and per text (training text, then each held-out source): mean and worst ratio to dense,
     and the price of offloading's mean and worst."""
@@ -80,15 +98,19 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="record the run the command already made")
     parser.add_argument("--seconds", type=float, nargs=2, metavar=("DECOMPOSE", "EXPORT"),
                         help="with --collect: how long the two commands took")
+    parser.add_argument("--rescored", action="append", default=[], metavar="TABLE_JSON",
+                        help="another `koff eval RUN --transfer` table whose held-out columns replace the run's own")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
     run = Path(named_config(CONFIG)["out"])
     export = run.with_name(run.name + "-export")
     seconds = args.seconds if args.collect else run_command(run, export)
     table = read_json(run / "eval" / "table.json")
+    for path in args.rescored:
+        table = merged(table, read_json(Path(path)))
     result = {"command": command_line(), "machine": machine(), "commit": git_commit(), "config": named_config(CONFIG),
               "seconds": dict(zip(("decompose", "export"), seconds or (None, None))), "summary": summary(table),
-              "table": table}
+              "rescored": args.rescored, "table": table}
     out = Path(args.results)
     write_json(out / "first-command.json", result)
     text = report(result)

@@ -29,4 +29,4 @@ def test_a_flag_beside_a_named_config_overrides_it(tmp_path, monkeypatch):
 
 
 def test_the_readme_runs_the_named_config():
-    assert "koff decompose --config configs/smollm2.yaml" in (ROOT / "README.md").read_text().split("## ")[0]
+    assert "koff decompose --config configs/smollm2-real.yaml" in (ROOT / "README.md").read_text().split("## ")[0]
