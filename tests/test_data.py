@@ -170,6 +170,9 @@ def test_html_pages_are_read_as_their_prose(tmp_path):
     assert read_documents(DomainSpec("deu", str(folder))) == [text]
     for size in (1, 7, 64):  # read in pieces, as a large page is: the same text
         assert "".join(html_pieces_to_text(page[i: i + size] for i in range(0, len(page), size))) == text
+    read = []
+    pieces = (read.append(i) or f"<p>paragraph {i}</p>" for i in range(100))
+    assert next(html_pieces_to_text(pieces)) == "paragraph 0" and len(read) < 5  # read as consumed, not up front
 
 
 def test_a_source_may_name_a_fallback(tmp_path):

@@ -6,6 +6,7 @@ the same either way, and a large page is never held whole, nor its text.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator
 from html.parser import HTMLParser
@@ -64,15 +65,18 @@ def html_to_text(markup: str) -> str:
 
 def html_pieces_to_text(pieces: Iterable[str]) -> Iterator[str]:
     """``html_to_text`` of the page that ``pieces`` make up, given a paragraph at a time."""
-    parser, rest, first = _TextParser(), "", True
-    for piece in (*pieces, None):
+    parser, pending, first = _TextParser(), [], True
+    for piece in itertools.chain(pieces, [None]):  # read as consumed; None: the end
         if piece is None:
             parser.close()
         else:
             parser.feed(piece)
-        text, parser.parts = rest + "".join(parser.parts), []
-        paragraphs = text.split("\n\n")
-        rest = "" if piece is None else paragraphs.pop()  # may go on in the next piece
+        new, parser.parts = "".join(parser.parts), []
+        if piece is not None and "\n\n" not in (pending[-1][-1:] if pending else "") + new:
+            pending.append(new)  # the paragraph goes on: what came before is not scanned again
+            continue
+        paragraphs = "".join([*pending, new]).split("\n\n")
+        pending = [] if piece is None else [paragraphs.pop()]  # may go on in the next piece
         for paragraph in paragraphs:
             if (kept := paragraph.strip(" \t").strip("\n")).strip():
                 yield kept if first else "\n\n" + kept
