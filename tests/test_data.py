@@ -45,7 +45,11 @@ def test_bad_sources_name_the_domain(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     (tmp_path / "emptydir").mkdir()
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 10)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "a"}\n\xff\n')
     cases = {
+        str(tmp_path / "latin1.txt"): "cannot read",
+        str(tmp_path / "latin1.jsonl"): "cannot read",
         str(tmp_path / "nope.txt"): "does not exist",
         str(tmp_path / "empty.txt"): "holds no text",
         str(tmp_path / "bad.jsonl"): "no string field 'text'",

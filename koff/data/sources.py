@@ -12,8 +12,10 @@ import importlib.util
 import json
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from koff.data.html import html_pieces_to_text
 from koff.errors import UserInputError
@@ -123,13 +125,20 @@ def no_text_error(spec: DomainSpec) -> DomainDataError:
     return DomainDataError(f"domain {spec.name!r}: {spec.source} holds no text (only empty or blank documents)")
 
 
-def _file_pieces(spec: DomainSpec, path: Path, errors: str = "strict") -> Iterator[str]:
+@contextmanager
+def _reading(spec: DomainSpec, path: Path, errors: str = "strict") -> Iterator[TextIO]:
+    """``path`` open as UTF-8 text; a failed read inside is one ``DomainDataError``."""
     try:
         with path.open(encoding="utf-8", errors=errors) as f:
-            while piece := f.read(READ_CHARS):
-                yield piece
+            yield f
     except (OSError, UnicodeDecodeError) as err:
         raise DomainDataError(f"domain {spec.name!r}: cannot read {path}: {err}") from err
+
+
+def _file_pieces(spec: DomainSpec, path: Path, errors: str = "strict") -> Iterator[str]:
+    with _reading(spec, path, errors) as f:
+        while piece := f.read(READ_CHARS):
+            yield piece
 
 
 def bundled_root() -> Path:
@@ -175,13 +184,10 @@ def _bundled_files(spec: DomainSpec) -> list[Path]:
 
 
 def _read_jsonl(spec: DomainSpec, path: Path) -> Iterator[str]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield _record(spec, path, lineno, line)
-    except (OSError, UnicodeDecodeError) as err:
-        raise DomainDataError(f"domain {spec.name!r}: cannot read {path}: {err}") from err
+    with _reading(spec, path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield _record(spec, path, lineno, line)
 
 
 def _record(spec: DomainSpec, path: Path, lineno: int, line: str) -> str:
