@@ -16,7 +16,6 @@ from koff.models import DTYPE_CHOICES
 
 log = logging.getLogger("koff")
 
-# Options that describe how to run, not what to compute: never stored in a resolved config.
 MERGE_HELP = ("run a request that uses one memory alone on weights with its LoRA merged in: faster, "
               "at the price of one more copy of the adapted weights in memory")
 
@@ -28,6 +27,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-lora", action="store_true", help=MERGE_HELP)
 
 
+# Options that describe how to run, not what to compute: never stored in a resolved config.
 _NOT_CONFIG = {"func", "config", "command", "resume", "verbose", "quiet", "explicit"}
 _UNSET = object()
 
