@@ -24,6 +24,7 @@ from common import command_line, git_commit, machine
 from koff.config import DecomposeConfig
 from koff.io import markdown_table, write_json, write_text
 from koff.memories.memory import DomainMemory
+from koff.memories.parts import KV_PREFIX, LORA
 
 COLUMNS = ("backbone", "lora+kv", "lora", "kv", "lora_trained")
 DOMAINS = {"eng": "bundled:eng", "deu": "bundled:deu", "fra": "bundled:fra", "spa": "bundled:spa",
@@ -32,8 +33,7 @@ DOMAINS = {"eng": "bundled:eng", "deu": "bundled:deu", "fra": "bundled:fra", "sp
 
 def part(memory: DomainMemory, keep: str) -> DomainMemory:
     """A copy of ``memory`` with only its LoRA (``keep="lora"``) or only its KV prefix (``"kv"``)."""
-    state = {k: v for k, v in memory.flat_state().items() if k.startswith("lora_" if keep == "lora" else "prefix.")}
-    return DomainMemory.from_flat_state(f"{memory.name}-{keep}", state, memory.alpha)
+    return memory.keeping([LORA] if keep == "lora" else [KV_PREFIX], f"{memory.name}-{keep}")
 
 
 @torch.no_grad()

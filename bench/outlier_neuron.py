@@ -29,18 +29,12 @@ from koff.evaluation.perplexity import evaluate
 from koff.formats.run import load_run
 from koff.io import markdown_table, write_json, write_text
 from koff.masks import unit_importance
-from koff.memories.memory import DomainMemory
+from koff.memories.parts import KV_PREFIX, LORA
 from koff.training.mask_init import calibration_batches
 from recovery import HELD_OUT
 
 MASKS = ("run's mask", "outliers put back")  # the two masks each configuration is scored with
-MEMORY_PARTS = {"memories": ("lora_A", "lora_B", "prefix"), "KV only": ("prefix",), "LoRA only": ("lora_A", "lora_B")}
-
-
-def memory_part(memory: DomainMemory, keep: tuple[str, ...], alpha: float) -> DomainMemory:
-    """``memory`` with only the tensors whose names start with one of ``keep``."""
-    state = {k: v for k, v in memory.flat_state().items() if k.split(".")[0] in keep}
-    return DomainMemory.from_flat_state(memory.name, state, alpha)
+MEMORY_PARTS = {"memories": (LORA, KV_PREFIX), "KV only": (KV_PREFIX,), "LoRA only": (LORA,)}
 
 
 def score_run(folder: Path, corpora: Path, blocks: int, top: int) -> dict:
@@ -70,7 +64,7 @@ def score_run(folder: Path, corpora: Path, blocks: int, top: int) -> dict:
     for part, keep in MEMORY_PARTS.items():
         for memory in full.values():
             model.remove_memory(memory.name)
-            model.add_memory(memory_part(memory, keep, run.manifests[memory.name]["lora_alpha"]))
+            model.add_memory(memory.keeping(keep))
         for label, mask in masks.items():
             model.set_mask(mask)
             row[part][label] = ratio(model.scorer())

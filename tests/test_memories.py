@@ -121,6 +121,10 @@ def test_a_memory_kind_names_its_parts_and_each_part_owns_its_tensors():
     assert LORA.parameters(memory) == memory.lora_parameters() and len(KV_PREFIX.parameters(memory)) == 2
     again = DomainMemory.from_flat_state("x", state, 8.0)
     assert (again.rank, again.slots) == (4, 3) and again.prefix_keys[0].shape == (2, 3, 4)
+    lora_only = memory.keeping([LORA], "x-lora")
+    assert lora_only.name == "x-lora" and not lora_only.has_prefix and lora_only.scaling == memory.scaling
+    assert torch.equal(lora_only.lora_A["0_q_proj"], memory.lora_A["0_q_proj"])
+    assert set(memory.keeping([KV_PREFIX]).flat_state()) == {"prefix.keys.0", "prefix.values.0"}
 
 
 def test_unknown_memory_and_short_kv_text_are_refused():

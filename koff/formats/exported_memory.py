@@ -17,7 +17,7 @@ import torch
 from koff.errors import UserInputError
 from koff.io import read_json, write_json
 from koff.memories.memory import DomainMemory
-from koff.memories.parts import MAX_VALUE, PARTS, MemoryFit
+from koff.memories.parts import LORA, MAX_VALUE, PARTS, MemoryFit
 from koff.tensor_files import load_tensors
 
 FORMAT = "koff-memory-export-v1"
@@ -29,7 +29,7 @@ def write_memory(folder: Path, name: str, state: dict, memory: DomainMemory, mod
     folder.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
         part.export(folder, state, memory, module_names)
-    has_lora = any(k.startswith("lora_") for k in state)
+    has_lora = any(LORA.owns(k) for k in state)
     write_json(folder / MANIFEST, {"format": FORMAT, "name": name, "lora_rank": memory.rank if has_lora else 0,
                                    "lora_alpha": memory.alpha, "kv_slots": memory.slots, **manifest})
 

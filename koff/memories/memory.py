@@ -123,6 +123,11 @@ class DomainMemory(nn.Module):
         for param, v in zip(self.prefix_values, values):
             param.copy_(v)
 
+    def keeping(self, parts: Sequence[MemoryPart], name: str | None = None) -> "DomainMemory":
+        """A copy holding only ``parts`` (a LoRA-only memory, say, for an engine with no KV prefix)."""
+        state = {k: v for k, v in self.flat_state().items() if any(part.owns(k) for part in parts)}
+        return DomainMemory.from_flat_state(name or self.name, state, self.alpha)
+
     def flat_state(self) -> dict[str, torch.Tensor]:
         """Tensors under stable, file-friendly names."""
         state = {name: tensor for part in PARTS for name, tensor in part.flat_state(self).items()}
