@@ -90,6 +90,3 @@ class ArchitectureAdapter:
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(self.projections)
-
-    def roles_of(self, owner: Owner) -> tuple[str, ...]:
-        return tuple(role for role, p in self.projections.items() if p.owner is owner)
