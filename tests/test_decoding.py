@@ -100,7 +100,11 @@ def test_noise_depends_on_seed_and_step_only():
     assert 0 < first.min() and first.max() < 1 and abs(first.mean().item() - 0.5) < 0.03
     joined = RowSampling.joined([rows(2, temperature=1.0), rows(1, temperature=0.0)])
     assert joined.any_sampled and joined.temperature.tolist() == [1.0, 1.0, 0.0]
-    assert joined.select(torch.tensor([2, 0])).seed_lo.tolist() == [0, 0]
+    joined.put(torch.tensor([2]), rows(1, temperature=0.5))  # a request takes a free slot
+    assert joined.temperature.tolist() == [1.0, 1.0, 0.5] and joined.seed_lo.tolist() == [0, 1, 0]
+    head = joined.head(2, [Sampling()])
+    head.choose(torch.zeros(2, 5))  # the head shares the slots' step counters
+    assert not head.any_sampled and joined.step.tolist() == [1, 1, 0]
 
 
 def test_a_memory_merged_into_the_weights_gives_the_same_logits_and_text(runtime, tmp_path):

@@ -112,7 +112,7 @@ class RecordingBatch(DecodeBatch):
 
     def _read(self, rows, logits, chosen):
         for i, row in enumerate(rows):
-            if not row.done:
+            if row is not None and not row.done:  # None: a free slot
                 self.logits.setdefault(row.key, []).append(logits[i].clone())
         return super()._read(rows, logits, chosen)
 

@@ -22,6 +22,7 @@ from koff.model import KoffModel
 from koff.models.attention_mask import decode_attention_mask
 from koff.models.cache_api import cache_inputs, returned_cache
 from koff.runtime.sampling import RowSampling, Sampling
+from koff.runtime.slot_cache import SlotCache
 
 
 class GenerationError(KoffError):
@@ -44,40 +45,42 @@ def host_values(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
-def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zeros on the left of ``dim`` up to ``length`` (the padding is masked out by the caller)."""
-    pad = [0, 0] * (t.dim() - 1 - dim) + [length - t.shape[dim], 0]
-    return torch.nn.functional.pad(t, pad)
-
-
 class DecodeBatch:
     """A running generation batch that prompts join and leave between steps (continuous batching).
 
     ``add`` queues a prompt with its memory and sampling; each ``step`` feeds every running sample
     its last token (one forward for all, each with its own LoRA and KV prefix), then prefills the
-    prompts that joined since (one forward for those) and merges their caches into the running one.
-    Caches are left-padded to one length with the padding masked out and positions are per sample,
-    so a sample's tokens do not depend on who else is in the batch (up to float rounding).
-    Finished samples leave the cache at the next step.
+    prompts that joined since (one forward for those) and admits them into free slots of the
+    preallocated cache (``SlotCache``). Positions are per sample and each sample attends only to
+    its own columns, so a sample's tokens do not depend on who else is in the batch (up to float
+    rounding). A finished sample frees its slot at the next step; nothing else moves.
 
     A step that no sample joins or leaves reads the device once: the new tokens with their
-    finiteness flags (``host_values``). The tokens to feed next, the sampling settings and the
-    rows' memory routing stay on the device from one step to the next.
+    finiteness flags (``host_values``). The tokens to feed next, the positions, the sampling settings
+    and the rows' memory routing stay on the device from one step to the next, and the step
+    allocates no cache memory. Free slots below the highest one in use run along (their output is
+    ignored) until a new request takes them.
     """
 
     def __init__(self, model: KoffModel, pad_id: int, eos_ids: set[int]):
         self.model, self.pad_id, self.eos_ids = model, pad_id, eos_ids
-        self.rows: list[_Row] = []
+        self.slots: list[_Row | None] = []  # slot -> the sample in it
         self.pending: list[tuple[_Row, list[int]]] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real prefix slot or token
-        self.next_position: torch.Tensor | None = None  # (rows, 1)
-        self.last: torch.Tensor | None = None  # (rows, 1): the tokens to feed next, on the device
+        self.cache = SlotCache()
+        # per slot, on the device: the token to feed next, its position, whether the slot is live
+        self.last = self.position = self.live = None
         self.sampling: RowSampling | None = None
-        self._new_column: torch.Tensor | None = None  # (rows, 1) ones: the mask of the token fed next
+        self._width = 0  # slots a step runs: the highest one in use, plus one
+        self._memories: list[DomainMemory | None] = []  # per slot of the width: the LoRA routing
+        self._head: RowSampling | None = None  # the sampling of the width's slots
         self._keys = itertools.count()
         self._by_key: dict[int, _Row] = {}
         self._failed: dict[int, str] = {}  # key -> why that sample stopped without a token
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The samples running, in slot order."""
+        return [r for r in self.slots if r is not None]
 
     def add(self, prompt: Sequence[int], memory: str | None, params: Sampling) -> int:
         """Queue a prompt (token ids); it is prefilled on the next step. Returns its key."""
@@ -109,7 +112,7 @@ class DecodeBatch:
     def step(self) -> list[tuple[int, int]]:
         """One token for every unfinished sample: (key, token id) pairs."""
         self._drop_finished()
-        tokens = self._decode() if self.rows else []
+        tokens = self._decode() if self._width else []
         for row, _ in self.pending:
             if row.done:  # stopped before its prefill
                 del self._by_key[row.key]
@@ -119,15 +122,18 @@ class DecodeBatch:
         return tokens
 
     def _decode(self) -> list[tuple[int, int]]:
-        self.mask = torch.cat([self.mask, self._new_column], dim=1)
-        model = self.model
-        mask = decode_attention_mask(self.mask, model.base.config, model.dtype)
-        with model.activate([r.memory for r in self.rows]):
-            out = model.base(input_ids=self.last, attention_mask=mask, position_ids=self.next_position, use_cache=True,
-                             logits_to_keep=1, **cache_inputs(model.base, self.cache))
-        self.cache, self.next_position = returned_cache(out), self.next_position + 1
-        self.last = self.sampling.choose(out.logits[:, -1])[:, None]
-        return self._read(self.rows, out.logits[:, -1], self.last)
+        model, cache, width = self.model, self.cache, self._width
+        cache.open_column(self.live[:width])
+        mask = decode_attention_mask(cache.mask(width), model.base.config, model.dtype)
+        with model.activate(self._memories):
+            out = model.base(input_ids=self.last[:width], attention_mask=mask, position_ids=self.position[:width],
+                             use_cache=True, logits_to_keep=1, **cache_inputs(model.base, cache))
+        cache.advance()
+        self.position[:width] += 1
+        logits = out.logits[:, -1]
+        chosen = self._head.choose(logits)
+        self.last[:width, 0] = chosen
+        return self._read(self.slots[:width], logits, self.last[:width])
 
     def _prefill(self) -> list[tuple[int, int]]:
         model, device = self.model, self.model.device
@@ -144,17 +150,18 @@ class DecodeBatch:
         sampling = RowSampling([r.params for r in rows], device)
         last = sampling.choose(out.logits[:, -1])[:, None]
         tokens = self._read(rows, out.logits[:, -1], last)
-        self._merge(rows, returned_cache(out), mask, positions[:, -1:] + 1, last, sampling)
+        self._admit(rows, returned_cache(out), mask, positions[:, -1:] + 1, last, sampling)
         return tokens
 
-    def _read(self, rows: list[_Row], logits: torch.Tensor, chosen: torch.Tensor) -> list[tuple[int, int]]:
-        """The chosen token of each unfinished row, read in one copy with each row's finiteness;
-        a row whose logits are not finite ends on its own (see ``take_failures``), the others go on."""
+    def _read(self, rows: Sequence[_Row | None], logits: torch.Tensor, chosen: torch.Tensor) -> list[tuple[int, int]]:
+        """The chosen token of each unfinished row (None: a free slot), read in one copy with each
+        row's finiteness; a row whose logits are not finite ends on its own (see ``take_failures``),
+        the others go on."""
         finite = torch.isfinite(logits).all(-1, keepdim=True)
         tokens, flags = zip(*host_values(torch.cat([chosen, finite.long()], dim=1)))
         chosen_tokens = []
         for row, token, is_finite in zip(rows, tokens, flags):
-            if row.done:
+            if row is None or row.done:
                 continue
             if not is_finite:
                 row.done = True
@@ -165,48 +172,63 @@ class DecodeBatch:
             chosen_tokens.append((row.key, token))
         return chosen_tokens
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor,
+    def _admit(self, rows: list[_Row], prefilled: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor,
                last: torch.Tensor, sampling: RowSampling) -> None:
-        """Append newly prefilled samples to the running batch, left-padding the shorter cache."""
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.next_position = rows, cache, mask, next_position
-            self.last, self.sampling = last, sampling
+        """Put newly prefilled samples into free slots (the lowest first), growing the slots when
+        none is free, and write their caches there."""
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        taken = (free + list(range(len(self.slots), len(self.slots) + len(rows))))[: len(rows)]
+        grown = max(taken) + 1 - len(self.slots)
+        running = self.live[: self._width] if self._width else None
+        room = max(r.params.max_new_tokens - r.count for r in self.rows + rows)
+        index = torch.tensor(taken, device=mask.device)
+        self.cache.admit(index, prefilled, mask, running, room, len(self.slots) + max(grown, 0))
+        if grown > 0:
+            self._grow_slots(self.cache.slots)
+        self.position.index_copy_(0, index, next_position)
+        self.last.index_copy_(0, index, last)
+        self.live.index_fill_(0, index, True)
+        self.sampling.put(index, sampling)
+        for slot, row in zip(taken, rows):
+            self.slots[slot] = row
+        self._resize()
+
+    def _grow_slots(self, slots: int) -> None:
+        """Per-slot state for ``slots`` slots (new ones free: greedy, not live)."""
+        device, more = self.model.device, slots - len(self.slots)
+        filler = RowSampling([Sampling()] * more, device)
+        zeros = torch.zeros(more, 1, dtype=torch.long, device=device)
+        if self.last is None:
+            self.last, self.position, self.sampling = zeros, zeros.clone(), filler
+            self.live = torch.zeros(more, dtype=torch.bool, device=device)
         else:
-            length = max(self.mask.shape[1], mask.shape[1])
-            merged = DynamicCache(config=self.model.base.config)
-            for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
-                keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
-                values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
-                merged.update(keys, values, i)
-            self.cache = merged
-            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
-            self.next_position = torch.cat([self.next_position, next_position])
-            self.last = torch.cat([self.last, last])
-            self.sampling = RowSampling.joined([self.sampling, sampling])
-            self.rows = self.rows + rows
-        self._new_column = self.mask.new_ones(len(self.rows), 1)
+            self.last, self.position = torch.cat([self.last, zeros]), torch.cat([self.position, zeros])
+            self.live = torch.cat([self.live, self.live.new_zeros(more)])
+            self.sampling = RowSampling.joined([self.sampling, filler])
+        self.slots += [None] * more
 
     def _drop_finished(self) -> None:
-        """Remove finished samples, and cache columns that no remaining sample attends to."""
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        for r in self.rows:
-            if r.done:
-                del self._by_key[r.key]
-        if len(keep) == len(self.rows):
+        """Free the slots of finished samples."""
+        left = [i for i, r in enumerate(self.slots) if r is not None and r.done]
+        if not left:
             return
-        if not keep:
-            self.rows, self.cache, self.mask, self.next_position, self.last, self.sampling = [], None, None, None, None, None
+        for i in left:
+            del self._by_key[self.slots[i].key]
+            self.slots[i] = None
+        self.live.index_fill_(0, torch.tensor(left, device=self.live.device), False)
+        self._resize()
+
+    def _resize(self) -> None:
+        """After rows joined or left: the slots a step runs, their memories and sampling. A free slot
+        takes the memory of a live one, so a batch of one memory stays one (its output is ignored)."""
+        in_use = [i for i, r in enumerate(self.slots) if r is not None]
+        self._width = in_use[-1] + 1 if in_use else 0
+        if not in_use:  # the next admission starts the columns anew; the buffers are kept for it
+            self._memories, self._head = [], None
             return
-        index = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).long().argmax())  # columns before it are padding for every sample left
-        pruned = DynamicCache(config=self.model.base.config)
-        for i, layer in enumerate(self.cache.layers):
-            pruned.update(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:], i)
-        self.rows = [self.rows[i] for i in keep]
-        self.cache, self.mask, self.next_position = pruned, mask[:, first:], self.next_position.index_select(0, index)
-        self.last, self.sampling = self.last.index_select(0, index), self.sampling.select(index)
-        self._new_column = self.mask.new_ones(len(self.rows), 1)
+        stand_in = self.slots[in_use[0]].memory
+        self._memories = [r.memory if r is not None else stand_in for r in self.slots[: self._width]]
+        self._head = self.sampling.head(self._width, [self.slots[i].params for i in in_use])
 
 
 class BatchGeneration:

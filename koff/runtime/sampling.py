@@ -24,6 +24,7 @@ from koff.errors import UserInputError
 GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any 64-bit seed, signed or not
 _U32 = 0xFFFFFFFF
+_ROW_TENSORS = ("temperature", "top_p", "seed_lo", "seed_hi", "step")
 
 
 @dataclass
@@ -86,19 +87,28 @@ class RowSampling:
 
     @classmethod
     def joined(cls, parts: list["RowSampling"]) -> "RowSampling":
-        """The rows of ``parts``, in order (rows that joined a running batch)."""
+        """The rows of ``parts``, in order (a batch's slots growing)."""
         return cls._of(parts, lambda name: torch.cat([getattr(p, name) for p in parts]))
 
-    def select(self, index: torch.Tensor) -> "RowSampling":
-        """The rows at ``index`` (a device tensor), in that order (rows left)."""
-        return self._of([self], lambda name: getattr(self, name).index_select(0, index))
+    def head(self, rows: int, params: list[Sampling]) -> "RowSampling":
+        """The first ``rows`` rows, sharing this one's tensors (their step counters advance here
+        too); ``params`` are the settings of the live rows among them, which decide the operations."""
+        new = self._of([self], lambda name: getattr(self, name)[:rows])
+        new.any_sampled = any(not p.greedy for p in params)
+        new.any_nucleus = any(p.top_p < 1 and not p.greedy for p in params)
+        return new
+
+    def put(self, index: torch.Tensor, rows: "RowSampling") -> None:
+        """Write ``rows`` over the rows at ``index`` (a device tensor): requests taking free slots."""
+        for name in _ROW_TENSORS:
+            getattr(self, name).index_copy_(0, index, getattr(rows, name))
 
     @classmethod
     def _of(cls, parts: list["RowSampling"], take) -> "RowSampling":
         new = cls.__new__(cls)
         new.any_sampled = any(p.any_sampled for p in parts)
         new.any_nucleus = any(p.any_nucleus for p in parts)
-        for name in ("temperature", "top_p", "seed_lo", "seed_hi", "step"):
+        for name in _ROW_TENSORS:
             setattr(new, name, take(name))
         return new
 
