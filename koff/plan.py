@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from koff.config import DecomposeConfig
 from koff.errors import UserInputError
+from koff.memories.lora import CONCATENATED_MEMORIES
 from koff.models import EMBEDDED_MODELS, decoder_layout, resolve_dtype
 from koff.models.architecture import check_model_type
 
@@ -137,17 +138,36 @@ class Plan:
 
 def memory_parameters(sizes: ModelSizes, cfg: DecomposeConfig) -> int:
     """Parameters of one domain's memory: LoRA factors and the KV prefix of every layer."""
+    return lora_parameters(sizes, cfg) + kv_parameters(sizes, cfg)
+
+
+def lora_parameters(sizes: ModelSizes, cfg: DecomposeConfig) -> int:
     memory = cfg.memory_config()
-    lora = sum(cfg.lora_rank * (i + o) for n, (i, o) in sizes.lora_in_out.items() if n in memory.lora_targets)
-    kv = 2 * sizes.kv_width * cfg.kv_slots
-    return sizes.layers * ((lora if memory.use_lora else 0) + (kv if memory.use_kv else 0))
+    per_layer = sum(cfg.lora_rank * (i + o) for n, (i, o) in sizes.lora_in_out.items() if n in memory.lora_targets)
+    return sizes.layers * per_layer if memory.use_lora else 0
 
 
-def saved_per_token(sizes: ModelSizes, cfg: DecomposeConfig, dtype_bytes: int) -> float:
+def kv_parameters(sizes: ModelSizes, cfg: DecomposeConfig) -> int:
+    return sizes.layers * 2 * sizes.kv_width * cfg.kv_slots if cfg.memory_config().use_kv else 0
+
+
+def memories_per_batch(cfg: DecomposeConfig, domains: int) -> int:
+    """The memories a training batch mixes: balanced sampling puts one domain after another in it."""
+    return max(1, min(cfg.batch_size, domains))
+
+
+def lora_side_by_side(cfg: DecomposeConfig, domains: int) -> bool:
+    """Whether a training batch runs its memories' LoRA side by side (see ``memories.lora``) rather
+    than gathering each sample's factors."""
+    return memories_per_batch(cfg, domains) <= CONCATENATED_MEMORIES
+
+
+def saved_per_token(sizes: ModelSizes, cfg: DecomposeConfig, dtype_bytes: int, domains: int = 1) -> float:
     """Bytes one decoder layer keeps for backward per token, without checkpointing.
 
     With the base frozen, its linear layers keep nothing: what is kept is the input of each LoRA
-    factor, what attention and the gates need, and the fp32 inputs of the two RMSNorms."""
+    factor, what attention and the gates need, and the fp32 inputs of the two RMSNorms. A batch that
+    runs its memories' LoRA side by side keeps an intermediate as wide as their summed ranks."""
     memory, b = cfg.memory_config(), dtype_bytes
     targets = set(memory.lora_targets) if memory.use_lora else set()
     learned = cfg.mask_spec.learned and cfg.sparsity > 0
@@ -160,7 +180,8 @@ def saved_per_token(sizes: ModelSizes, cfg: DecomposeConfig, dtype_bytes: int) -
     kept += f * b if learned else 0  # the FFN activation, kept to differentiate its gate
     kept += h * b * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
     kept += q * b * ("o_proj" in targets) + f * b * ("down_proj" in targets)  # gated inputs of o_proj, down_proj
-    kept += len(targets) * cfg.lora_rank * b  # the rank-r intermediate of each LoRA
+    side_by_side = memories_per_batch(cfg, domains) if lora_side_by_side(cfg, domains) else 1
+    kept += len(targets) * cfg.lora_rank * side_by_side * b  # the rank-r intermediate of each LoRA
     return kept
 
 
@@ -174,9 +195,10 @@ def plan_decomposition(config: PretrainedConfig, cfg: DecomposeConfig, domains: 
     memory = memory_parameters(sizes, cfg)
     units = sizes.layers * (sizes.ffn + sizes.kv_heads)
     trainable = domains * memory + units
-    per_layer = tokens * saved_per_token(sizes, cfg, b)
-    if cfg.memory_config().use_lora:  # each sample's LoRA factors, stacked for one batched matmul
-        per_layer += cfg.batch_size * memory / sizes.layers * b
+    per_layer = tokens * saved_per_token(sizes, cfg, b, domains)
+    # the batch's memories' LoRA factors side by side (or each sample's, stacked), each sample's KV prefix
+    copies = memories_per_batch(cfg, domains) if lora_side_by_side(cfg, domains) else cfg.batch_size
+    per_layer += (copies * lora_parameters(sizes, cfg) + cfg.batch_size * kv_parameters(sizes, cfg)) / sizes.layers * b
     chunk = tokens if cfg.loss_chunk_tokens <= 0 else min(cfg.loss_chunk_tokens, tokens)
     distill = cfg.distill_weight > 0 and cfg.mask_spec.prunes
     loss = chunk * sizes.vocab * ((b + 3 * FP32) + (b + 3 * FP32 if distill else 0))  # logits, fp32, log-softmax, grad

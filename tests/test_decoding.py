@@ -115,13 +115,13 @@ def test_a_memory_merged_into_the_weights_gives_the_same_logits_and_text(runtime
     with torch.no_grad():
         for memory in ("eng", "code", None):
             assert torch.allclose(merged.model(ids, memory), runtime.model(ids, memory), atol=1e-5)
-    assert all(w._merged and w._merged[1] is merged.model.memories["code"] for w in wrappers)  # the last one alone
+    assert all(w._merged.memories == (merged.model.memories["code"],) for w in wrappers)  # the last one alone
     for prompt, memory in [("the cat sat", "eng"), ("def f(x):", "code")]:
         assert merged.generate(prompt, memory=memory, max_new_tokens=12) == runtime.generate(prompt, memory=memory, max_new_tokens=12)
     mixed = (["the cat sat", "def f(x):", "a dog"], ["eng", "code", None])
     assert merged.generate(mixed[0], memory=mixed[1], max_new_tokens=8) == runtime.generate(mixed[0], memory=mixed[1], max_new_tokens=8)
     merged.remove_memory("code")
-    assert not any(w._merged for w in wrappers)  # an unloaded memory's merged weights are let go
+    assert all(w._merged is None for w in wrappers)  # an unloaded memory's merged weights are let go
 
 
 def test_training_never_runs_on_merged_weights(runtime):

@@ -3,7 +3,7 @@ import torch
 
 from koff.formats.run_memory import load_memory_state, save_memory
 from koff.masks import LearnedMask
-from koff.memories import DomainMemory, MemoryConfig
+from koff.memories import DomainMemory, MemoryConfig, lora
 from koff.memories.parts import KV_PREFIX, LORA
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime import DecodeBatch, Sampling
@@ -43,8 +43,16 @@ def test_kv_memory_starts_as_the_models_own_cache_of_its_text(kind):
     assert torch.allclose(koff(ids, "eng"), expected, atol=1e-5)
 
 
+@pytest.fixture(params=["concatenated", "gathered"])
+def mixed_path(request, monkeypatch):
+    """Both ways a mixed batch adds its LoRA updates: few memories side by side, many gathered."""
+    if request.param == "gathered":
+        monkeypatch.setattr(lora, "CONCATENATED_MEMORIES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ARCHS)
-def test_mixed_batch_equals_each_sample_alone(kind):
+def test_mixed_batch_equals_each_sample_alone(kind, mixed_path):
     koff = KoffModel(tiny_model(kind), MemoryConfig(kind="lora+kv", kv_slots=4))
     for i, name in enumerate(["a", "b", "c"]):
         perturb(koff.new_memory(name, torch.randint(0, 300, (8,))), seed=i)
@@ -56,7 +64,7 @@ def test_mixed_batch_equals_each_sample_alone(kind):
             assert torch.allclose(mixed[i : i + 1], koff(ids[i : i + 1], d), atol=1e-5)
 
 
-def test_mixed_batch_with_different_ranks_and_slot_counts():
+def test_mixed_batch_with_different_ranks_and_slot_counts(mixed_path):
     koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora+kv", kv_slots=4))
     perturb(koff.new_memory("a", torch.randint(0, 300, (8,))))
     shapes = {k: (a.shape[1], koff.memories["a"].lora_B[k].shape[0]) for k, a in koff.memories["a"].lora_A.items()}
@@ -69,7 +77,7 @@ def test_mixed_batch_with_different_ranks_and_slot_counts():
     assert torch.allclose(mixed[1:], koff(ids[1:], "b"), atol=1e-5)
 
 
-def test_mixed_batch_sees_memories_updated_in_place_between_calls():
+def test_mixed_batch_sees_memories_updated_in_place_between_calls(mixed_path):
     # Inference keeps the concatenated LoRA factors of a mixed batch between calls; a memory trained
     # (updated in place) in between must not be served stale.
     koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora"))
@@ -86,7 +94,7 @@ def test_mixed_batch_sees_memories_updated_in_place_between_calls():
         assert torch.allclose(after[1:], koff(ids[1:], None), atol=1e-5)
 
 
-def test_mixed_batch_after_a_memory_is_replaced_uses_the_new_one():
+def test_mixed_batch_after_a_memory_is_replaced_uses_the_new_one(mixed_path):
     koff = KoffModel(tiny_model("llama"), MemoryConfig(kind="lora"))
     perturb(koff.new_memory("a"), seed=1)
     koff.eval()

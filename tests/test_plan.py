@@ -46,8 +46,8 @@ def test_planned_activations_match_what_a_forward_pass_keeps(kind, dtype):
     measured = measured_saved_bytes(model, torch.randint(0, 300, (3, 32)), ["a", "b", "c"])
     sizes = ModelSizes.of(tiny_config(kind, layers=layers))
     b = torch.tensor([], dtype=dtype).element_size()
-    stacked = cfg.batch_size * memory_parameters(sizes, cfg) * b  # each sample's LoRA factors
-    planned = layers * 3 * 32 * saved_per_token(sizes, cfg, b) + stacked
+    side_by_side = 3 * memory_parameters(sizes, cfg) * b  # three memories' LoRA factors side by side, 3 KV prefixes
+    planned = layers * 3 * 32 * saved_per_token(sizes, cfg, b, domains=3) + side_by_side
     assert planned == pytest.approx(measured, rel=0.02)
 
 

@@ -57,13 +57,33 @@ class BatchMemories:
 
     def index(self, present: list[DomainMemory], device: torch.device) -> torch.Tensor:
         """``rows_in_stack`` for this pass's samples, made once per batch composition."""
-        key = (self._rows, tuple(id(m) for m in present), device)
+        return self._kept(("index", tuple(id(m) for m in present), device),
+                          lambda: rows_in_stack(self.per_sample, present, device))
+
+    def rank_blocks(self, present: list[DomainMemory], ranks: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """(batch, sum of ranks): for each sample, ones over its own memory's block of ``present``'s
+        factors side by side (``ranks`` wide each), zeros elsewhere; made once per batch composition."""
+        def make() -> torch.Tensor:
+            starts = [sum(ranks[:i]) for i in range(len(ranks))]
+            place = {id(m): i for i, m in enumerate(present)}
+            blocks = torch.zeros(len(self.per_sample), sum(ranks))
+            for row, memory in enumerate(self.per_sample):
+                if id(memory) in place:
+                    i = place[id(memory)]
+                    blocks[row, starts[i]:starts[i] + ranks[i]] = 1
+            return blocks.to(device, dtype)
+
+        return self._kept(("blocks", tuple(id(m) for m in present), ranks, device, dtype), make)
+
+    def _kept(self, key: tuple, make) -> torch.Tensor:
+        key = (self._rows, *key)
         if key in self._indices:
             self._indices.move_to_end(key)
             return self._indices[key][1]
-        index = rows_in_stack(self.per_sample, present, device)
+        made = make()
         # The entry holds the memories: while it lives, their ids cannot name a memory loaded later.
-        self._indices[key] = (list(self.per_sample), index)
+        self._indices[key] = (list(self.per_sample), made)
         if len(self._indices) > KEPT_INDICES:
             self._indices.popitem(last=False)
-        return index
+        return made

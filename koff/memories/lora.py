@@ -10,6 +10,7 @@ in memory. ``BatchMemories.merge_single`` switches it on; training and mixed bat
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from koff.models.architecture import DecoderLayout
 # the prompts being prefilled, each as one memory or a mix, so that they do not evict each other
 # step after step.
 CACHED_SETS = 4
+# A mixed batch of at most this many memories runs them side by side as one wide LoRA (two plain
+# matmuls, the others' ranks computed for nothing); beyond, each sample gathers its own factors.
+CONCATENATED_MEMORIES = 16
 
 
 class RoutedLoRALinear(nn.Module):
@@ -35,7 +39,7 @@ class RoutedLoRALinear(nn.Module):
         self.key = key
         self._batch = [batch]  # a list keeps it out of the module tree
         self._cache: OrderedDict = OrderedDict()  # concatenated factors of recent memory sets (inference only)
-        self._merged: tuple = ()  # (signature, memory, weight): the last memory merged alone (inference only)
+        self._merged: _Made | None = None  # the last memory merged alone (inference only)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -55,9 +59,10 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self._batch[0]
-        if not batch.mixed and batch.merge_single and batch.single is not None and not torch.is_grad_enabled() \
-                and self.key in batch.single.lora_A:
-            return F.linear(x, self._merged_weight(batch.single), self.base.bias)
+        if not batch.mixed and batch.merge_single and batch.single is not None and not torch.is_grad_enabled():
+            merged = self._merged_weight(batch.single)
+            if merged is not None:
+                return F.linear(x, merged, self.base.bias)
         y = self.base(x)
         if not batch.mixed:
             memory = batch.single
@@ -68,7 +73,30 @@ class RoutedLoRALinear(nn.Module):
         present = [m for m in batch.distinct if self.key in m.lora_A]
         if not present:
             return y
+        if len(present) <= CONCATENATED_MEMORIES:
+            return self._add_concatenated(y, present, x)
         return self._add_gathered(y, present, batch.index(present, x.device), x)
+
+    def _add_concatenated(self, y: torch.Tensor, present, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch over a few memories: their factors side by side make one LoRA of their
+        summed ranks, ``[A1; A2; ...]`` and ``[s1 B1, s2 B2, ...]``; each sample keeps the block of
+        its own memory (a mask of ones and zeros; a sample with none keeps nothing, so its update is
+        exactly zero). Two plain matmuls and a multiply for the whole batch, whatever the mix, and
+        nothing gathered: the extra work is the other memories' ranks, small beside the projection."""
+        a, b, ranks = self._concatenated(present, x.dtype)
+        keep = self._batch[0].rank_blocks(present, ranks, x.device, x.dtype)
+        low = F.linear(x, a) * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
+        return y + F.linear(low, b)
+
+    def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(summed rank, in) and (out, summed rank) factors of ``present`` (B times its scaling),
+        and each memory's rank."""
+        def build():
+            a = torch.cat([m.lora_A[self.key] for m in present]).to(dtype)
+            b = torch.cat([m.lora_B[self.key] * m.scaling for m in present], dim=1).to(dtype)
+            return a, b, tuple(m.lora_A[self.key].shape[0] for m in present)
+
+        return self._cached("concatenated", present, dtype, build)
 
     def _add_gathered(self, y: torch.Tensor, present, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A mixed batch (several memories, some samples with none, ranks that differ): the factors
@@ -102,46 +130,68 @@ class RoutedLoRALinear(nn.Module):
 
     def forget(self, memory) -> None:
         """Drop every factor set and merged weight kept for ``memory`` (it is being unloaded)."""
-        self._cache = OrderedDict((k, v) for k, v in self._cache.items() if all(m is not memory for m in v[0]))
-        if self._merged and self._merged[1] is memory:
-            self._merged = ()
+        self._cache = OrderedDict((k, v) for k, v in self._cache.items() if all(m is not memory for m in v.memories))
+        if self._merged is not None and self._merged.memories[0] is memory:
+            self._merged = None
 
-    def _merged_weight(self, memory) -> torch.Tensor:
+    def _merged_weight(self, memory) -> torch.Tensor | None:
         """``W + scaling * B A`` in the base weight's dtype (the update computed in float32), made
-        when the memory (or its factors) changed and kept for that one memory only."""
-        signature = self._signature("merged", [memory], self.base.weight.dtype)
-        if self._merged and self._merged[0] == signature:
-            return self._merged[2]
-        self._merged = ()  # the old copy goes before the new one is made
+        when the memory (or its factors) changed and kept for that one memory only; None when the
+        memory does not adapt this projection."""
         weight = self.base.weight
+        kept = self._merged
+        if kept is not None and kept.serves("merged", [memory], weight.dtype):
+            return kept.tensors[0]
+        if self.key not in memory.lora_A:
+            return None
+        self._merged = None  # the old copy goes before the new one is made
         update = (memory.lora_B[self.key].float() * memory.scaling) @ memory.lora_A[self.key].float()
         merged = (weight.float() + update.to(weight.device)).to(weight.dtype)
-        self._merged = (signature, memory, merged)  # holds the memory: its id cannot be reused meanwhile
+        self._merged = _Made.of("merged", [memory], self.key, weight.dtype, (merged,))
         return merged
 
-    def _signature(self, kind: str, present, dtype: torch.dtype) -> tuple:
-        """What a kept tensor was made from: the memories, their scalings and factor versions
-        (``_version`` counts in-place updates), the dtype and the device."""
-        return (kind, dtype, present[0].lora_A[self.key].device,
-                tuple((id(m), m.scaling, m.lora_A[self.key]._version, m.lora_B[self.key]._version) for m in present))
-
-    def _cached(self, kind: str, present, dtype: torch.dtype, build) -> tuple[torch.Tensor, torch.Tensor]:
-        """``build()``'s factors, kept between calls when no gradient is recorded and neither the set
+    def _cached(self, kind: str, present, dtype: torch.dtype, build) -> tuple:
+        """``build()``'s tensors, kept between calls when no gradient is recorded and neither the set
         of memories, their factors (``_version`` counts in-place updates) nor their device changed:
         every step of a decoding batch whose samples come and go over the same memories reuses them."""
         if torch.is_grad_enabled():
             return build()  # training: the factors change every step, and gradients flow through the cast
-        signature = self._signature(kind, present, dtype)
-        if signature in self._cache:
-            self._cache.move_to_end(signature)
-            return self._cache[signature][1:]
-        a, b = build()
-        # The entry holds the memories too: while it lives, their ids cannot be reused by a memory
-        # loaded later (whose fresh tensors would also be at _version 0).
-        self._cache[signature] = (list(present), a, b)
+        key = (kind, dtype, *map(id, present))
+        kept = self._cache.get(key)
+        if kept is not None and kept.serves(kind, present, dtype):
+            self._cache.move_to_end(key)
+            return kept.tensors
+        made = build()
+        self._cache[key] = _Made.of(kind, present, self.key, dtype, made)
         if len(self._cache) > CACHED_SETS:
             self._cache.popitem(last=False)
-        return a, b
+        return made
+
+
+@dataclass(frozen=True)
+class _Made:
+    """Tensors a wrapper made from some memories' factors, and what they were made from: checking
+    that they still serve takes a few attribute reads (a decoding step checks 210 of them), no
+    lookup in the memories' parameter dictionaries. Holding the memories keeps their ids from
+    naming a memory loaded later."""
+
+    kind: str
+    dtype: torch.dtype
+    memories: tuple
+    factors: tuple  # per memory: its A and B as they were, their _version counters, its scaling
+    tensors: tuple
+
+    @classmethod
+    def of(cls, kind: str, present, key: str, dtype: torch.dtype, tensors: tuple) -> "_Made":
+        factors = tuple((m.lora_A[key], m.lora_B[key], m.lora_A[key]._version, m.lora_B[key]._version,
+                         m.scaling, m.lora_A[key].device) for m in present)
+        return cls(kind, dtype, tuple(present), factors, tensors)
+
+    def serves(self, kind: str, present, dtype: torch.dtype) -> bool:
+        return (kind == self.kind and dtype == self.dtype and len(present) == len(self.memories)
+                and all(m is held for m, held in zip(present, self.memories))
+                and all(a._version == va and b._version == vb and m.scaling == s and a.device == d
+                        for m, (a, b, va, vb, s, d) in zip(present, self.factors)))
 
 
 def install_lora(layout: DecoderLayout, targets: list[str], batch: BatchMemories) -> dict[str, tuple[int, int]]:
