@@ -77,10 +77,14 @@ def test_every_option_has_help_and_an_export_is_always_called_export():
         assert positionals["export_dir"] == "EXPORT", name
 
 
-def test_a_run_with_heldout_text_is_scored_on_it_beside_its_own_validation_blocks(tmp_path, corpus, capsys):
+def test_a_run_with_heldout_text_is_scored_on_it_beside_its_own_validation_blocks(tmp_path, corpus, capsys, monkeypatch):
     """`--heldout NAME=SOURCE` columns: dense, dense + memories, mask alone and KOFF on text never trained on;
-    a domain whose real text is missing falls back (A|B) and its held-out text is left out."""
+    a domain whose real text is missing falls back (A|B) and its held-out text is left out. The
+    validation blocks are scored once, by the table, and summary.json takes them from it."""
     from tiny import save_tiny
+    import koff.training.pipeline
+
+    monkeypatch.setattr(koff.training.pipeline, "evaluate", lambda decomposer: pytest.fail("scored twice"))
 
     model = save_tiny(tmp_path / "model")
     argv = ["decompose", "--model", model, "--domain", f"eng={corpus['eng']}",
@@ -93,4 +97,6 @@ def test_a_run_with_heldout_text_is_scored_on_it_beside_its_own_validation_block
     assert set(table["price_of_offloading"]) == {"eng", "code", f"eng@{corpus['deu'].stem}"}
     assert "Mean price of offloading: training text" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert "eval" in summary
+    koff_row = next(r for r in table["rows"] if r["configuration"].startswith("KOFF"))
+    assert summary["eval"]["mask+memories"]["domains"]["eng"]["perplexity"] == koff_row["perplexity"]["eng"]
+    assert set(summary["eval"]) == {"dense", "mask+memories", "mask only"}

@@ -39,24 +39,27 @@ def run(args: argparse.Namespace) -> int:
     main_process = os.environ.get("RANK", "0") == "0"
     with folder_lock(out, "koff decompose") if main_process else nullcontext():
         config = _resumed_config(args, out) if args.resume else _new_config(args, out)
-        decomposer, summary = decompose(config, resume=args.resume)
+        # with held-out text the table scores the validation blocks too; summary.json takes them from it
+        decomposer, summary = decompose(config, resume=args.resume, evaluate_run=not config.heldout)
     if not decomposer.accelerator.is_main_process:  # under `accelerate launch`, one process reports
         return 0
     log.info("run folder: %s (sparsity %.4f)", out, summary["sparsity"])
     if config.heldout and config.eval:
-        print(_heldout_table(config, out))
+        print(_heldout_table(config, out, summary))
     elif "eval" in summary:
         print(_eval_table(DecompositionEval.from_dict(summary["eval"])))
     return 0
 
 
-def _heldout_table(config: DecomposeConfig, out: Path) -> str:
-    """The run scored as `koff eval RUN --transfer ...` scores it, with the held-out text as transfer columns."""
-    from koff.experiments.ablation import ablation_table, save_table, usable_heldout
+def _heldout_table(config: DecomposeConfig, out: Path, summary: dict) -> str:
+    """The run scored as `koff eval RUN --transfer ...` scores it, with the held-out text as transfer
+    columns; its rows on the validation blocks go into summary.json as the run's evaluation."""
+    from koff.experiments.ablation import ablation_table, main_run_evaluation, save_table, usable_heldout
 
     table = ablation_table([str(out)], batch_size=config.eval_batch_size, max_blocks=config.eval_max_blocks,
                            device=config.device, transfer=usable_heldout(config.heldout, config.domain),
                            transfer_max_blocks=config.eval_max_blocks)
+    run_folder.write_summary(out, summary | {"eval": main_run_evaluation(table).to_dict()})
     log.info("held-out text scored: %s", out / "eval" / "table.md")
     return save_table(table, out / "eval")
 

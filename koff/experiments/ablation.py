@@ -29,6 +29,7 @@ import torch
 from koff.data import DomainData, load_domains, load_heldout, parse_domain, parse_domains
 from koff.data.sources import chosen_source, fell_back, source_exists
 from koff.errors import UserInputError
+from koff.evaluation import DecompositionEval
 from koff.evaluation.perplexity import Scorer, evaluate
 from koff.formats.exported_memory import training_data
 from koff.formats.run import Run, load_run
@@ -128,7 +129,7 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
         perplexity = {d: r["perplexity"] for d, r in results[-1]["domains"].items()}
         perplexity |= {column: other[column]["perplexity"] for column, _ in transfer}
         rows.append({"configuration": config.name, "perplexity": perplexity, "parameters": config.parameters,
-                     "memory_parameters_per_domain": config.memory_parameters})
+                     "memory_parameters_per_domain": config.memory_parameters, "evaluation": results[-1]})
     names = [d.name for d in domains]
     columns = [column for column, _ in transfer]
     for row, result in zip(rows, results):
@@ -147,6 +148,14 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
     if price:
         table["price_of_offloading"] = price
     return table
+
+
+def main_run_evaluation(table: dict) -> DecompositionEval:
+    """The main run's three rows on its own validation blocks, as ``koff decompose`` records them in
+    summary.json (the table scores them anyway; scoring them twice cost a run minutes)."""
+    by_name = {row["configuration"]: row["evaluation"] for row in table["rows"]}
+    koff = next((e for name, e in by_name.items() if name.startswith("KOFF: ")), None)
+    return DecompositionEval(dense=by_name["dense base"], mask_only=by_name["mask, no memories"], with_memories=koff)
 
 
 def columns_by_source(columns: list[str]) -> dict[str, list[str]]:

@@ -11,12 +11,14 @@ from koff.formats import run as run_folder
 from koff.training.trainer import Decomposer
 
 
-def decompose(config: DecomposeConfig, resume: bool = False, **parts) -> tuple[Decomposer, dict]:
-    """(the trained decomposer, its summary); with ``config.eval`` the summary holds ``eval``.
+def decompose(config: DecomposeConfig, resume: bool = False, evaluate_run: bool = True,
+              **parts) -> tuple[Decomposer, dict]:
+    """(the trained decomposer, its summary); with ``config.eval`` and ``evaluate_run`` the summary
+    holds ``eval`` (a caller that scores the run more widely passes False and records it itself).
     ``parts`` go to ``Decomposer`` (``base``, ``tokenizer``, ``domains``: already loaded ones)."""
     decomposer = Decomposer(config, **parts)
     summary = decomposer.train(resume=resume)
-    if config.eval and decomposer.accelerator.is_main_process:
+    if config.eval and evaluate_run and decomposer.accelerator.is_main_process:
         summary = summary | {"eval": evaluate(decomposer).to_dict()}
         run_folder.write_summary(decomposer.out, summary)
     return decomposer, summary
