@@ -43,6 +43,7 @@ class SlotLayer(CacheLayerMixin):
         super().__init__()
         self.owner, self.keys, self.values = owner, keys, values
         self.device, self.is_initialized = keys.device, True
+        self._views: tuple = ()  # (rows, visible, keys, key view, value view) of the last step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a SlotLayer is allocated when its first request is admitted")
@@ -51,10 +52,18 @@ class SlotLayer(CacheLayerMixin):
         owner = self.owner
         if key_states.shape[2] != 1:
             raise RuntimeError("a slot cache takes one new token per row; prompts are prefilled elsewhere and admitted")
-        rows, visible = key_states.shape[0], owner.visible
-        self.keys[:rows].index_copy_(2, owner.column_index, key_states)
-        self.values[:rows].index_copy_(2, owner.column_index, value_states)
-        return self.keys[:rows, :, :visible], self.values[:rows, :, :visible]
+        keys, values = self._visible(key_states.shape[0], owner.visible)
+        keys.index_copy_(2, owner.column_index, key_states)  # the column written is always visible
+        values.index_copy_(2, owner.column_index, value_states)
+        return keys, values
+
+    def _visible(self, rows: int, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the rows and columns a step uses, made again only when they change (every 64
+        steps, or when rows join or leave): each slicing is one more operation dispatched per layer."""
+        views = self._views
+        if not views or views[0] != rows or views[1] != visible or views[2] is not self.keys:
+            views = self._views = (rows, visible, self.keys, self.keys[:rows, :, :visible], self.values[:rows, :, :visible])
+        return views[3], views[4]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.visible, 0
