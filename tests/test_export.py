@@ -10,8 +10,9 @@ from koff.errors import KoffError
 from koff.export import ExportError, export_run, load_run
 from koff.masks import BinaryMask
 from koff.model import UnknownMemoryError
-from koff.runtime import DecodeBatch, MemoryLoadError, Sampling, load
+from koff.runtime import MemoryLoadError, Sampling, load
 from koff.training import DecomposeConfig, Decomposer
+from recording import RecordingBatch
 from tiny import save_tiny
 
 
@@ -100,21 +101,6 @@ def test_mixed_memory_batched_generation_equals_one_by_one(tmp_path, corpus):
     assert "".join(runtime.generate(prompts[0], memory="eng", max_new_tokens=8, stream=True)) == alone[0]
     sampled = [runtime.generate(prompts[0], memory="eng", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3) for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
-
-
-class RecordingBatch(DecodeBatch):
-    """Keeps the logits each sample's tokens were drawn from (greedy tokens of a tiny random model
-    hardly depend on the context; its logits do)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.logits: dict[int, list[torch.Tensor]] = {}
-
-    def _read(self, rows, logits, chosen):
-        for i, row in enumerate(rows):
-            if row is not None and not row.done:  # None: a free slot
-                self.logits.setdefault(row.key, []).append(logits[i].clone())
-        return super()._read(rows, logits, chosen)
 
 
 def test_samples_joining_and_leaving_a_running_batch_get_the_same_logits(tmp_path, corpus):

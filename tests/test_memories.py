@@ -3,7 +3,8 @@ import torch
 
 from koff.formats.run_memory import load_memory_state, save_memory
 from koff.masks import LearnedMask
-from koff.memories import DomainMemory, MemoryConfig, lora
+from koff.memories import DomainMemory, MemoryConfig
+from koff.memories import lora as lora_module
 from koff.memories.parts import KV_PREFIX, LORA
 from koff.model import KoffModel, UnknownMemoryError
 from koff.runtime import DecodeBatch, Sampling
@@ -47,7 +48,7 @@ def test_kv_memory_starts_as_the_models_own_cache_of_its_text(kind):
 def mixed_path(request, monkeypatch):
     """Both ways a mixed batch adds its LoRA updates: few memories side by side, many gathered."""
     if request.param == "gathered":
-        monkeypatch.setattr(lora, "CONCATENATED_MEMORIES", 0)
+        monkeypatch.setattr(lora_module, "CONCATENATED_MEMORIES", 0)
     return request.param
 
 

@@ -7,21 +7,8 @@ import torch
 from koff.memories import MemoryConfig
 from koff.model import KoffModel
 from koff.runtime import DecodeBatch, Sampling
+from recording import RecordingBatch
 from tiny import tiny_model
-
-
-class RecordingBatch(DecodeBatch):
-    """Keeps, per sample, the logits its tokens were drawn from."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.logits: dict[int, list[torch.Tensor]] = {}
-
-    def _read(self, rows, logits, chosen):
-        for i, row in enumerate(rows):
-            if row is not None and not row.done:  # None: a free slot
-                self.logits.setdefault(row.key, []).append(logits[i].clone())
-        return super()._read(rows, logits, chosen)
 
 
 def memories_model(kind: str) -> KoffModel:
