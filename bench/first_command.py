@@ -3,8 +3,9 @@ its time and its table (validation blocks, another source, another genre, price 
 
     python bench/first_command.py                       # runs it (about 80 minutes on 2 cores)
     python bench/first_command.py --collect --seconds 3900 60   # a run the command made: record it
+    python bench/first_command.py --flag=--lr-lora=3e-3 --run runs/real-lr3 --name first-command-lr3   # a variant
 
-Writes bench/results/first-command.json and .md with the command, the machine and the commit.
+Writes bench/results/NAME.json and .md (NAME: --name, first-command) with the command, the machine and the commit.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ CONFIG = "smollm2-real"
 GOALS = {"mean": 1.05, "worst": 1.10, "price": 1.10}
 
 
-def run_command(run: Path, export: Path) -> list[float]:
-    """Seconds of `koff decompose --config` and of `koff export`, run as the README runs them."""
+def run_command(run: Path, export: Path, flags: list[str]) -> list[float]:
+    """Seconds of `koff decompose --config` (with ``flags``) and of `koff export`, run as the README runs them."""
     koff = [sys.executable, "-m", "koff"]
     seconds = []
-    for argv in ([*koff, "decompose", "--config", f"configs/{CONFIG}.yaml"], [*koff, "export", str(run), str(export)]):
+    decompose = [*koff, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
+    for argv in (decompose, [*koff, "export", str(run), str(export)]):
         start = time.perf_counter()
         subprocess.run(argv, check=True)
         seconds.append(round(time.perf_counter() - start, 1))
@@ -82,9 +84,11 @@ def report(result: dict) -> str:
     goals += [[f"price of offloading, mean on {g} <= {GOALS['price']}", f"{s['price of offloading'][g]['mean']:.3f}",
                s["price of offloading"][g]["mean"] <= GOALS["price"]] for g in new]
     minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items() if v) or "times not recorded"
+    flags = "".join(f" {f}" for f in result["flags"])
+    what = (f"The README's first command with `{flags.strip()}`" if flags else "The README's first command")
     return "\n".join([
-        "# first-command", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
-        f"The README's first command: `koff decompose --config configs/{CONFIG}.yaml`, then `koff export` "
+        f"# {result['name']}", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
+        f"{what}: `koff decompose --config configs/{CONFIG}.yaml{flags}`, then `koff export` "
         f"({minutes}; setup apart). One seed.", "",
         "Perplexity / dense: mean over the domains (worst domain, its column), on 40 blocks per domain and text:", "",
         markdown_table(["configuration", *groups], rows), "",
@@ -100,21 +104,29 @@ def main() -> None:
                         help="with --collect: how long the two commands took")
     parser.add_argument("--rescored", action="append", default=[], metavar="TABLE_JSON",
                         help="another `koff eval RUN --transfer` table whose held-out columns replace the run's own")
+    parser.add_argument("--flag", action="append", default=[], metavar="FLAG",
+                        help="a setting changed against the config, passed to `koff decompose` as it is "
+                        "(repeatable; e.g. --flag=--lr-lora=3e-3): a variant of the first command")
+    parser.add_argument("--run", help="the run folder (default: the config's; a variant needs its own)")
+    parser.add_argument("--name", default="first-command", help="results file name")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
-    run = Path(named_config(CONFIG)["out"])
+    if args.flag and not args.run:
+        sys.exit("a variant (--flag) needs its own run folder: --run runs/NAME")
+    run = Path(args.run or named_config(CONFIG)["out"])
     export = run.with_name(run.name + "-export")
-    seconds = args.seconds if args.collect else run_command(run, export)
+    seconds = args.seconds if args.collect else run_command(run, export, args.flag)
     table = read_json(run / "eval" / "table.json")
     for path in args.rescored:
         table = merged(table, read_json(Path(path)))
-    result = {"command": command_line(), "machine": machine(), "commit": git_commit(), "config": named_config(CONFIG),
+    result = {"name": args.name, "command": command_line(), "machine": machine(), "commit": git_commit(),
+              "config": named_config(CONFIG), "flags": args.flag, "run": str(run),
               "seconds": dict(zip(("decompose", "export"), seconds or (None, None))), "summary": summary(table),
               "rescored": args.rescored, "table": table}
     out = Path(args.results)
-    write_json(out / "first-command.json", result)
+    write_json(out / f"{args.name}.json", result)
     text = report(result)
-    write_text(out / "first-command.md", text)
+    write_text(out / f"{args.name}.md", text)
     print(text)
 
 
