@@ -183,8 +183,8 @@ class _Made:
 
     @classmethod
     def of(cls, kind: str, present, key: str, dtype: torch.dtype, tensors: tuple) -> "_Made":
-        factors = tuple((m.lora_A[key], m.lora_B[key], m.lora_A[key]._version, m.lora_B[key]._version,
-                         m.scaling, m.lora_A[key].device) for m in present)
+        pairs = [(m, m.lora_A[key], m.lora_B[key]) for m in present]
+        factors = tuple((a, b, a._version, b._version, m.scaling, a.device) for m, a, b in pairs)
         return cls(kind, dtype, tuple(present), factors, tensors)
 
     def serves(self, kind: str, present, dtype: torch.dtype) -> bool:

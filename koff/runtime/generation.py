@@ -177,14 +177,14 @@ class DecodeBatch:
         """Put newly prefilled samples into free slots (the lowest first), growing the slots when
         none is free, and write their caches there."""
         free = [i for i, r in enumerate(self.slots) if r is None]
-        taken = (free + list(range(len(self.slots), len(self.slots) + len(rows))))[: len(rows)]
-        grown = max(taken) + 1 - len(self.slots)
+        taken = (free + list(range(len(self.slots), len(self.slots) + len(rows))))[: len(rows)]  # ascending
+        slots = max(len(self.slots), taken[-1] + 1)
         running = self.live[: self._width] if self._width else None
         room = max(r.params.max_new_tokens - r.count for r in self.rows + rows)
         index = torch.tensor(taken, device=mask.device)
-        self.cache.admit(index, prefilled, mask, running, room, len(self.slots) + max(grown, 0))
-        if grown > 0:
-            self._grow_slots(self.cache.slots)
+        self.cache.admit(index, prefilled, mask, running, room, slots)
+        if slots > len(self.slots):
+            self._grow_slots(slots)
         self.position.index_copy_(0, index, next_position)
         self.last.index_copy_(0, index, last)
         self.live.index_fill_(0, index, True)

@@ -76,8 +76,7 @@ class RowSampling:
     (never per step); the host keeps only what decides which operations a step runs."""
 
     def __init__(self, params: list[Sampling], device: torch.device):
-        self.any_sampled = any(not p.greedy for p in params)
-        self.any_nucleus = any(p.top_p < 1 and not p.greedy for p in params)
+        self._decide_operations(params)
         words = [p.seed_words() for p in params]
         settings = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p] for p in params], dtype=torch.float32)
         seeds = torch.tensor(words, dtype=torch.int64).reshape(-1, 2)
@@ -94,9 +93,13 @@ class RowSampling:
         """The first ``rows`` rows, sharing this one's tensors (their step counters advance here
         too); ``params`` are the settings of the live rows among them, which decide the operations."""
         new = self._of([self], lambda name: getattr(self, name)[:rows])
-        new.any_sampled = any(not p.greedy for p in params)
-        new.any_nucleus = any(p.top_p < 1 and not p.greedy for p in params)
+        new._decide_operations(params)
         return new
+
+    def _decide_operations(self, params: list[Sampling]) -> None:
+        """Whether a step draws at all, and whether it cuts a nucleus: host flags, never read per step."""
+        self.any_sampled = any(not p.greedy for p in params)
+        self.any_nucleus = any(p.top_p < 1 and not p.greedy for p in params)
 
     def put(self, index: torch.Tensor, rows: "RowSampling") -> None:
         """Write ``rows`` over the rows at ``index`` (a device tensor): requests taking free slots."""

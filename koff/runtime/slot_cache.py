@@ -178,7 +178,7 @@ class SlotCache(Cache):
         """Move the columns from the first one a running row attends to, to column 0 (one read of
         the device: admission only)."""
         used = live_columns[: self.column]
-        first = int(used.long().argmax()) if bool(used.any()) else self.column
+        first = int(torch.cat([used, used.new_ones(1)]).long().argmax())  # self.column when none is used
         if first == 0:
             return
         kept = self.column - first
