@@ -10,7 +10,9 @@ no early stop (``max_new_tokens`` forced), timed as the median of ``--repeats`` 
 * ``koff_memory``: the same with a memory (LoRA + KV prefix); at batch 16, ``koff_one_memory``
   gives every row the same memory and ``koff_mixed`` spreads 4 memories over the rows;
 * ``..._merged``: the same with ``--merge-lora`` (a batch on one memory runs on weights with its
-  LoRA merged in).
+  LoRA merged in);
+* ``..._compiled``: the same with ``--compile`` (the step's forward through ``torch.compile``, CUDA
+  graphs on a GPU; compiling happens in the warm-up call).
 
 Per generated token it also counts, at batch 1, the PyTorch operations dispatched (each a kernel
 launch or more on a GPU) and the reads back to the host (each a wait for the GPU). On a GPU the
@@ -91,9 +93,10 @@ def dense_base(spec: str, device: str, dtype: str):
 # ----- the ways to generate ---------------------------------------------------------------------
 OPEN_LLAMAS: list = []  # llama.cpp models, closed before the interpreter exits (their finalisers fail then)
 
-def koff_generate(model: KoffModel, prompts: torch.Tensor, memories: list[str | None], new_tokens: int) -> list:
+def koff_generate(model: KoffModel, prompts: torch.Tensor, memories: list[str | None], new_tokens: int,
+                  compile: bool = False) -> list:
     """koff's continuous-batching step over ``prompts`` (rows of ids), ``new_tokens`` each."""
-    batch = DecodeBatch(model, pad_id=0, eos_ids=set())
+    batch = DecodeBatch(model, pad_id=0, eos_ids=set(), compile=compile)
     for ids, memory in zip(prompts.tolist(), memories):
         batch.add(ids, memory, Sampling(new_tokens))
     tokens = []
@@ -161,11 +164,13 @@ def merged(model: KoffModel, generate):
     return run
 
 
-def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tensor, names: list[str]) -> dict:
-    """name -> (rows, generate(n)) for batch 1 and batch ``len(prompts)``."""
+def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tensor, names: list[str],
+         compiled: bool) -> dict:
+    """name -> (rows, generate(n)) for batch 1 and batch ``len(prompts)``; with ``compiled``, the
+    ways of ``--compile`` too."""
     one, rows = prompts[:1], len(prompts)
     mixed = [names[i % min(MIXED, len(names))] for i in range(rows)]
-    return {
+    table = {
         "batch 1": {
             "hf_dense": (1, lambda n: hf_generate(dense, one, n)),
             "koff_dense": (1, lambda n: koff_generate(dense_koff, one, [None], n)),
@@ -181,6 +186,14 @@ def ways(dense, backbone: KoffModel, dense_koff: KoffModel, prompts: torch.Tenso
             "koff_mixed": (rows, lambda n: koff_generate(backbone, prompts, mixed, n)),
         },
     }
+    if compiled:
+        table["batch 1"] |= {
+            "koff_backbone_compiled": (1, lambda n: koff_generate(backbone, one, [None], n, compile=True)),
+            "koff_memory_compiled": (1, lambda n: koff_generate(backbone, one, [names[0]], n, compile=True))}
+        table[f"batch {rows}"] |= {
+            "koff_one_memory_compiled": (rows, lambda n: koff_generate(backbone, prompts, [names[0]] * rows, n, compile=True)),
+            "koff_mixed_compiled": (rows, lambda n: koff_generate(backbone, prompts, mixed, n, compile=True))}
+    return table
 
 
 def batch_one_speeds(work: Path, base_spec: str, prompt: torch.Tensor, device: str, dtype: str, new_tokens: int) -> dict:
@@ -260,7 +273,7 @@ def measure(model: str, args) -> dict:
         dense = dense_base(base_folder, device, args.dtype)
         dense_koff = KoffModel(dense, MemoryConfig(kind="none"))
         names = sorted(runtime.memories)
-        table = ways(dense, runtime.model, dense_koff, prompts, names)
+        table = ways(dense, runtime.model, dense_koff, prompts, names, args.compile)
         speeds = {size: interleaved_tokens_per_s(entries, args.new_tokens, device, args.repeats)
                   for size, entries in table.items()}
         if args.llama_cpp:  # fast and so noisier on a shared CPU: more rounds
@@ -300,6 +313,9 @@ def goal_rows(r: dict) -> list[list[str]]:
     if "koff_memory_merged" in one:
         goals.insert(1, ("the same, --merge-lora", one["koff_memory_merged"] / one["hf_dense"], 1.05))
         goals.append(("4 memories mixed / one memory merged, batched", rows["koff_mixed"] / rows["koff_one_memory_merged"], 0.9))
+    if "koff_memory_compiled" in one:
+        goals.insert(2, ("the same, --compile", one["koff_memory_compiled"] / one["hf_dense"], 1.05))
+        goals.append(("4 memories mixed / one memory, both --compile", rows["koff_mixed_compiled"] / rows["koff_one_memory_compiled"], 0.9))
     if "llama_cpp_dense" in one:
         goals.append((f"llama.cpp backbone / dense (ideal {ideal:.3f})", one["llama_cpp_backbone"] / one["llama_cpp_dense"],
                       1 + 0.7 * (ideal - 1)))
@@ -325,7 +341,8 @@ def report(results: list[dict], device: str) -> str:
             speeds = r["tokens_per_s"]["batch 1"]
             rows = [[name, f"{r['weight_bytes'][kind] * speeds[name] / limit:.2f}"]
                     for name, kind in (("hf_dense", "dense"), ("koff_backbone", "backbone"), ("koff_memory", "backbone"),
-                                       ("koff_memory_merged", "backbone")) if name in speeds]
+                                       ("koff_memory_merged", "backbone"), ("koff_backbone_compiled", "backbone"),
+                                       ("koff_memory_compiled", "backbone")) if name in speeds]
             lines.append(f"Weights read per second over the bandwidth ({limit / 1e9:.0f} GB/s), batch 1:\n\n"
                          + markdown_table(["way", "share of the limit"], rows))
     return "\n\n".join(lines)
@@ -345,6 +362,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (the median counts), after a warm-up")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="also llama.cpp at batch 1 on the GGUF files (needs llama-cpp-python)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time koff's --compile ways (each batch size is compiled once, in its warm-up)")
     parser.add_argument("--gguf-dtype", default="f16", help="the GGUF files' matrices (f16, f32, q8_0)")
     parser.add_argument("--llama-cpp-repeats", type=int, default=15, help="timed rounds of the llama.cpp ways")
     parser.add_argument("--out", default="bench/results")

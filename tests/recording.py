@@ -10,8 +10,8 @@ class RecordingBatch(DecodeBatch):
     """Keeps, per sample, the logits its tokens were drawn from (greedy tokens of a tiny random model
     hardly depend on the context; its logits do)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.logits: dict[int, list[torch.Tensor]] = {}
 
     def _read(self, rows, logits, chosen):

@@ -124,6 +124,16 @@ def test_a_memory_merged_into_the_weights_gives_the_same_logits_and_text(runtime
     assert all(w._merged is None for w in wrappers)  # an unloaded memory's merged weights are let go
 
 
+def test_a_compiled_runtime_writes_the_same_text_and_follows_its_memories(runtime, tmp_path):
+    compiled = load(tmp_path / "export", compile=True)
+    mixed = (["the cat sat", "def f(x):", "a dog"], ["eng", "code", None])
+    assert compiled.generate(mixed[0], memory=mixed[1], max_new_tokens=8) == runtime.generate(mixed[0], memory=mixed[1], max_new_tokens=8)
+    compiled.remove_memory("code")  # the memories side by side are taken again, without it
+    assert compiled.generate("the cat sat", memory="eng", max_new_tokens=8) == runtime.generate("the cat sat", memory="eng", max_new_tokens=8)
+    held = [m._held for m in compiled.model.base.modules() if isinstance(m, RoutedLoRALinear)]
+    assert all(h is None or h[0].shape[0] == compiled.model.memories["eng"].rank for h in held)
+
+
 def test_training_never_runs_on_merged_weights(runtime):
     runtime.model.batch_memories.merge_single = True
     ids = torch.tensor([runtime.encode("the cat sat")])

@@ -18,6 +18,8 @@ log = logging.getLogger("koff")
 
 MERGE_HELP = ("run a request that uses one memory alone on weights with its LoRA merged in: faster, "
               "at the price of one more copy of the adapted weights in memory")
+COMPILE_HELP = ("decode through torch.compile (CUDA graphs on a GPU): faster steps, after a first step of each "
+                "batch size that compiles (about a minute)")
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--merge-lora", action="store_true", help=MERGE_HELP)
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 # Options that describe how to run, not what to compute: never stored in a resolved config.

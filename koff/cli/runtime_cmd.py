@@ -36,7 +36,8 @@ def generate(args: argparse.Namespace) -> int:
     from koff.runtime import AUTO, Sampling, load
 
     Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()  # before the model loads
-    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora,
+                   compile=args.compile)
     prompt = args.prompt
     if args.chat:
         prompt = runtime.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections).fit_descriptors()
     except ValueError as err:
         raise UsageError(f"--header-timeout, --body-timeout, --max-connections: {err}") from err
-    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora)
+    runtime = load(args.export_dir, device=args.device, dtype=args.dtype, merge_lora=args.merge_lora,
+                   compile=args.compile)
     try:
         app = create_app(runtime, api_key=api_key, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, backbone_id=args.backbone_id,

@@ -18,6 +18,21 @@ from koff.models.recompute import Restorer, attribute_snapshot
 KEPT_INDICES = 16
 
 
+def rank_block_mask(per_sample: Sequence[DomainMemory | None], present: Sequence[DomainMemory],
+                    ranks: Sequence[int]) -> torch.Tensor:
+    """(samples, sum of ranks) on the host: for each sample, ones over its own memory's block of
+    ``present``'s LoRA factors side by side (``ranks`` wide each), zeros elsewhere and for a sample
+    whose memory is not in ``present``."""
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    place = {id(m): i for i, m in enumerate(present)}
+    blocks = torch.zeros(len(per_sample), sum(ranks))
+    for row, memory in enumerate(per_sample):
+        if id(memory) in place:
+            i = place[id(memory)]
+            blocks[row, starts[i]:starts[i] + ranks[i]] = 1
+    return blocks
+
+
 class BatchMemories:
     """Shared by every LoRA wrapper of a model; set once per forward pass.
 
@@ -33,6 +48,9 @@ class BatchMemories:
         self.per_sample: list[DomainMemory | None] = []
         self.distinct: list[DomainMemory] = []
         self.mixed = False
+        # A compiled decoding step's LoRA: every loaded memory side by side (see resident.py); when
+        # set, every wrapper takes it whatever the pass's memories.
+        self.resident = None
         self._rows: tuple = ()  # the memories' ids, row by row: names this pass's routing
         self._indices: OrderedDict = OrderedDict()
 
@@ -64,17 +82,8 @@ class BatchMemories:
                     dtype: torch.dtype) -> torch.Tensor:
         """(batch, sum of ranks): for each sample, ones over its own memory's block of ``present``'s
         factors side by side (``ranks`` wide each), zeros elsewhere; made once per batch composition."""
-        def make() -> torch.Tensor:
-            starts = [sum(ranks[:i]) for i in range(len(ranks))]
-            place = {id(m): i for i, m in enumerate(present)}
-            blocks = torch.zeros(len(self.per_sample), sum(ranks))
-            for row, memory in enumerate(self.per_sample):
-                if id(memory) in place:
-                    i = place[id(memory)]
-                    blocks[row, starts[i]:starts[i] + ranks[i]] = 1
-            return blocks.to(device, dtype)
-
-        return self._kept(("blocks", tuple(id(m) for m in present), ranks, device, dtype), make)
+        return self._kept(("blocks", tuple(id(m) for m in present), ranks, device, dtype),
+                          lambda: rank_block_mask(self.per_sample, present, ranks).to(device, dtype))
 
     def _kept(self, key: tuple, make) -> torch.Tensor:
         key = (self._rows, *key)

@@ -40,6 +40,9 @@ class RoutedLoRALinear(nn.Module):
         self._batch = [batch]  # a list keeps it out of the module tree
         self._cache: OrderedDict = OrderedDict()  # concatenated factors of recent memory sets (inference only)
         self._merged: _Made | None = None  # the last memory merged alone (inference only)
+        # A compiled step's factors: every loaded memory's side by side (see resident.py); None
+        # when none of them adapts this projection.
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -59,6 +62,8 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self._batch[0]
+        if batch.resident is not None:
+            return self._add_held(self.base(x), x, batch.resident.keep)
         if not batch.mixed and batch.merge_single and batch.single is not None and not torch.is_grad_enabled():
             merged = self._merged_weight(batch.single)
             if merged is not None:
@@ -87,6 +92,28 @@ class RoutedLoRALinear(nn.Module):
         keep = self._batch[0].rank_blocks(present, ranks, x.device, x.dtype)
         low = F.linear(x, a) * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
         return y + F.linear(low, b)
+
+    def _add_held(self, y: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The compiled step's update: the resident memories side by side, each row keeping its own
+        block (``keep``: rows x summed rank); the same operations whatever the batch's mix."""
+        if self._held is None:
+            return y
+        a, b = self._held
+        return y + F.linear(F.linear(x, a) * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1]), b)
+
+    def hold(self, memories, dtype: torch.dtype) -> None:
+        """Keep ``memories``' factors side by side, a zero block for each that does not adapt this
+        projection (so that the blocks line up with the rows' mask), B times its scaling."""
+        if not any(self.key in m.lora_A for m in memories):
+            self._held = None
+            return
+        weight = self.base.weight
+        a = [m.lora_A[self.key] if self.key in m.lora_A else weight.new_zeros(m.rank, self.in_features)
+             for m in memories]
+        b = [m.lora_B[self.key] * m.scaling if self.key in m.lora_A else weight.new_zeros(self.out_features, m.rank)
+             for m in memories]
+        with torch.no_grad():
+            self._held = (torch.cat(a).to(dtype), torch.cat(b, dim=1).to(dtype))
 
     def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """(summed rank, in) and (out, summed rank) factors of ``present`` (B times its scaling),
@@ -133,6 +160,7 @@ class RoutedLoRALinear(nn.Module):
         self._cache = OrderedDict((k, v) for k, v in self._cache.items() if all(m is not memory for m in v.memories))
         if self._merged is not None and self._merged.memories[0] is memory:
             self._merged = None
+        self._held = None  # a compiled step makes its set again (ResidentMemories)
 
     def _merged_weight(self, memory) -> torch.Tensor | None:
         """``W + scaling * B A`` in the base weight's dtype (the update computed in float32), made

@@ -21,6 +21,7 @@ from koff.memories.prefix import prefix_inputs
 from koff.model import KoffModel
 from koff.models.attention_mask import decode_attention_mask
 from koff.models.cache_api import cache_inputs, returned_cache
+from koff.runtime.compiled_step import compiled_step
 from koff.runtime.sampling import RowSampling, Sampling
 from koff.runtime.slot_cache import SlotCache
 
@@ -60,13 +61,18 @@ class DecodeBatch:
     and the rows' memory routing stay on the device from one step to the next, and the step
     allocates no cache memory. Free slots below the highest one in use run along (their output is
     ignored) until a new request takes them.
+
+    ``compile=True`` runs each step's forward compiled (``CompiledStep``): every slot runs, attention
+    reads the whole cache, the slots grow by doubling, and LoRA takes every loaded memory side by
+    side, so that steps keep the same shapes and code path whatever joins or leaves.
     """
 
-    def __init__(self, model: KoffModel, pad_id: int, eos_ids: set[int]):
+    def __init__(self, model: KoffModel, pad_id: int, eos_ids: set[int], compile: bool = False):
         self.model, self.pad_id, self.eos_ids = model, pad_id, eos_ids
         self.slots: list[_Row | None] = []  # slot -> the sample in it
         self.pending: list[tuple[_Row, list[int]]] = []
-        self.cache = SlotCache()
+        self.cache = SlotCache(whole=compile)
+        self._compiled = compiled_step(model) if compile else None
         # per slot, on the device: the token to feed next, its position, whether the slot is live
         self.last = self.position = self.live = None
         self.sampling: RowSampling | None = None
@@ -126,11 +132,13 @@ class DecodeBatch:
         cache.open_column(self.live[:width])
         mask = decode_attention_mask(cache.mask(width), model.base.config, model.dtype)
         with model.activate(self._memories):
-            out = model.base(input_ids=self.last[:width], attention_mask=mask, position_ids=self.position[:width],
-                             use_cache=True, logits_to_keep=1, **cache_inputs(model.base, cache))
+            if self._compiled is not None:
+                logits = self._compiled(self.last[:width], mask, self.position[:width], cache)
+            else:
+                logits = model.base(input_ids=self.last[:width], attention_mask=mask, position_ids=self.position[:width],
+                                    use_cache=True, logits_to_keep=1, **cache_inputs(model.base, cache)).logits[:, -1]
         cache.advance()
         self.position[:width] += 1
-        logits = out.logits[:, -1]
         chosen = self._head.choose(logits)
         self.last[:width, 0] = chosen
         return self._read(self.slots[:width], logits, self.last[:width])
@@ -179,6 +187,8 @@ class DecodeBatch:
         free = [i for i, r in enumerate(self.slots) if r is None]
         taken = (free + list(range(len(self.slots), len(self.slots) + len(rows))))[: len(rows)]  # ascending
         slots = max(len(self.slots), taken[-1] + 1)
+        if self._compiled is not None:  # fewer sizes, fewer traces
+            slots = 1 << (slots - 1).bit_length()
         running = self.live[: self._width] if self._width else None
         room = max(r.params.max_new_tokens - r.count for r in self.rows + rows)
         index = torch.tensor(taken, device=mask.device)
@@ -222,13 +232,15 @@ class DecodeBatch:
         """After rows joined or left: the slots a step runs, their memories and sampling. A free slot
         takes the memory of a live one, so a batch of one memory stays one (its output is ignored)."""
         in_use = [i for i, r in enumerate(self.slots) if r is not None]
-        self._width = in_use[-1] + 1 if in_use else 0
+        self._width = (len(self.slots) if self._compiled is not None else in_use[-1] + 1) if in_use else 0
         if not in_use:  # the next admission starts the columns anew; the buffers are kept for it
             self._memories, self._head = [], None
             return
         stand_in = self.slots[in_use[0]].memory
         self._memories = [r.memory if r is not None else stand_in for r in self.slots[: self._width]]
         self._head = self.sampling.head(self._width, [self.slots[i].params for i in in_use])
+        if self._compiled is not None:  # a free slot updates nothing
+            self._compiled.route([r.memory if r is not None else None for r in self.slots])
 
 
 class BatchGeneration:
@@ -244,10 +256,11 @@ class BatchGeneration:
         params: Sequence[Sampling],
         pad_id: int,
         eos_ids: set[int],
+        compile: bool = False,
     ):
         if not prompts:
             raise UserInputError("no prompts to generate for")
-        self.batch = DecodeBatch(model, pad_id, eos_ids)
+        self.batch = DecodeBatch(model, pad_id, eos_ids, compile=compile)
         self.keys = [self.batch.add(p, m, s) for p, m, s in zip(prompts, memories, params, strict=True)]
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.done = [False] * len(prompts)

@@ -37,8 +37,9 @@ class MemoryLoadError(UserInputError):
 
 class KoffRuntime:
     def __init__(self, folder: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto",
-                 merge_lora: bool = False):
+                 merge_lora: bool = False, compile: bool = False):
         self.folder = Path(folder)
+        self.compile = compile  # decoding steps through torch.compile (see compiled_step.py)
         dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         base, self.tokenizer, self.meta = load_backbone(self.folder / "backbone", dtype, device)
         self._fit = MemoryFit.of(base)
@@ -174,7 +175,7 @@ class KoffRuntime:
 
     def new_batch(self) -> DecodeBatch:
         """An empty running batch over this backbone and its memories (continuous batching)."""
-        return DecodeBatch(self.model, self.tokenizer.pad_token_id, self.eos_ids)
+        return DecodeBatch(self.model, self.tokenizer.pad_token_id, self.eos_ids, compile=self.compile)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -223,7 +224,8 @@ class KoffRuntime:
     def run(self, prompts, memories, params, streams: list[TextStream]) -> Iterator[list[tuple[int, str]]]:
         """The batched loop behind ``generate`` and the server: yields (index, text delta) per step."""
         generation = BatchGeneration(
-            self.model, [self.encode(p) for p in prompts], memories, params, self.tokenizer.pad_token_id, self.eos_ids
+            self.model, [self.encode(p) for p in prompts], memories, params, self.tokenizer.pad_token_id, self.eos_ids,
+            compile=self.compile,
         )
         for step in generation:
             deltas = []
@@ -279,12 +281,14 @@ def inside(path: Path, root: Path) -> Path:
     return resolved
 
 
-def load(folder: str | Path, device: str = "cpu", dtype: str = "auto", merge_lora: bool = False) -> KoffRuntime:
+def load(folder: str | Path, device: str = "cpu", dtype: str = "auto", merge_lora: bool = False,
+         compile: bool = False) -> KoffRuntime:
     """Load an exported koff folder (``koff export`` output); ``dtype`` auto: bfloat16 on a GPU, else
     float32. ``merge_lora``: a batch that uses one memory alone runs on weights with that memory's
     LoRA merged in (one matmul per projection instead of three more operations; the merged copy of
-    the adapted weights is kept for the last such memory)."""
-    return KoffRuntime(folder, device=device, dtype=dtype, merge_lora=merge_lora)
+    the adapted weights is kept for the last such memory). ``compile``: decoding steps run through
+    ``torch.compile`` (CUDA graphs on a GPU): the first step of each batch size compiles, for a while."""
+    return KoffRuntime(folder, device=device, dtype=dtype, merge_lora=merge_lora, compile=compile)
 
 
 __all__ = ["AUTO", "BackboneError", "KoffRuntime", "MemoryLoadError", "UnknownMemoryError", "load"]

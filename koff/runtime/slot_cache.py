@@ -52,7 +52,10 @@ class SlotLayer(CacheLayerMixin):
         owner = self.owner
         if key_states.shape[2] != 1:
             raise RuntimeError("a slot cache takes one new token per row; prompts are prefilled elsewhere and admitted")
-        keys, values = self._visible(key_states.shape[0], owner.visible)
+        if owner.whole:
+            keys, values = self.keys, self.values
+        else:
+            keys, values = self._visible(key_states.shape[0], owner.visible)
         keys.index_copy_(2, owner.column_index, key_states)  # the column written is always visible
         values.index_copy_(2, owner.column_index, value_states)
         return keys, values
@@ -82,8 +85,11 @@ class SlotCache(Cache):
     host without reading the device); ``column_index`` holds the same on the device for the write.
     """
 
-    def __init__(self):
+    def __init__(self, whole: bool = False):
         super().__init__(layers=[])
+        # Attend to every column (those not in use masked): a step's shapes stay the same while the
+        # cache does not grow, as a compiled step needs.
+        self.whole = whole
         self.column = 0
         self.column_index: torch.Tensor | None = None
         self.attend: torch.Tensor | None = None  # (slots, capacity) bool
@@ -99,7 +105,7 @@ class SlotCache(Cache):
     @property
     def visible(self) -> int:
         """Columns a decoding step attends to: those in use, the one it writes included."""
-        return min(self.capacity, round_up(self.column + 1))
+        return self.capacity if self.whole else min(self.capacity, round_up(self.column + 1))
 
     def mask(self, rows: int) -> torch.Tensor:
         """A decoding step's (rows, visible) mask: ``attend`` with the column it writes switched on
@@ -148,6 +154,7 @@ class SlotCache(Cache):
             keys = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
             values = torch.zeros(shape[:3] + (layer.values.shape[3],), dtype=layer.values.dtype, device=device)
             self.layers.append(SlotLayer(self, keys, values))
+        self._mark_static()
 
     def _reshape(self, slots: int, capacity: int) -> None:
         """Grow to ``slots`` x ``capacity`` (a copy of what is held, only when either grows)."""
@@ -157,6 +164,14 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.keys = _grown(layer.keys, slots, capacity, dims=(0, 2))
             layer.values = _grown(layer.values, slots, capacity, dims=(0, 2))
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """For a compiled step: the cache's tensors keep their addresses while they keep their size,
+        so CUDA graphs that read and write them stay valid."""
+        if self.whole:
+            for tensor in (self.attend, self.column_index, *(t for layer in self.layers for t in (layer.keys, layer.values))):
+                torch._dynamo.mark_static_address(tensor)
 
     def _column_tensors(self) -> Iterator[tuple[torch.Tensor, int]]:
         """Every tensor with a column axis, and that axis."""
