@@ -114,6 +114,8 @@ class RoutedLoRALinear(nn.Module):
              for m in memories]
         with torch.no_grad():
             self._held = (torch.cat(a).to(dtype), torch.cat(b, dim=1).to(dtype))
+        for tensor in self._held:  # CUDA graphs read them where they are instead of copying them in
+            torch._dynamo.mark_static_address(tensor)
 
     def _concatenated(self, present, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """(summed rank, in) and (out, summed rank) factors of ``present`` (B times its scaling),
