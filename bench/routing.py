@@ -15,6 +15,8 @@ library, from `python scripts/real_corpora.py --out corpora`), the prompt being 
 
     python bench/routing.py [--run bench/out/lora-only/run] [--max-blocks 16]
     python bench/routing.py --run runs/smollm2-real --out bench/out/routing-real --name routing-real
+    python bench/routing.py --run runs/smollm2-real --out bench/out/routing-real --name routing-real-eval \
+        --routers export --max-blocks 32      # the export's router alone, on more blocks
 
 A run that names held-out text (`heldout` in its config, as configs/smollm2-real.yaml does) is
 scored on that text instead, one set per source (there: another source and another genre).
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--max-blocks", type=int, default=16)
     parser.add_argument("--results", default="bench/results")
     parser.add_argument("--name", default="routing", help="results file name")
+    parser.add_argument("--routers", choices=["all", "export"], default="all",
+                        help="export: only the export's own router (skips the hidden-state and likelihood routers' hour)")
     args = parser.parse_args()
     command, commit = command_line(), git_commit()
     export = Path(args.out) / "export"
@@ -131,14 +135,16 @@ def main() -> None:
     train = {d.name: spread(d.train, 32) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
     pad = runtime.tokenizer.pad_token_id
     routers = {"tokens (the export's)": runtime.router}
-    routers |= {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
-                for k, layer in depths.items()}
+    if args.routers == "all":
+        routers |= {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
+                    for k, layer in depths.items()}
     methods = {}
     for name, router in routers.items():
         methods[name] = {kind: {str(n): accuracy(router_picks(runtime, router, s, n)) for n in PROMPT_TOKENS}
                          for kind, s in sets.items()}
-    methods["likelihood (one forward per memory)"] = {kind: {str(n): accuracy(likelihood_picks(runtime, s, n))
-                                                              for n in PROMPT_TOKENS} for kind, s in sets.items()}
+    if args.routers == "all":
+        methods["likelihood (one forward per memory)"] = {kind: {str(n): accuracy(likelihood_picks(runtime, s, n))
+                                                                  for n in PROMPT_TOKENS} for kind, s in sets.items()}
     result = {"command": command, "commit": commit, "machine": machine(), "run": args.run, "export": str(export),
               "max_blocks": args.max_blocks, "routing": table, "methods": methods, "latency": latency(runtime, sets["validation"]),
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -114,13 +114,34 @@ def test_eval_routing_reports_accuracy_confusion_and_the_cost_of_a_wrong_memory(
     assert main(["eval", str(folder), "--routing", "--max-blocks", "2", "--out", str(out),
                  "--transfer", f"eng={corpus['eng']}", "--transfer-max-blocks", "2"]) == 0
     table = json.loads((out / "routing.json").read_text())
-    for kind in ("validation", "other source"):
-        result = table[kind]
+    assert list(table["sets"]) == ["validation", "eng"]  # a transfer set is named by its source
+    for result in table["sets"].values():
         assert set(result["accuracy"]) == {"16", "64", "256"}
         assert set(result["perplexity"]["eng"]) == {"code", "eng", "(backbone)"}
-    assert table["validation"]["accuracy"]["64"]["mean"] == 1.0  # two clearly different domains
-    assert table["validation"]["routed_to_oracle"] == pytest.approx({"code": 1.0, "eng": 1.0})
-    assert "routed / oracle" in (out / "routing.md").read_text()
+        assert result["mean_routed_to_best"] >= 1.0  # no router beats each block's best memory
+    validation = table["sets"]["validation"]
+    assert validation["accuracy"]["64"]["mean"] == 1.0  # two clearly different domains
+    assert validation["routed_to_oracle"] == pytest.approx({"code": 1.0, "eng": 1.0})
+    best = validation["best_memory"]
+    assert validation["agreement_with_best"]["eng"] == sum(b == "eng" for b in best["eng"]) / len(best["eng"])
+    assert "routed / best memory" in (out / "routing.md").read_text()
+
+
+def test_eval_routing_keeps_one_domain_from_two_sources_apart(export, tmp_path, capsys):  # noqa: F811
+    folder, corpus = export
+    text = corpus["eng"].read_text()
+    (tmp_path / "manual.txt").write_text(text)
+    (tmp_path / "history.txt").write_text(text[len(text) // 2:] + text[:len(text) // 2])
+    out = tmp_path / "eval"
+    assert main(["eval", str(folder), "--routing", "--max-blocks", "2", "--out", str(out), "--transfer-max-blocks", "1",
+                 "--transfer", f"eng={tmp_path / 'manual.txt'}", "--transfer", f"eng={tmp_path / 'history.txt'}"]) == 0
+    sets = json.loads((out / "routing.json").read_text())["sets"]
+    assert list(sets) == ["validation", "manual", "history"]  # the second no longer overwrites the first
+    assert all(list(sets[s]["perplexity"]) == ["eng"] for s in ("manual", "history"))
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--routing", "--out", str(out), "--transfer", f"eng={tmp_path / 'manual.txt'}",
+                 "--transfer", f"eng={tmp_path / 'manual.txt'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--transfer gives eng twice from manual")
 
 
 def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):  # noqa: F811
