@@ -7,10 +7,10 @@ block's perplexity under every memory and under the bare backbone (the cost matr
 pick); and the perplexity with the memory the router picked from the first 64 tokens against the
 domain's memory (the oracle by label).
 
-A label is the folder a block came from, and real text is not that tidy: an English passage left
-untranslated in a French manual is "wrong" when routed to English. So each block's best memory
-(the one under which the whole block is most likely) is reported too: how often the router agrees
-with it, and the routed perplexity against the best memory's, an oracle no router can beat.
+A label is the folder a block came from, and real text is not that tidy (a French manual quotes
+English). So each block's best memory (the one under which the whole block is most likely) is
+reported too: how often the router agrees with it, and the routed perplexity against the best
+memory's, an oracle no router can beat.
 """
 
 from __future__ import annotations
