@@ -73,6 +73,17 @@ def likelihood_picks(runtime, sets: dict, length: int) -> dict[str, list[str]]:
     return out
 
 
+def hidden_state_routers(runtime, specs, block_len: int) -> dict:
+    """The hidden-state router at an eighth, a quarter, a half and the last of the backbone's depth."""
+    layers = runtime.model.layout.num_layers
+    depths = {"an eighth": max(0, layers // 8), "a quarter": routing_layer(layers), "a half": layers // 2,
+              "the last": layers - 1}
+    train = {d.name: spread(d.train, 32) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
+    pad = runtime.tokenizer.pad_token_id
+    return {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
+            for k, layer in depths.items()}
+
+
 def latency(runtime, sets: dict, repeats: int = 5) -> dict:
     """Median ms for the export's router to route one 64-token prompt, and to its first generated
     token with the memory named."""
@@ -129,15 +140,9 @@ def main() -> None:
     if genre and not heldout:
         sets["other genre"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len, args.max_blocks).val.long()
                                for t in genre}
-    layers = runtime.model.layout.num_layers
-    depths = {"an eighth": max(0, layers // 8), "a quarter": routing_layer(layers), "a half": layers // 2,
-              "the last": layers - 1}
-    train = {d.name: spread(d.train, 32) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
-    pad = runtime.tokenizer.pad_token_id
     routers = {"tokens (the export's)": runtime.router}
     if args.routers == "all":
-        routers |= {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
-                    for k, layer in depths.items()}
+        routers |= hidden_state_routers(runtime, specs, block_len)
     methods = {}
     for name, router in routers.items():
         methods[name] = {kind: {str(n): accuracy(router_picks(runtime, router, s, n)) for n in PROMPT_TOKENS}

@@ -16,6 +16,7 @@ memory's, an oracle no router can beat.
 from __future__ import annotations
 
 import math
+from statistics import geometric_mean
 from pathlib import Path
 
 import torch
@@ -46,9 +47,10 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
         spec = parse_domain(text)
         if spec.name not in data:
             raise UserInputError(f"--transfer names {spec.name}, which the router does not route to")
-        domains = sets.setdefault(source_label(spec.source), [])
+        label = source_label(spec.source)
+        domains = sets.setdefault(label, [])
         if any(d.name == spec.name for d in domains):
-            raise UserInputError(f"--transfer gives {spec.name} twice from {source_label(spec.source)}")
+            raise UserInputError(f"--transfer gives {spec.name} twice from {label}")
         domains.append(load_heldout(spec, runtime.tokenizer, block_len, transfer_max_blocks))
     return {"export": str(folder), "memories": list(data), "kind": runtime.router.kind,
             "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
@@ -92,9 +94,9 @@ def _evaluate(runtime, domains: list[DomainData], max_blocks: int | None) -> dic
     agreement = {d: sum(p == b for p, b in zip(routed_picks[d], best[d])) / len(best[d]) for d in nll}
     to_best = {d: routed[d] / _perplexity(nll[d], best[d], tokens[d]) for d in nll}
     return {"accuracy": accuracy, "confusion": confusion, "perplexity": cost, "routed_perplexity": routed,
-            "routed_to_oracle": ratio, "mean_routed_to_oracle": _geometric_mean(ratio.values()),
+            "routed_to_oracle": ratio, "mean_routed_to_oracle": geometric_mean(ratio.values()),
             "best_memory": best, "agreement_with_best": agreement | {"mean": sum(agreement.values()) / len(agreement)},
-            "routed_to_best": to_best, "mean_routed_to_best": _geometric_mean(to_best.values())}
+            "routed_to_best": to_best, "mean_routed_to_best": geometric_mean(to_best.values())}
 
 
 def _perplexity(nll: dict[str, list[float]], picks: list[str], tokens: int) -> float:
@@ -105,11 +107,6 @@ def _perplexity(nll: dict[str, list[float]], picks: list[str], tokens: int) -> f
 def _best_memories(nll: dict[str, list[float]], memories: list[str]) -> list[str]:
     """Each block's memory of lowest loss."""
     return [min(memories, key=lambda m: nll[m][i]) for i in range(len(nll[memories[0]]))]
-
-
-def _geometric_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def routing_markdown(table: dict) -> str:
