@@ -42,7 +42,7 @@ from koff.export import export_run
 from koff.io import markdown_table, read_json, write_json, write_text
 from koff.experiments.ablation import source_label
 from koff.formats.run import read_config_values
-from koff.routing import HiddenStateRouter, spread
+from koff.routing import HiddenStateRouter
 from koff.routing.router import routing_layer
 from koff.runtime import load
 from koff.scoring import token_nll_sum
@@ -78,7 +78,7 @@ def hidden_state_routers(runtime, specs, block_len: int) -> dict:
     layers = runtime.model.layout.num_layers
     depths = {"an eighth": max(0, layers // 8), "a quarter": routing_layer(layers), "a half": layers // 2,
               "the last": layers - 1}
-    train = {d.name: spread(d.train, 32) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
+    train = {d.name: HiddenStateRouter.training_blocks(d.train) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
     pad = runtime.tokenizer.pad_token_id
     return {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
             for k, layer in depths.items()}

@@ -151,6 +151,9 @@ def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):  # noqa
     runtime = load(copy)
     assert runtime.router.names == ["code", "eng", "deu"]
     assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
+    from koff.data import load_domain, parse_domain
+    train = load_domain(parse_domain(f"deu={corpus['deu']}"), runtime.tokenizer, block_len=32).train
+    assert runtime.router.counts[2].sum() == train.numel()  # the token router counts every training block
 
 
 def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):  # noqa: F811

@@ -11,11 +11,9 @@ from transformers import AutoConfig
 from koff.data import load_domain, parse_domain
 from koff.formats.run import RunOutputs
 from koff.models import load_tokenizer
-from koff.routing import ROUTER_FILE, TokenRouter, spread
+from koff.routing import ROUTER_FILE, TokenRouter
 
 log = logging.getLogger(__name__)
-
-BLOCKS_PER_MEMORY = 32  # evenly spaced training blocks of each memory's domain (add-domain uses as many)
 
 
 def write_router(run: RunOutputs, export: Path) -> Path | None:
@@ -32,9 +30,9 @@ def write_router(run: RunOutputs, export: Path) -> Path | None:
 
 
 def domain_blocks(run: RunOutputs, name: str, tokenizer) -> list[torch.Tensor]:
-    """Up to BLOCKS_PER_MEMORY evenly spaced training blocks of memory ``name``'s domain, as its run split them."""
+    """The training blocks of memory ``name``'s domain that the token router counts, as its run split them."""
     data = run.manifests[name].get("data") or {}
     cfg = run.config
     domain = load_domain(parse_domain(f"{name}={data.get('source')}"), tokenizer, block_len=data.get("block_len") or cfg.block_len,
                          val_fraction=cfg.val_fraction, seed=cfg.seed)
-    return spread(domain.train, BLOCKS_PER_MEMORY)
+    return TokenRouter.training_blocks(domain.train)

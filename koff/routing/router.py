@@ -83,8 +83,14 @@ class Router(ABC):
 
     kind: ClassVar[str]
     tensor: ClassVar[str]  # the name of the one tensor its file holds
+    blocks_per_memory: ClassVar[int | None]  # training blocks it learns a memory from (None: every one)
     names: list[str]
     threshold: float
+
+    @classmethod
+    def training_blocks(cls, train: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks of a memory's training text (``(n, block_len)``) this kind of router learns it from."""
+        return spread(train, cls.blocks_per_memory or train.shape[0])
 
     @abstractmethod
     def scores(self, model: nn.Module, prompts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
@@ -154,6 +160,9 @@ class TokenRouter(Router):
     threshold: float = DEFAULT_THRESHOLD
     kind: ClassVar[str] = "tokens"
     tensor: ClassVar[str] = "counts"
+    # Counting costs nothing, and every block beats 32 spread ones by 2-4 points at 16 tokens on text
+    # of another source or genre (within a point at 64).
+    blocks_per_memory: ClassVar[int | None] = None
     smoothing: ClassVar[float] = 1.0  # add-one: the best of 0.01, 0.1 and 1 on other-source text
 
     @classmethod
@@ -186,6 +195,7 @@ class HiddenStateRouter(Router):
     threshold: float = DEFAULT_THRESHOLD
     kind: ClassVar[str] = "hidden"
     tensor: ClassVar[str] = "means"
+    blocks_per_memory: ClassVar[int | None] = 32  # one forward pass each
 
     @classmethod
     def build(cls, model: nn.Module, texts: dict[str, list[torch.Tensor]], pad_id: int,

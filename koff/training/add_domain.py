@@ -25,11 +25,10 @@ from koff.memories.parts import peft_module_names
 from koff.io import read_json, remove_leftovers
 from koff.locks import folder_lock
 from koff.memories.memory import DEFAULT_LORA_TARGETS
-from koff.routing import ROUTER_FILE, Router, RouterError, TokenRouter, spread
+from koff.routing import ROUTER_FILE, Router, RouterError, TokenRouter
 from koff.training.trainer import Decomposer
 
 
-ROUTER_BLOCKS = 32  # training blocks of a domain that place its centroid in the router
 
 
 class AddDomainError(UserInputError):
@@ -111,14 +110,15 @@ def _add_domain(out: Path, spec: DomainSpec, steps: int, device: str, dtype: tor
             raise AddDomainError(f"{target} appeared while training; nothing was written")
         os.replace(staged, target)
         new_domain = next(d for d in trainer.domains if d.name == spec.name)
-        routed = update_router(out, spec.name, spread(new_domain.train, ROUTER_BLOCKS), base, tokenizer, config)
+        routed = update_router(out, spec.name, new_domain.train, base, tokenizer, config)
     return {"name": spec.name, "folder": str(target), "parameters": manifest["parameters"],
             "bytes": memory_size_bytes(target), "steps": summary["steps"], "settings": settings, "router": routed}
 
 
-def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, tokenizer, config: DecomposeConfig) -> list[str]:
-    """Add memory ``name`` to the export's router (made anew from every memory's training text where
-    there is none or it cannot be read); the memories it routes to back. The model runs bare: the
+def update_router(export: Path, name: str, train: torch.Tensor, model, tokenizer, config: DecomposeConfig) -> list[str]:
+    """Add memory ``name``, learnt from its training blocks ``train``, to the export's router (made anew
+    from every memory's training text where there is none or it cannot be read); the memories it
+    routes to back. The model runs bare: the
     new memory's LoRA wrappers add nothing outside a routed pass."""
     path = export / ROUTER_FILE
     try:
@@ -126,15 +126,15 @@ def update_router(export: Path, name: str, blocks: list[torch.Tensor], model, to
     except RouterError:
         router = None
     if router is not None:
-        router = router.add(name, model, blocks, tokenizer.pad_token_id)
+        router = router.add(name, model, router.training_blocks(train), tokenizer.pad_token_id)
     else:
-        texts = {name: blocks}
+        texts = {name: TokenRouter.training_blocks(train)}
         for manifest_path in sorted((export / "memories").glob(f"*/{MANIFEST}")):
             data, other = training_data(manifest_path.parent), manifest_path.parent.name
             if other != name and data.get("source"):
                 domain = load_domain(parse_domain(f"{other}={data['source']}"), tokenizer,
                                      block_len=data.get("block_len") or config.block_len)
-                texts[other] = spread(domain.train, ROUTER_BLOCKS)
+                texts[other] = TokenRouter.training_blocks(domain.train)
         if len(texts) < 2:
             return []
         router = TokenRouter.build(texts, model.get_input_embeddings().num_embeddings)
