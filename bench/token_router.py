@@ -28,7 +28,6 @@ from koff.io import markdown_table, write_json, write_text
 from koff.models import load_tokenizer
 from koff.models.loader import model_folder
 from koff.routing import TokenRouter, spread
-from koff.routing.router import token_counts
 
 PROMPT_LENGTHS = (16, 64, 256)
 BLOCKS = 32
