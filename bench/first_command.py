@@ -4,8 +4,12 @@ its time and its table (validation blocks, another source, another genre, price 
     python bench/first_command.py                       # runs it (about 80 minutes on 2 cores)
     python bench/first_command.py --collect --seconds 3900 60   # a run the command made: record it
     python bench/first_command.py --flag=--lr-lora=3e-3 --run runs/real-lr3 --name first-command-lr3   # a variant
+    python bench/first_command.py --seeds 0 1 2 --jobs 3 --flag=--sparsity=0.25 --run runs/real-s25 --name first-command-s25
+        # three seeds side by side (runs/real-s25-seed0 ...), trained and scored, not exported; a
+        # run already scored is reused and one that was cut off resumes
 
-Writes bench/results/NAME.json and .md (NAME: --name, first-command) with the command, the machine and the commit.
+Writes bench/results/NAME.json and .md (NAME: --name, first-command) with the command, the machine and the
+commit; with --seeds, NAME-seedS.* per seed and NAME.* over the seeds (goals met only if met by every seed).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import argparse
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import command_line, git_commit, machine, named_config
 from koff.experiments.ablation import columns_by_source, markdown
+from koff.formats import run as run_folder
 from koff.io import markdown_table, read_json, write_json, write_text
 
 CONFIG = "smollm2-real"
@@ -27,16 +33,43 @@ GOALS = {0.12: {"mean": 1.05, "worst": 1.10, "price": 1.10}, 0.25: {"mean": 1.10
 BARE_BACKBONE_AT_LEAST = 1.25
 
 
+KOFF = [sys.executable, "-m", "koff"]
+
+
 def run_command(run: Path, export: Path, flags: list[str]) -> list[float]:
     """Seconds of `koff decompose --config` (with ``flags``) and of `koff export`, run as the README runs them."""
-    koff = [sys.executable, "-m", "koff"]
     seconds = []
-    decompose = [*koff, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
-    for argv in (decompose, [*koff, "export", str(run), str(export)]):
+    decompose = [*KOFF, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
+    for argv in (decompose, [*KOFF, "export", str(run), str(export)]):
         start = time.perf_counter()
         subprocess.run(argv, check=True)
         seconds.append(round(time.perf_counter() - start, 1))
     return seconds
+
+
+def decompose_seed(run: Path, flags: list[str]) -> float | None:
+    """Seconds of one seed's `koff decompose` (its output in RUN.log); None where the run was already
+    scored. A run folder left by a cut-off command is resumed."""
+    if (run / "eval" / "table.json").is_file():
+        return None
+    argv = [*KOFF, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
+    if (run / run_folder.CHECKPOINTS).exists() or (run / run_folder.MASK).exists():
+        argv.append("--resume")
+    start = time.perf_counter()
+    with run.with_name(run.name + ".log").open("a") as log:
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code:
+        sys.exit(f"{' '.join(argv)} failed (exit {code}); see {run.name}.log beside the run")
+    return round(time.perf_counter() - start, 1)
+
+
+def over_seeds(results: dict[int, dict]) -> dict:
+    """Per row and text: the mean over the seeds of each seed's mean, and the worst of their worsts."""
+    first = next(iter(results.values()))["summary"]
+    return {row: {g: {"mean": sum(r["summary"][row][g]["mean"] for r in results.values()) / len(results),
+                      "worst": max(r["summary"][row][g]["worst"] for r in results.values())}
+                  for g in groups}
+            for row, groups in first.items()}
 
 
 def merged(table: dict, other: dict) -> dict:
@@ -73,10 +106,14 @@ def summary(table: dict) -> dict:
     return rows
 
 
+def setting(result: dict, name: str) -> str:
+    """A setting of the run: its ``--name=`` flag's value, else the config's."""
+    flags = [f.split("=", 1)[1] for f in result["flags"] if f.startswith(f"--{name.replace('_', '-')}=")]
+    return flags[-1] if flags else str(result["config"][name])
+
+
 def sparsity(result: dict) -> float:
-    """The run's target sparsity: a ``--sparsity`` flag's, else the config's."""
-    flags = [f.split("=", 1)[1] for f in result["flags"] if f.startswith("--sparsity=")]
-    return float(flags[-1]) if flags else float(result["config"]["sparsity"])
+    return float(setting(result, "sparsity"))
 
 
 def goals(result: dict) -> list[list]:
@@ -103,15 +140,42 @@ def report(result: dict) -> str:
     minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items() if v) or "times not recorded"
     flags = "".join(f" {f}" for f in result["flags"])
     what = (f"The README's first command with `{flags.strip()}`" if flags else "The README's first command")
+    exported = ", then `koff export`" if result.get("exported", True) else " (not exported)"
     return "\n".join([
         f"# {result['name']}", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
-        f"{what}: `koff decompose --config configs/{CONFIG}.yaml{flags}`, then `koff export` "
+        f"{what}: `koff decompose --config configs/{CONFIG}.yaml{flags}`{exported} "
         f"({minutes}; setup apart). One seed.", "",
-        "Perplexity / dense: mean over the domains (worst domain, its column), on 40 blocks per domain and text:", "",
+        f"Perplexity / dense: mean over the domains (worst domain, its column), on {setting(result, 'eval_max_blocks')} "
+        "blocks per domain and text:", "",
         markdown_table(["configuration", *groups], rows), "",
         f"Goals at {sparsity(result):.0%} sparsity (one seed; they ask for three):", "",
         markdown_table(["goal", "measured", "met"], [[g, m, "yes" if ok else "no"] for g, m, ok in goals(result)]), "",
         "The run's whole table (`RUN/eval/table.md`):", "", markdown(result["table"]), ""])
+
+
+def seeds_report(result: dict) -> str:
+    """Each seed's KOFF and price of offloading per text, their mean over seeds, and the goals per seed."""
+    seeds, groups = result["seeds"], list(result["over_seeds"]["price of offloading"])
+    rows = []
+    for prefix, label in (("KOFF", "KOFF / dense"), ("mask, no memories", "bare backbone / dense"),
+                          ("price of offloading", "price of offloading")):
+        row = next(k for k in result["over_seeds"] if k.startswith(prefix))
+        rows += [[f"{label}, seed {seed}", *[f"{r['summary'][row][g]['mean']:.3f} ({r['summary'][row][g]['worst']:.3f})"
+                                             for g in groups]] for seed, r in seeds.items()]
+        rows.append([f"{label}, mean over seeds (worst)", *[f"{result['over_seeds'][row][g]['mean']:.3f} "
+                                                             f"({result['over_seeds'][row][g]['worst']:.3f})" for g in groups]])
+    goal_rows = [[g[0], *[next(x for x in goals(r) if x[0] == g[0])[1] for r in seeds.values()],
+                  "yes" if all(next(x for x in goals(r) if x[0] == g[0])[2] for r in seeds.values()) else "no"]
+                 for g in goals(next(iter(seeds.values())))]
+    flags = " ".join(result["flags"])
+    return "\n".join([
+        f"# {result['name']}", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
+        f"The README's first command (`koff decompose --config configs/{CONFIG}.yaml {flags}`) over seeds "
+        f"{', '.join(map(str, seeds))}; each seed's own table is in {result['name']}-seedS.md. Mean over the domains "
+        f"(worst domain), {setting(next(iter(seeds.values())), 'eval_max_blocks')} blocks per domain and text:", "",
+        markdown_table(["", *groups], rows), "",
+        f"Goals at {sparsity(next(iter(seeds.values()))):.0%} sparsity, met only if met by every seed:", "",
+        markdown_table(["goal", *[f"seed {s}" for s in seeds], "met"], goal_rows), ""])
 
 
 def main() -> None:
@@ -124,25 +188,51 @@ def main() -> None:
     parser.add_argument("--flag", action="append", default=[], metavar="FLAG",
                         help="a setting changed against the config, passed to `koff decompose` as it is "
                         "(repeatable; e.g. --flag=--lr-lora=3e-3): a variant of the first command")
-    parser.add_argument("--run", help="the run folder (default: the config's; a variant needs its own)")
+    parser.add_argument("--run", help="the run folder (default: the config's; a variant needs its own; with --seeds, "
+                        "the seeds' folders are RUN-seedS)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train and score these seeds (not exported)")
+    parser.add_argument("--jobs", type=int, default=1, help="with --seeds: how many seeds train at once")
     parser.add_argument("--name", default="first-command", help="results file name")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
-    if args.flag and not args.run:
-        sys.exit("a variant (--flag) needs its own run folder: --run runs/NAME")
+    if (args.flag or args.seeds) and not args.run:
+        sys.exit("a variant (--flag or --seeds) needs its own run folder: --run runs/NAME")
+    if args.seeds:
+        return run_seeds(args)
     run = Path(args.run or named_config(CONFIG)["out"])
     export = run.with_name(run.name + "-export")
     seconds = args.seconds if args.collect else run_command(run, export, args.flag)
     table = read_json(run / "eval" / "table.json")
     for path in args.rescored:
         table = merged(table, read_json(Path(path)))
-    result = {"name": args.name, "command": command_line(), "machine": machine(), "commit": git_commit(),
-              "config": named_config(CONFIG), "flags": args.flag, "run": str(run),
-              "seconds": dict(zip(("decompose", "export"), seconds or (None, None))), "summary": summary(table),
-              "rescored": args.rescored, "table": table}
-    out = Path(args.results)
-    write_json(out / f"{args.name}.json", result)
+    record(args.name, run, args.flag, seconds or (None, None), table, Path(args.results), rescored=args.rescored)
+
+
+def record(name: str, run: Path, flags: list[str], seconds, table: dict, out: Path, **extra) -> dict:
+    """Write NAME.json and NAME.md for one run's table; the result back."""
+    result = {"name": name, "command": command_line(), "machine": machine(), "commit": git_commit(),
+              "config": named_config(CONFIG), "flags": flags, "run": str(run),
+              "seconds": dict(zip(("decompose", "export"), seconds)), "summary": summary(table), **extra, "table": table}
+    write_json(out / f"{name}.json", result)
     text = report(result)
+    write_text(out / f"{name}.md", text)
+    print(text)
+    return result
+
+
+def run_seeds(args: argparse.Namespace) -> None:
+    """--seeds: train and score every seed (``--jobs`` at once), record each, then all of them together."""
+    runs = {seed: Path(f"{args.run}-seed{seed}") for seed in args.seeds}
+    flags = {seed: [*args.flag, f"--seed={seed}"] for seed in args.seeds}
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        seconds = dict(zip(runs, pool.map(lambda s: decompose_seed(runs[s], flags[s]), runs)))
+    out = Path(args.results)
+    results = {seed: record(f"{args.name}-seed{seed}", run, flags[seed], (seconds[seed], None),
+                            read_json(run / "eval" / "table.json"), out, exported=False) for seed, run in runs.items()}
+    combined = {"name": args.name, "command": command_line(), "machine": machine(), "commit": git_commit(),
+                "flags": args.flag, "jobs": args.jobs, "over_seeds": over_seeds(results), "seeds": results}
+    write_json(out / f"{args.name}.json", combined)
+    text = seeds_report(combined)
     write_text(out / f"{args.name}.md", text)
     print(text)
 
