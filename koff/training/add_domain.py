@@ -118,8 +118,7 @@ def _add_domain(out: Path, spec: DomainSpec, steps: int, device: str, dtype: tor
 def update_router(export: Path, name: str, train: torch.Tensor, model, tokenizer, config: DecomposeConfig) -> list[str]:
     """Add memory ``name``, learnt from its training blocks ``train``, to the export's router (made anew
     from every memory's training text where there is none or it cannot be read); the memories it
-    routes to back. The model runs bare: the
-    new memory's LoRA wrappers add nothing outside a routed pass."""
+    routes to back. The model runs bare: the new memory's LoRA wrappers add nothing outside a routed pass."""
     path = export / ROUTER_FILE
     try:
         router = Router.load(path, model) if path.is_file() else None
