@@ -87,8 +87,7 @@ def main() -> None:
 
     def naive_bayes(count: int | None) -> torch.Tensor:
         texts = {n: spread(domains[n].train, count or domains[n].train.shape[0]) for n in names}
-        router = TokenRouter.build(texts, vocabulary)
-        return torch.log((router.counts + router.smoothing) / (router.counts.sum(1, keepdim=True) + router.smoothing * vocabulary))
+        return TokenRouter.build(texts, vocabulary).log_probs
 
     zero = torch.zeros(len(names))
     rows = {"counts of 32 spread blocks per memory": accuracy(naive_bayes(BLOCKS), zero, names, sets),

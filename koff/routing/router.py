@@ -170,10 +170,15 @@ class TokenRouter(Router):
         """From token blocks of each memory's domain (name -> 1D id tensors): no model needed."""
         return cls(sorted(texts), torch.stack([token_counts(texts[n], vocabulary) for n in sorted(texts)]), threshold)
 
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """(memories, vocabulary): each memory's smoothed unigram log-probabilities."""
+        return torch.log((self.counts + self.smoothing) / (self.counts.sum(1, keepdim=True)
+                                                          + self.smoothing * self.counts.shape[1]))
+
     def scores(self, model, prompts, pad_id):
         """Mean log-probability per token of each prompt under each memory's unigram model."""
-        log_probs = torch.log((self.counts + self.smoothing) / (self.counts.sum(1, keepdim=True)
-                                                               + self.smoothing * self.counts.shape[1]))
+        log_probs = self.log_probs
         return torch.stack([log_probs[:, p.clamp(0, self.counts.shape[1] - 1).cpu()].mean(1) for p in prompts])
 
     def add(self, name, model, blocks, pad_id):
