@@ -31,16 +31,18 @@ CONFIG = "smollm2-real"
 # offloading; at every sparsity the bare backbone stays far from dense (the memories carry the domains).
 GOALS = {0.12: {"mean": 1.05, "worst": 1.10, "price": 1.10}, 0.25: {"mean": 1.10}}
 BARE_BACKBONE_AT_LEAST = 1.25
-
-
 KOFF = [sys.executable, "-m", "koff"]
+
+
+def decompose_argv(run: Path, flags: list[str]) -> list[str]:
+    """`koff decompose --config` of the first command, with ``flags``, into ``run``."""
+    return [*KOFF, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
 
 
 def run_command(run: Path, export: Path, flags: list[str]) -> list[float]:
     """Seconds of `koff decompose --config` (with ``flags``) and of `koff export`, run as the README runs them."""
     seconds = []
-    decompose = [*KOFF, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
-    for argv in (decompose, [*KOFF, "export", str(run), str(export)]):
+    for argv in (decompose_argv(run, flags), [*KOFF, "export", str(run), str(export)]):
         start = time.perf_counter()
         subprocess.run(argv, check=True)
         seconds.append(round(time.perf_counter() - start, 1))
@@ -52,7 +54,7 @@ def decompose_seed(run: Path, flags: list[str]) -> float | None:
     scored. A run folder left by a cut-off command is resumed."""
     if (run / "eval" / "table.json").is_file():
         return None
-    argv = [*KOFF, "decompose", "--config", f"configs/{CONFIG}.yaml", *flags, "--out", str(run)]
+    argv = decompose_argv(run, flags)
     if (run / run_folder.CHECKPOINTS).exists() or (run / run_folder.MASK).exists():
         argv.append("--resume")
     start = time.perf_counter()
@@ -164,9 +166,9 @@ def seeds_report(result: dict) -> str:
                                              for g in groups]] for seed, r in seeds.items()]
         rows.append([f"{label}, mean over seeds (worst)", *[f"{result['over_seeds'][row][g]['mean']:.3f} "
                                                              f"({result['over_seeds'][row][g]['worst']:.3f})" for g in groups]])
-    goal_rows = [[g[0], *[next(x for x in goals(r) if x[0] == g[0])[1] for r in seeds.values()],
-                  "yes" if all(next(x for x in goals(r) if x[0] == g[0])[2] for r in seeds.values()) else "no"]
-                 for g in goals(next(iter(seeds.values())))]
+    per_seed = [goals(r) for r in seeds.values()]  # the same goals, in the same order, for every seed
+    goal_rows = [[seed_rows[0][0], *[m for _, m, _ in seed_rows], "yes" if all(ok for _, _, ok in seed_rows) else "no"]
+                 for seed_rows in zip(*per_seed)]
     flags = " ".join(result["flags"])
     return "\n".join([
         f"# {result['name']}", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
