@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from koff.cli import main
-from koff.routing import ROUTER_FILE, Router
+from koff.data import load_domain, parse_domain
+from koff.routing import ROUTER_FILE, HiddenStateRouter, Router, spread
 from koff.runtime import load
 from koff.server import BackgroundServer, create_app
 from test_server import export  # noqa: F401 - the module's export fixture
@@ -151,15 +152,11 @@ def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):  # noqa
     runtime = load(copy)
     assert runtime.router.names == ["code", "eng", "deu"]
     assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
-    from koff.data import load_domain, parse_domain
     train = load_domain(parse_domain(f"deu={corpus['deu']}"), runtime.tokenizer, block_len=32).train
     assert runtime.router.counts[2].sum() == train.numel()  # the token router counts every training block
 
 
 def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):  # noqa: F811
-    from koff.routing import HiddenStateRouter, spread
-    from koff.data import load_domain, parse_domain
-
     folder, corpus = export
     runtime = load(folder)
     pad = runtime.tokenizer.pad_token_id

@@ -29,8 +29,6 @@ from koff.routing import ROUTER_FILE, Router, RouterError, TokenRouter
 from koff.training.trainer import Decomposer
 
 
-
-
 class AddDomainError(UserInputError):
     """The new memory cannot be added (name taken, folder is not an export)."""
 
