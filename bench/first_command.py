@@ -7,6 +7,8 @@ its time and its table (validation blocks, another source, another genre, price 
     python bench/first_command.py --seeds 0 1 2 --jobs 3 --flag=--sparsity=0.25 --run runs/real-s25 --name first-command-s25
         # three seeds side by side (runs/real-s25-seed0 ...), trained and scored, not exported; a
         # run already scored is reused and one that was cut off resumes
+    python bench/first_command.py --combine first-command-lr3 first-command-lr3-s1 first-command-lr3-s2 --name first-command-lr3-seeds
+        # seeds recorded one by one (each by its --seed flag): the same over-seeds table
 
 Writes bench/results/NAME.json and .md (NAME: --name, first-command) with the command, the machine and the
 commit; with --seeds, NAME-seedS.* per seed and NAME.* over the seeds (goals met only if met by every seed).
@@ -170,10 +172,11 @@ def seeds_report(result: dict) -> str:
     goal_rows = [[seed_rows[0][0], *[m for _, m, _ in seed_rows], "yes" if all(ok for _, _, ok in seed_rows) else "no"]
                  for seed_rows in zip(*per_seed)]
     flags = " ".join(result["flags"])
+    own = ", ".join(f"{n}.md" for n in result.get("combined_from", [])) or f"{result['name']}-seedS.md"
     return "\n".join([
         f"# {result['name']}", "", f"`{result['command']}`", "", f"{result['machine']}, commit {result['commit']}", "",
         f"The README's first command (`koff decompose --config configs/{CONFIG}.yaml {flags}`) over seeds "
-        f"{', '.join(map(str, seeds))}; each seed's own table is in {result['name']}-seedS.md. Mean over the domains "
+        f"{', '.join(map(str, seeds))}; each seed's own table is in {own}. Mean over the domains "
         f"(worst domain), {setting(next(iter(seeds.values())), 'eval_max_blocks')} blocks per domain and text:", "",
         markdown_table(["", *groups], rows), "",
         f"Goals at {sparsity(next(iter(seeds.values()))):.0%} sparsity, met only if met by every seed:", "",
@@ -194,6 +197,8 @@ def main() -> None:
                         "the seeds' folders are RUN-seedS)")
     parser.add_argument("--seeds", type=int, nargs="+", help="train and score these seeds (not exported)")
     parser.add_argument("--jobs", type=int, default=1, help="with --seeds: how many seeds train at once")
+    parser.add_argument("--combine", nargs="+", metavar="NAME",
+                        help="results files (NAME.json) of the same variant at different --seed flags: record them over seeds")
     parser.add_argument("--name", default="first-command", help="results file name")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
@@ -201,6 +206,8 @@ def main() -> None:
         sys.exit("a variant (--flag or --seeds) needs its own run folder: --run runs/NAME")
     if args.seeds:
         return run_seeds(args)
+    if args.combine:
+        return combine(args.combine, args.name, Path(args.results))
     run = Path(args.run or named_config(CONFIG)["out"])
     export = run.with_name(run.name + "-export")
     seconds = args.seconds if args.collect else run_command(run, export, args.flag)
@@ -231,11 +238,27 @@ def run_seeds(args: argparse.Namespace) -> None:
     out = Path(args.results)
     results = {seed: record(f"{args.name}-seed{seed}", run, flags[seed], (seconds[seed], None),
                             read_json(run / "eval" / "table.json"), out, exported=False) for seed, run in runs.items()}
-    combined = {"name": args.name, "command": command_line(), "machine": machine(), "commit": git_commit(),
-                "flags": args.flag, "jobs": args.jobs, "over_seeds": over_seeds(results), "seeds": results}
-    write_json(out / f"{args.name}.json", combined)
+    record_over_seeds(args.name, args.flag, results, out, jobs=args.jobs)
+
+
+def combine(names: list[str], name: str, out: Path) -> None:
+    """--combine: the over-seeds table of seeds recorded one by one (NAME.json each, told apart by --seed)."""
+    results = [read_json(out / f"{n}.json") for n in names]
+    seeds = [int(next((f.split("=", 1)[1] for f in r["flags"] if f.startswith("--seed=")), r["config"].get("seed", 0)))
+             for r in results]
+    others = {tuple(f for f in r["flags"] if not f.startswith("--seed=")) for r in results}
+    if len(set(seeds)) != len(seeds) or len(others) != 1:
+        sys.exit(f"--combine needs one run per seed with the same other flags; got seeds {seeds}, flags {sorted(others)}")
+    record_over_seeds(name, list(others.pop()), dict(zip(seeds, results)), out, combined_from=names)
+
+
+def record_over_seeds(name: str, flags: list[str], results: dict[int, dict], out: Path, **extra) -> None:
+    """Write NAME.json and NAME.md: every seed's result, their mean and worst, and the goals per seed."""
+    combined = {"name": name, "command": command_line(), "machine": machine(), "commit": git_commit(),
+                "flags": flags, **extra, "over_seeds": over_seeds(results), "seeds": results}
+    write_json(out / f"{name}.json", combined)
     text = seeds_report(combined)
-    write_text(out / f"{args.name}.md", text)
+    write_text(out / f"{name}.md", text)
     print(text)
 
 
