@@ -11,6 +11,8 @@ import torch
 from koff.cli import main
 from koff.data import load_domain, parse_domain
 from koff.routing import ROUTER_FILE, HiddenStateRouter, Router, spread
+from koff.formats.exported_memory import MANIFEST
+from koff.routing.router import token_counts
 from koff.runtime import load
 from koff.server import BackgroundServer, create_app
 from test_server import export  # noqa: F401 - the module's export fixture
@@ -154,6 +156,25 @@ def test_add_domain_adds_the_new_memory_to_the_router(export, tmp_path):  # noqa
     assert [name for name, _ in runtime.route([CORPUS["deu"] * 3, PROMPTS["eng"], PROMPTS["code"]])] == ["deu", "eng", "code"]
     train = load_domain(parse_domain(f"deu={corpus['deu']}"), runtime.tokenizer, block_len=32).train
     assert runtime.router.counts[2].sum() == train.numel()  # the token router counts every training block
+
+
+def test_add_domain_rebuilds_a_missing_router_from_the_split_each_memory_was_trained_on(export, tmp_path):  # noqa: F811
+    folder, corpus = export
+    copy = copy_of(folder, tmp_path)
+    (copy / ROUTER_FILE).unlink()
+    manifest = copy / "memories" / "eng" / MANIFEST
+    record = json.loads(manifest.read_text())
+    assert (record["data"]["val_fraction"], record["data"]["seed"]) == (0.1, 0)  # the run's split, recorded
+    record["data"]["seed"] = 3  # as if the run had used seed 3
+    manifest.write_text(json.dumps(record))
+    assert main(["add-domain", str(copy), f"deu={corpus['deu']}", "--steps", "1", "--block-len", "32", "--kv-slots", "4"]) == 0
+    runtime = load(copy)
+    eng = runtime.router.names.index("eng")
+    split = {seed: load_domain(parse_domain(f"eng={corpus['eng']}"), runtime.tokenizer, block_len=32, seed=seed).train
+             for seed in (0, 3)}
+    vocabulary = runtime.router.counts.shape[1]
+    assert not torch.equal(token_counts(list(split[0]), vocabulary), token_counts(list(split[3]), vocabulary))
+    assert torch.equal(runtime.router.counts[eng], token_counts(list(split[3]), vocabulary))
 
 
 def test_the_hidden_state_router_separates_the_domains_and_round_trips(export, tmp_path):  # noqa: F811

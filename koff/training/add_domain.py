@@ -93,7 +93,7 @@ def _add_domain(out: Path, spec: DomainSpec, steps: int, device: str, dtype: tor
         summary = trainer.train()
         memory = trainer.model.memories[spec.name]
         state = memory.flat_state()
-        data = next(d.summary() for d in trainer.domains if d.name == spec.name)
+        data = trainer.data_record(spec.name)
         manifest = {
             "backbone_fingerprint": meta["fingerprint"],
             "memory_kind": config.memory,
@@ -129,8 +129,11 @@ def update_router(export: Path, name: str, train: torch.Tensor, model, tokenizer
         for manifest_path in sorted((export / "memories").glob(f"*/{MANIFEST}")):
             data, other = training_data(manifest_path.parent), manifest_path.parent.name
             if other != name and data.get("source"):
+                # The split the memory's run made (exports from before it was recorded: the defaults).
                 domain = load_domain(parse_domain(f"{other}={data['source']}"), tokenizer,
-                                     block_len=data.get("block_len") or config.block_len)
+                                     block_len=data.get("block_len") or config.block_len,
+                                     val_fraction=data.get("val_fraction", DecomposeConfig.val_fraction),
+                                     seed=data.get("seed", DecomposeConfig.seed))
                 texts[other] = TokenRouter.training_blocks(domain.train)
         if len(texts) < 2:
             return []

@@ -321,12 +321,17 @@ class Decomposer:
         mask = self.model.mask
         return mask if mask is not None else BinaryMask.dense(self.model.costs)
 
+    def data_record(self, name: str) -> dict:
+        """What domain ``name``'s memory was trained on, for its manifest: the text's summary and the
+        split that set its training blocks apart (so a router counted later sees the same blocks)."""
+        domain = next(d for d in self.domains if d.name == name)
+        return domain.summary() | {"val_fraction": self.config.val_fraction, "seed": self.config.seed}
+
     def finish(self, summary: dict) -> dict:
         """Write the final binary mask and each memory into the run folder; the model keeps the mask."""
         cfg = self.config
         mask = self.final_mask()
-        data = {d.name: d.summary() for d in self.domains}
-        extras = {name: {"data": data[name], "memory_kind": cfg.memory} for name in self.model.memories}
+        extras = {name: {"data": self.data_record(name), "memory_kind": cfg.memory} for name in self.model.memories}
         summary = run_folder.write_outputs(self.out, mask, self.model.costs, dict(self.model.memories), extras, summary)
         self.model.set_mask(mask)
         return summary
