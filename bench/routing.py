@@ -19,7 +19,7 @@ library, from `python scripts/real_corpora.py --out corpora`), the prompt being 
         --routers export --max-blocks 32      # the export's router alone, on more blocks
 
 A run that names held-out text (`heldout` in its config, as configs/smollm2-real.yaml does) is
-scored on that text instead, one set per source (there: another source and another genre).
+scored on that text instead; either way each source is its own set (there: another source and another genre).
 
 Writes bench/results/NAME.json and NAME.md (NAME: routing).
 """
@@ -36,11 +36,10 @@ import torch
 from common import command_line, git_commit, machine
 from recovery import HELD_OUT as GENRE  # the held-out text of another genre recovery.py scores on
 from transfer import OTHER_SOURCES as OTHER  # Debian's reference manual, Python's standard library
-from koff.data import load_domains, load_heldout, parse_domain, parse_domains
-from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_table
+from koff.data import DomainData, parse_domain
+from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_sets, routing_table
 from koff.export import export_run
-from koff.io import markdown_table, read_json, write_json, write_text
-from koff.experiments.ablation import source_label
+from koff.io import markdown_table, write_json, write_text
 from koff.formats.run import read_config_values
 from koff.routing import HiddenStateRouter
 from koff.routing.router import routing_layer
@@ -73,12 +72,13 @@ def likelihood_picks(runtime, sets: dict, length: int) -> dict[str, list[str]]:
     return out
 
 
-def hidden_state_routers(runtime, specs, block_len: int) -> dict:
-    """The hidden-state router at an eighth, a quarter, a half and the last of the backbone's depth."""
+def hidden_state_routers(runtime, domains: list[DomainData]) -> dict:
+    """The hidden-state router at an eighth, a quarter, a half and the last of the backbone's depth,
+    from the ``domains``' training blocks."""
     layers = runtime.model.layout.num_layers
     depths = {"an eighth": max(0, layers // 8), "a quarter": routing_layer(layers), "a half": layers // 2,
               "the last": layers - 1}
-    train = {d.name: HiddenStateRouter.training_blocks(d.train) for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}
+    train = {d.name: HiddenStateRouter.training_blocks(d.train) for d in domains}
     pad = runtime.tokenizer.pad_token_id
     return {f"hidden state, {k} (layer {layer})": HiddenStateRouter.build(runtime.model.base, train, pad, layer=layer)
             for k, layer in depths.items()}
@@ -121,28 +121,17 @@ def main() -> None:
     runtime = load(export)
     corpora = Path(args.corpora)
     heldout = [t for t in read_config_values(Path(args.run)).get("heldout") or [] if Path(parse_domain(t).source).is_dir()]
-    transfer = heldout or [f"{d}={corpora / s}" for d, s in OTHER.items() if d in runtime.memories and (corpora / s).is_dir()]
+    # A run that names no held-out text (the bundled corpus): Debian's and Python's other sources, then
+    # the other genre, where corpora/ has them.
+    transfer = heldout or [f"{d}={corpora / s}" for other in (OTHER, GENRE) for d, s in other.items()
+                           if d in runtime.memories and (corpora / s).is_dir()]
     t0 = time.perf_counter()
     table = routing_table(export, max_blocks=args.max_blocks, transfer=transfer, transfer_max_blocks=args.max_blocks)
-    data = {m: read_json(export / "memories" / m / "manifest.json")["data"] for m in runtime.memories}
-    block_len = next(iter(data.values()))["block_len"]
-    specs = parse_domains([f"{m}={d['source']}" for m, d in data.items()])
-    sets = {"validation": {d.name: d.val[:args.max_blocks].long() for d in load_domains(specs, runtime.tokenizer, block_len=block_len)}}
-    if heldout:  # a run that names its held-out text (real text): one set per source
-        for text in heldout:
-            spec = parse_domain(text)
-            sets.setdefault(source_label(spec.source), {})[spec.name] = load_heldout(
-                spec, runtime.tokenizer, block_len, args.max_blocks).val.long()
-    elif transfer:
-        sets["other source"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len,
-                                                           args.max_blocks).val.long() for t in transfer}
-    genre = [f"{d}={corpora / s}" for d, s in GENRE.items() if d in runtime.memories and (corpora / s).is_dir()]
-    if genre and not heldout:
-        sets["other genre"] = {t.split("=")[0]: load_heldout(parse_domain(t), runtime.tokenizer, block_len, args.max_blocks).val.long()
-                               for t in genre}
+    domain_sets = routing_sets(runtime, transfer=transfer, transfer_max_blocks=args.max_blocks)
+    sets = {kind: {d.name: d.val[:args.max_blocks].long() for d in domains} for kind, domains in domain_sets.items()}
     routers = {"tokens (the export's)": runtime.router}
     if args.routers == "all":
-        routers |= hidden_state_routers(runtime, specs, block_len)
+        routers |= hidden_state_routers(runtime, domain_sets["validation"])
     methods = {}
     for name, router in routers.items():
         methods[name] = {kind: {str(n): accuracy(router_picks(runtime, router, s, n)) for n in PROMPT_TOKENS}

@@ -39,6 +39,18 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
     runtime = load(folder, device=device)
     if runtime.router is None:
         raise UserInputError(f"{folder}: {runtime.router_problem}")
+    sets = routing_sets(runtime, val_fraction, seed, transfer, transfer_max_blocks)
+    return {"export": str(folder), "memories": [d.name for d in sets["validation"]], "kind": runtime.router.kind,
+            "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
+            "sets": {kind: _evaluate(runtime, domains, max_blocks if kind == "validation" else None)
+                     for kind, domains in sets.items()}}
+
+
+def routing_sets(runtime, val_fraction: float = 0.1, seed: int = 0, transfer: list[str] = (),
+                 transfer_max_blocks: int | None = 16) -> dict[str, list[DomainData]]:
+    """The text routing is measured on: ``validation``, the validation blocks of every memory the router
+    routes to (split by ``val_fraction`` and ``seed``), then the held-out ``transfer`` text
+    (``NAME=SOURCE``), one set per source, ``transfer_max_blocks`` evenly spaced blocks per domain."""
     data = {name: _manifest_data(runtime, name) for name in runtime.router.names if name in runtime.memories}
     block_len = next(iter(data.values()))["block_len"]
     specs = parse_domains([f"{name}={d['source']}" for name, d in data.items()])
@@ -52,10 +64,7 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
         if any(d.name == spec.name for d in domains):
             raise UserInputError(f"--transfer gives {spec.name} twice from {label}")
         domains.append(load_heldout(spec, runtime.tokenizer, block_len, transfer_max_blocks))
-    return {"export": str(folder), "memories": list(data), "kind": runtime.router.kind,
-            "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
-            "sets": {kind: _evaluate(runtime, domains, max_blocks if kind == "validation" else None)
-                     for kind, domains in sets.items()}}
+    return sets
 
 
 def _manifest_data(runtime, name: str) -> dict:
