@@ -8,7 +8,8 @@ import yaml
 
 from koff.cli import main
 from koff.data import DomainSpec, load_domain
-from koff.evaluation import evaluate, hf_scorer
+from koff.evaluation import domain_perplexity, evaluate, hf_scorer
+from koff.evaluation import score_cache
 from koff.experiments.ablation import memory_parameters_per_domain
 from koff.export import export_run
 from koff.training import DecomposeConfig, Decomposer
@@ -123,6 +124,28 @@ def test_eval_table_of_an_export_matches_the_run(tmp_path, corpus):
                                 ("KOFF: learned mask + LoRA + KV", "exported backbone + memories")]:
         for domain, value in by_run[run_row].items():
             assert math.isclose(by_export[export_row][domain], value, rel_tol=1e-4), (run_row, domain)
+
+
+def test_the_dense_base_is_scored_once_per_set_of_blocks_and_kept_between_tables(tmp_path, corpus, monkeypatch):
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    run = decompose(model_dir, corpus, tmp_path / "koff")
+    scored = []
+    counting = lambda scorer, data, *args: scored.append(data.name) or domain_perplexity(scorer, data, *args)  # noqa: E731
+    monkeypatch.setattr(score_cache, "domain_perplexity", counting)
+
+    def table(name, *flags):
+        assert main(["eval", run, "--out", str(tmp_path / name), *flags]) == 0
+        return {r["configuration"]: r["perplexity"] for r in json.loads((tmp_path / name / "table.json").read_text())["rows"]}
+
+    first = table("t1", "--max-blocks", "2")
+    assert scored == ["eng", "code"]  # the dense base, once per domain
+    again = table("t2", "--max-blocks", "2")
+    assert scored == ["eng", "code"] and again == first  # kept: every row the same, the dense base read back
+    table("t3", "--max-blocks", "3")
+    assert scored == ["eng", "code"] * 2  # other blocks: scored afresh
+    (Path(model_dir) / "config.json").touch()  # a model file rewritten: its scores are not reused
+    table("t4", "--max-blocks", "2")
+    assert scored == ["eng", "code"] * 3
 
 
 def test_eval_table_refuses_runs_on_other_domains(tmp_path, corpus, capsys):

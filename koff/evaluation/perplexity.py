@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from koff.data.blocks import DomainData
 from koff.scoring import token_nll_sum
+
+if TYPE_CHECKING:
+    from koff.evaluation.score_cache import ScoreCache
 
 Scorer = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -60,9 +63,12 @@ def evaluate(
     max_blocks: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    cache: ScoreCache | None = None,
 ) -> dict:
-    """Perplexity on every domain plus the arithmetic and geometric means over domains."""
-    results = [domain_perplexity(scorer, d, batch_size, max_blocks, progress, device) for d in domains]
+    """Perplexity on every domain plus the arithmetic and geometric means over domains (kept in and
+    read from ``cache`` where given: the frozen dense base's)."""
+    measure = cache.perplexity if cache is not None else domain_perplexity
+    results = [measure(scorer, d, batch_size, max_blocks, progress, device) for d in domains]
     ppls = [r.perplexity for r in results]
     return {
         "domains": {r.domain: asdict(r) for r in results},

@@ -31,11 +31,12 @@ from koff.data.sources import chosen_source, fell_back, source_exists
 from koff.errors import UserInputError
 from koff.evaluation import DecompositionEval
 from koff.evaluation.perplexity import Scorer, evaluate
+from koff.evaluation.score_cache import ScoreCache, model_identity
 from koff.formats.exported_memory import training_data
 from koff.formats.run import Run, load_run
 from koff.io import markdown_table, write_json, write_text
 from koff.masks.binary import BinaryMask
-from koff.models import load_model
+from koff.models import load_model, model_folder
 from koff.runtime import load
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Configuration:
     parameters: int  # backbone parameters in use (embeddings included)
     memory_parameters: int = 0  # per domain
     setting: Callable[[], ContextManager] = nullcontext  # entered while this row is scored
+    cache: ScoreCache | None = None  # where its scores are kept between tables (the frozen dense base's)
 
 
 def describe(run: Run) -> str:
@@ -85,7 +87,8 @@ def run_configurations(run: Run, label: str | None, shown: list[BinaryMask] | No
     memories = memory_parameters_per_domain(model)
     bare = lambda ids, domain: model(ids, None)  # noqa: E731
     if shown is None:
-        yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense)
+        yield Configuration("dense base", model.scorer(), dense_params, setting=model.dense,
+                            cache=dense_cache(run.config.model, run.model, "koff model, dense"))
         if memories:
             yield Configuration(f"{DENSE_WITH_MEMORIES} ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
                                 dense_params, memories, setting=lambda: _without_mask(model))
@@ -97,6 +100,13 @@ def run_configurations(run: Run, label: str | None, shown: list[BinaryMask] | No
         yield Configuration(f"{label or describe(run)}, mask without memories", bare, masked)
     if memories:
         yield Configuration(label or describe(run), model.scorer(), masked, memories)
+
+
+def dense_cache(spec: str, model: torch.nn.Module, how: str) -> ScoreCache:
+    """Where the scores of the dense base ``spec`` (loaded as ``model``, scored through ``how``) are
+    kept between tables."""
+    weight = next(model.parameters())
+    return ScoreCache(model_identity(model_folder(spec)[0], weight.dtype, weight.device, how))
 
 
 @contextmanager
@@ -121,10 +131,11 @@ def evaluate_table(configurations: Iterator[Configuration], domains: list[Domain
     rows, results = [], []
     for config in configurations:
         with torch.no_grad(), config.setting():
-            results.append(evaluate(config.scorer, domains, **kwargs))
+            results.append(evaluate(config.scorer, domains, cache=config.cache, **kwargs))
             # held-out text is already cut to its own block budget (evenly spaced): score all of it, one
             # column at a time (two columns of one domain share its name, which picks its memory)
-            other = {column: evaluate(config.scorer, [data], **(kwargs | {"max_blocks": None}))["domains"][data.name]
+            other = {column: evaluate(config.scorer, [data], cache=config.cache,
+                                      **(kwargs | {"max_blocks": None}))["domains"][data.name]
                      for column, data in transfer}
         perplexity = {d: r["perplexity"] for d, r in results[-1]["domains"].items()}
         perplexity |= {column: other[column]["perplexity"] for column, _ in transfer}
@@ -332,11 +343,12 @@ def export_table(folder: str | Path, base_model: str | None = None, val_fraction
     block_len = sources[0]["block_len"]
     specs = parse_domains([f"{d['name']}={d['source']}" for d in sources])
     domains = load_domains(specs, runtime.tokenizer, block_len=block_len, val_fraction=val_fraction, seed=seed)
-    dense = load_model(base_model or runtime.meta["base_model"], device=device).model.eval()
+    base = base_model or runtime.meta["base_model"]
+    dense = load_model(base, device=device).model.eval()
 
     def configurations() -> Iterator[Configuration]:
         yield Configuration("dense base", lambda ids, domain: dense(input_ids=ids).logits,
-                            sum(p.numel() for p in dense.parameters()))
+                            sum(p.numel() for p in dense.parameters()), cache=dense_cache(base, dense, "transformers"))
         yield from export_configurations(runtime)
 
     table = evaluate_table(configurations(), domains, batch_size=batch_size, max_blocks=max_blocks, device=device)
