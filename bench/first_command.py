@@ -3,7 +3,7 @@ its time and its table (validation blocks, another source, another genre, price 
 
     python bench/first_command.py                       # runs it (about 80 minutes on 2 cores)
     python bench/first_command.py --collect --seconds 3900 60   # a run the command made: record it
-    python bench/first_command.py --flag=--lr-lora=3e-3 --run runs/real-lr3 --name first-command-lr3   # a variant
+    python bench/first_command.py --flag=--lr-lora=6e-3 --run runs/real-lr6 --name first-command-lr6   # a variant
     python bench/first_command.py --seeds 0 1 2 --jobs 3 --flag=--sparsity=0.25 --run runs/real-s25 --name first-command-s25
         # three seeds side by side (runs/real-s25-seed0 ...), trained and scored, not exported; a
         # run already scored is reused and one that was cut off resumes
@@ -161,7 +161,8 @@ def seeds_report(result: dict) -> str:
     """Each seed's KOFF and price of offloading per text, their mean over seeds, and the goals per seed."""
     seeds, groups = result["seeds"], list(result["over_seeds"]["price of offloading"])
     rows = []
-    for prefix, label in (("KOFF", "KOFF / dense"), ("mask, no memories", "bare backbone / dense"),
+    for prefix, label in (("KOFF", "KOFF / dense"), ("dense base +", "dense + memories / dense"),
+                          ("mask, no memories", "bare backbone / dense"),
                           ("price of offloading", "price of offloading")):
         row = next(k for k in result["over_seeds"] if k.startswith(prefix))
         rows += [[f"{label}, seed {seed}", *[f"{r['summary'][row][g]['mean']:.3f} ({r['summary'][row][g]['worst']:.3f})"

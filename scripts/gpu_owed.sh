@@ -10,7 +10,7 @@
 #   the device's bandwidth. Random weights: nothing to carry but the checkout. llama.cpp is left out
 #   there (its Python binding is built for the CPU).
 # real: the README's first command over seeds 0-2 at 12% and at 25% sparsity, at a GPU budget
-#   (STEPS x BATCH, default the GPU sweep's 250 x 40 with size:0.5 sampling; LoRA at 3e-3), six runs
+#   (STEPS x BATCH, default the GPU sweep's 250 x 40 with size:0.5 sampling; the config's LoRA 3e-3), six runs
 #   side by side on the one GPU, each resumed where a cut-off call left it. It needs the embedded
 #   model and corpora/: carry scripts/offline_kit.sh's two halves and run scripts/offline_unpack.sh
 #   first (PYTHONPATH as it says). Long: start it with scripts/detached.sh and `wait` in later calls.
@@ -28,7 +28,7 @@ for stage in "${stages[@]}"; do
         ;;
     real)
         budget=(--flag=--device=cuda --flag=--steps="${STEPS:-250}" --flag=--batch-size="${BATCH:-40}"
-                --flag=--sampling=size:0.5 --flag=--lr-lora=3e-3 --seeds 0 1 2 --jobs 3 --results "$out")
+                --flag=--sampling=size:0.5 --seeds 0 1 2 --jobs 3 --results "$out")
         python bench/first_command.py "${budget[@]}" --run runs/gpu-real-s12 --name first-command-gpu-s12 &
         python bench/first_command.py "${budget[@]}" --flag=--sparsity=0.25 --run runs/gpu-real-s25 --name first-command-gpu-s25 &
         wait -n && wait -n
