@@ -247,7 +247,7 @@ def combine(names: list[str], name: str, out: Path) -> None:
     results = [read_json(out / f"{n}.json") for n in names]
     seeds = [int(next((f.split("=", 1)[1] for f in r["flags"] if f.startswith("--seed=")), r["config"].get("seed", 0)))
              for r in results]
-    others = {tuple(f for f in r["flags"] if not f.startswith("--seed=")) for r in results}
+    others = {tuple(sorted(f for f in r["flags"] if not f.startswith("--seed="))) for r in results}
     if len(set(seeds)) != len(seeds) or len(others) != 1:
         sys.exit(f"--combine needs one run per seed with the same other flags; got seeds {seeds}, flags {sorted(others)}")
     record_over_seeds(name, list(others.pop()), dict(zip(seeds, results)), out, combined_from=names)
