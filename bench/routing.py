@@ -19,7 +19,8 @@ library, from `python scripts/real_corpora.py --out corpora`), the prompt being 
         --routers export --max-blocks 32      # the export's router alone, on more blocks
 
 A run that names held-out text (`heldout` in its config, as configs/smollm2-real.yaml does) is
-scored on that text instead; either way each source is its own set (there: another source and another genre).
+scored on that text instead. Either way each source is its own set (there: another source and
+another genre).
 
 Writes bench/results/NAME.json and NAME.md (NAME: routing).
 """

@@ -1,11 +1,10 @@
 """Perplexities of the frozen dense base, kept on disk between tables.
 
 Every ablation table opens with the dense base, and the base never changes: scored again on the
-same blocks, with the same files, dtype, device and libraries, it gives the same numbers, and
-its row is one of the four a run's table scores (on the 2-core CPU the first command's table took
-48 minutes).
-A result is keyed by all of those and by the blocks' bytes, so other text, another model or a
-rewritten model file is scored afresh; ``KOFF_CACHE_DIR`` (``~/.cache/koff``) holds it under
+same blocks, with the same files, dtype, device and libraries, it gives the same numbers. Its row is
+one of the four a run's table scores (the first command's table took 23-48 minutes on the 2-core
+CPU). A result is keyed by all of those and by the blocks' bytes, so other text, another model or
+a rewritten model file is scored afresh; ``KOFF_CACHE_DIR`` (``~/.cache/koff``) holds it under
 ``scores/``.
 """
 
