@@ -148,7 +148,8 @@ def test_a_hub_source_offline_is_one_clear_error(tmp_path, capsys):
 
     model = save_tiny(tmp_path / "m")
     capsys.readouterr()
-    assert main(["eval", "--model", model, "--domain", "eng=hf:HuggingFaceFW/fineweb-2:deu_Latn"]) == 2
+    assert main(["eval", "--model", model, "--domain", "eng=hf:HuggingFaceFW/fineweb-2:deu_Latn",
+                 "--out", str(tmp_path / "eval")]) == 2  # never into the checkout's runs/
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
