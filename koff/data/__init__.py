@@ -1,4 +1,4 @@
-from koff.data.blocks import DomainData, load_domain, load_domains, load_heldout, pack_tokens, split_blocks
+from koff.data.blocks import DomainData, load_domain, load_domains, load_heldout, load_recorded_domain, pack_tokens, split_blocks
 from koff.data.sources import (
     DomainDataError,
     DomainSpec,
@@ -17,6 +17,7 @@ __all__ = [
     "load_domain",
     "load_domains",
     "load_heldout",
+    "load_recorded_domain",
     "pack_tokens",
     "parse_domain",
     "parse_domains",

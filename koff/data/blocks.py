@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from koff.data.sources import DomainDataError, DomainSpec, iter_documents, no_text_error
+from koff.data.sources import DomainDataError, DomainSpec, iter_documents, no_text_error, parse_domain
 from koff.paths import cache_dir
 from koff.tensor_files import load_tensors, save_tensors
 
@@ -195,6 +195,15 @@ def load_domain(
     if cached is not None:
         save_tensors({"train": train, "val": val}, cached)
     return DomainData(spec.name, spec.source, train, val)
+
+
+def load_recorded_domain(name: str, record: dict, tokenizer: PreTrainedTokenizerBase, block_len: int,
+                         val_fraction: float, seed: int) -> DomainData:
+    """Domain ``name`` as a memory's manifest records it (``record``: its source, block length and the
+    split its run made), loaded as that run loaded it; the arguments stand in for what an older record
+    lacks."""
+    return load_domain(parse_domain(f"{name}={record.get('source')}"), tokenizer, block_len=record.get("block_len") or block_len,
+                       val_fraction=record.get("val_fraction", val_fraction), seed=record.get("seed", seed))
 
 
 def load_heldout(spec: DomainSpec, tokenizer: PreTrainedTokenizerBase, block_len: int = 256,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from koff.data import load_domain, parse_domain
+from koff.data import load_recorded_domain
 from koff.formats.run import RunOutputs
 from koff.models import load_tokenizer
 from koff.routing import ROUTER_FILE, TokenRouter
@@ -31,8 +31,7 @@ def write_router(run: RunOutputs, export: Path) -> Path | None:
 
 def domain_blocks(run: RunOutputs, name: str, tokenizer) -> list[torch.Tensor]:
     """The training blocks of memory ``name``'s domain that the token router counts, as its run split them."""
-    data = run.manifests[name].get("data") or {}
     cfg = run.config
-    domain = load_domain(parse_domain(f"{name}={data.get('source')}"), tokenizer, block_len=data.get("block_len") or cfg.block_len,
-                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    domain = load_recorded_domain(name, run.manifests[name].get("data") or {}, tokenizer, cfg.block_len,
+                                  cfg.val_fraction, cfg.seed)
     return TokenRouter.training_blocks(domain.train)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from koff.config import DecomposeConfig
-from koff.data import load_domain
+from koff.data import load_recorded_domain
 from koff.data.sources import DomainSpec, parse_domain
 from koff.errors import UserInputError
 from koff.formats.backbone import load_backbone
@@ -130,10 +130,8 @@ def update_router(export: Path, name: str, train: torch.Tensor, model, tokenizer
             data, other = training_data(manifest_path.parent), manifest_path.parent.name
             if other != name and data.get("source"):
                 # The split the memory's run made (exports from before it was recorded: the defaults).
-                domain = load_domain(parse_domain(f"{other}={data['source']}"), tokenizer,
-                                     block_len=data.get("block_len") or config.block_len,
-                                     val_fraction=data.get("val_fraction", DecomposeConfig.val_fraction),
-                                     seed=data.get("seed", DecomposeConfig.seed))
+                domain = load_recorded_domain(other, data, tokenizer, config.block_len,
+                                              DecomposeConfig.val_fraction, DecomposeConfig.seed)
                 texts[other] = TokenRouter.training_blocks(domain.train)
         if len(texts) < 2:
             return []
