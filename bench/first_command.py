@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import command_line, git_commit, machine, named_config
+from koff.config import DecomposeConfig
 from koff.experiments.ablation import columns_by_source, markdown
 from koff.formats import run as run_folder
 from koff.io import markdown_table, read_json, write_json, write_text
@@ -111,9 +112,9 @@ def summary(table: dict) -> dict:
 
 
 def setting(result: dict, name: str) -> str:
-    """A setting of the run: its ``--name=`` flag's value, else the config's."""
+    """A setting of the run: its ``--name=`` flag's value, else the config's, else koff's default."""
     flags = [f.split("=", 1)[1] for f in result["flags"] if f.startswith(f"--{name.replace('_', '-')}=")]
-    return flags[-1] if flags else str(result["config"][name])
+    return flags[-1] if flags else str(result["config"].get(name, getattr(DecomposeConfig, name)))
 
 
 def sparsity(result: dict) -> float:
@@ -245,8 +246,7 @@ def run_seeds(args: argparse.Namespace) -> None:
 def combine(names: list[str], name: str, out: Path) -> None:
     """--combine: the over-seeds table of seeds recorded one by one (NAME.json each, told apart by --seed)."""
     results = [read_json(out / f"{n}.json") for n in names]
-    seeds = [int(next((f.split("=", 1)[1] for f in r["flags"] if f.startswith("--seed=")), r["config"].get("seed", 0)))
-             for r in results]
+    seeds = [int(setting(r, "seed")) for r in results]
     others = {tuple(sorted(f for f in r["flags"] if not f.startswith("--seed="))) for r in results}
     if len(set(seeds)) != len(seeds) or len(others) != 1:
         sys.exit(f"--combine needs one run per seed with the same other flags; got seeds {seeds}, flags {sorted(others)}")
