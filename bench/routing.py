@@ -38,7 +38,7 @@ from common import command_line, git_commit, machine
 from recovery import HELD_OUT as GENRE  # the held-out text of another genre recovery.py scores on
 from transfer import OTHER_SOURCES as OTHER  # Debian's reference manual, Python's standard library
 from koff.data import DomainData, parse_domain
-from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_sets, routing_table
+from koff.experiments.routing import PROMPT_TOKENS, routing_markdown, routing_report, routing_sets
 from koff.export import export_run
 from koff.io import markdown_table, write_json, write_text
 from koff.formats.run import read_config_values
@@ -127,8 +127,8 @@ def main() -> None:
     transfer = heldout or [f"{d}={corpora / s}" for other in (OTHER, GENRE) for d, s in other.items()
                            if d in runtime.memories and (corpora / s).is_dir()]
     t0 = time.perf_counter()
-    table = routing_table(export, max_blocks=args.max_blocks, transfer=transfer, transfer_max_blocks=args.max_blocks)
     domain_sets = routing_sets(runtime, transfer=transfer, transfer_max_blocks=args.max_blocks)
+    table = routing_report(runtime, domain_sets, args.max_blocks)
     sets = {kind: {d.name: d.val[:args.max_blocks].long() for d in domains} for kind, domains in domain_sets.items()}
     routers = {"tokens (the export's)": runtime.router}
     if args.routers == "all":

@@ -39,8 +39,13 @@ def routing_table(folder: str | Path, val_fraction: float = 0.1, seed: int = 0, 
     runtime = load(folder, device=device)
     if runtime.router is None:
         raise UserInputError(f"{folder}: {runtime.router_problem}")
-    sets = routing_sets(runtime, val_fraction, seed, transfer, transfer_max_blocks)
-    return {"export": str(folder), "memories": [d.name for d in sets["validation"]], "kind": runtime.router.kind,
+    return routing_report(runtime, routing_sets(runtime, val_fraction, seed, transfer, transfer_max_blocks), max_blocks)
+
+
+def routing_report(runtime, sets: dict[str, list[DomainData]], max_blocks: int | None = 16) -> dict:
+    """How the export's router does on each of ``sets`` (``routing_sets``; ``max_blocks`` validation
+    blocks per domain): accuracy, confusion and the perplexity a wrong pick costs."""
+    return {"export": str(runtime.folder), "memories": [d.name for d in sets["validation"]], "kind": runtime.router.kind,
             "threshold": runtime.router.threshold, "prompt_tokens": list(PROMPT_TOKENS), "routed_at": ROUTED_AT,
             "sets": {kind: _evaluate(runtime, domains, max_blocks if kind == "validation" else None)
                      for kind, domains in sets.items()}}
