@@ -36,6 +36,11 @@ def hf_scorer(model: torch.nn.Module) -> Scorer:
     return lambda input_ids, domain: model(input_ids=input_ids).logits
 
 
+def scored_blocks(data: DomainData, max_blocks: int | None) -> torch.Tensor:
+    """The blocks ``domain_perplexity`` scores: the first ``max_blocks`` validation blocks (all for None)."""
+    return data.val if max_blocks is None else data.val[:max_blocks]
+
+
 @torch.no_grad()
 def domain_perplexity(
     scorer: Scorer,
@@ -46,7 +51,7 @@ def domain_perplexity(
     device: str | torch.device = "cpu",
 ) -> DomainPerplexity:
     """Token-weighted perplexity of ``scorer`` on the validation blocks of ``data``."""
-    blocks = data.val if max_blocks is None else data.val[:max_blocks]
+    blocks = scored_blocks(data, max_blocks)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=f"eval {data.name}", disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device, torch.long)

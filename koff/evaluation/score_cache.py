@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from koff.data.blocks import DomainData
-from koff.evaluation.perplexity import DomainPerplexity, Scorer, domain_perplexity
+from koff.evaluation.perplexity import DomainPerplexity, Scorer, domain_perplexity, scored_blocks
 from koff.io import write_json
 from koff.paths import cache_dir
 
@@ -45,8 +45,7 @@ class ScoreCache:
                    progress: bool = True, device: str | torch.device = "cpu") -> DomainPerplexity:
         """``domain_perplexity`` of ``scorer`` on ``data``: kept from an earlier call on the same
         blocks, or scored now and kept."""
-        blocks = data.val if max_blocks is None else data.val[:max_blocks]
-        path = cache_dir("scores") / f"{self._key(blocks, batch_size)}.json"
+        path = cache_dir("scores") / f"{self._key(scored_blocks(data, max_blocks), batch_size)}.json"
         try:
             return replace(DomainPerplexity(**json.loads(path.read_text())), domain=data.name)
         except (OSError, ValueError, TypeError):  # not kept yet, or a file that cannot be read: score again
