@@ -33,6 +33,7 @@ def parse_sampling(spec: str) -> float | None:
 INIT_SHAPES = ("ranked", "mask")
 LAYER_SHAPES = ("per-layer", "uniform")
 SWITCHES = ("auto", "on", "off")
+TEACHERS = ("base", "base+memories")
 
 
 def setting(default, help: str):
@@ -100,6 +101,8 @@ class DecomposeConfig:
     final_fraction: float = setting(0.4, "last fraction of steps trained with the final binary mask fixed "
                                     "(memories adapt to it)")
     distill_weight: float = setting(1.0, "weight of KL(dense teacher || student); 0 = LM loss only; unused without a mask")
+    teacher: str = setting("base", "what the student (pruned base + memories) is distilled towards: base: the dense "
+                           "base alone | base+memories: the dense base with the same memories (no gradient through it)")
     # At 2 a SmolLM2 step costs 1.33x a PEFT LoRA step instead of 1.71x (1.013x dense vs 0.991x).
     distill_every: int = setting(2, "distil on every k-th step only, weighted x k (same objective in expectation, "
                                  "1/k of the teacher's cost)")
@@ -146,6 +149,8 @@ class DecomposeConfig:
             raise UserInputError(f"--loss-chunk-tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.dtype not in DTYPE_CHOICES:
             raise UserInputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.teacher not in TEACHERS:
+            raise UserInputError(f"--teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
         if self.constraint not in CONSTRAINTS:
             raise UserInputError(f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if self.mask_spec.prunes and not (self.prune_ffn or self.prune_attention):
@@ -171,6 +176,10 @@ class DecomposeConfig:
     @property
     def uniform_layers(self) -> bool:
         return self.layer_shape == "uniform"
+
+    @property
+    def teacher_holds_memories(self) -> bool:
+        return self.teacher == "base+memories"
 
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(self.memory, self.lora_rank, self.lora_alpha, list(self.lora_targets), self.kv_slots)

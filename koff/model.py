@@ -51,7 +51,8 @@ class KoffModel(nn.Module):
         self.hooks = GateHooks(self.layout)  # its hooks go in with the first mask: an export has none to run
         self.mask = None
         self.set_mask(mask)
-        self._gates_enabled = True
+        self._mask_on = True  # off inside dense() and unmasked()
+        self._memories_on = True  # off inside dense()
 
     # ----- mask ---------------------------------------------------------------------------------
     def set_mask(self, mask: LearnedMask | BinaryMask | None) -> None:
@@ -66,7 +67,7 @@ class KoffModel(nn.Module):
         self._binary_gates = None
 
     def current_gates(self) -> tuple[list, list]:
-        if self.mask is None or not self._gates_enabled:
+        if self.mask is None or not self._mask_on:
             return [None] * self.layout.num_layers, [None] * self.layout.num_layers
         if isinstance(self.mask, BinaryMask):
             return self._constant_gates()
@@ -168,7 +169,7 @@ class KoffModel(nn.Module):
     def activate(self, per_sample: list[DomainMemory | None]) -> Iterator[list[DomainMemory | None]]:
         """Inside, calls to ``self.base`` see the current gates and each sample's memory (LoRA);
         the KV prefix is the caller's to pass (see ``memories.prefix.prefix_inputs``)."""
-        if not self._gates_enabled:
+        if not self._memories_on:
             per_sample = [None] * len(per_sample)
         self.hooks.set_gates(*self.current_gates())
         try:
@@ -191,12 +192,23 @@ class KoffModel(nn.Module):
     @contextmanager
     def dense(self) -> Iterator[None]:
         """The untouched base model inside: no gates, no memories (teacher, calibration, KV init)."""
-        previous = self._gates_enabled
-        self._gates_enabled = False
+        with self._switched(mask=False, memories=False):
+            yield
+
+    @contextmanager
+    def unmasked(self) -> Iterator[None]:
+        """The memories on the unpruned base inside: what the mask costs is measured against this."""
+        with self._switched(mask=False, memories=self._memories_on):
+            yield
+
+    @contextmanager
+    def _switched(self, mask: bool, memories: bool) -> Iterator[None]:
+        previous = self._mask_on, self._memories_on
+        self._mask_on, self._memories_on = mask, memories
         try:
             yield
         finally:
-            self._gates_enabled = previous
+            self._mask_on, self._memories_on = previous
 
     def scorer(self):
         """A scorer for ``koff.evaluation``: each domain is evaluated with its own memory, if held."""

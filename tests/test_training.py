@@ -7,6 +7,7 @@ import yaml
 from koff.cli import main
 from koff.training.pipeline import decompose
 from koff.masks import BinaryMask
+from koff.scoring import chunked_losses
 from koff.training import DecomposeConfig, Decomposer
 from tiny import tiny_model
 
@@ -162,6 +163,47 @@ def test_distill_every_k_steps_adds_the_teacher_on_those_steps_only(tmp_path, to
     assert [r["step"] for r in records if "kl" in r] == [1, 4, 7]  # steps 0, 3, 6 before they count
 
 
+def test_the_teacher_is_the_dense_base_with_or_without_the_student_memories(tmp_path, tokenizer, domains):
+    """--teacher base distils towards the dense base alone; base+memories towards the dense base
+    with each sample's own memory (what the price of offloading compares KOFF against)."""
+    kls = {}
+    for teacher, setting in [("base", "dense"), ("base+memories", "unmasked")]:
+        dec = make(tmp_path / teacher, tokenizer, domains, sparsity=0.2, mask="oneshot:wanda", teacher=teacher)
+        torch.manual_seed(1)
+        with torch.no_grad():  # memories that change the output (a fresh LoRA adds nothing)
+            for p in dec.model.memories.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        batch, names = dec.sampler.next_batch(3)
+        _, parts, _ = dec._loss(batch, names)
+        with torch.no_grad():
+            student = dec.model(batch, names, hidden=True)
+            with getattr(dec.model, setting)():
+                expected = dec.model(batch, names, hidden=True)
+            _, kl = chunked_losses(student, dec.model.head, batch, expected)
+        assert torch.allclose(parts["kl"], kl, rtol=1e-4), teacher
+        kls[teacher] = kl
+    assert not torch.allclose(kls["base"], kls["base+memories"], rtol=1e-2)
+
+
+def test_unmasked_keeps_the_memories_and_dense_drops_them(tmp_path, tokenizer, domains):
+    dec = make(tmp_path, tokenizer, domains, sparsity=0.2, mask="oneshot:wanda")
+    model, batch, names = dec.model, domains[0].train[:2], [domains[0].name] * 2
+    with torch.no_grad():
+        for p in model.memories.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        with model.unmasked():
+            unmasked = model(batch, names)
+        mask = model.mask
+        model.set_mask(None)
+        assert torch.equal(unmasked, model(batch, names))
+        model.set_mask(mask)
+        with model.dense():
+            assert torch.equal(model(batch, names), model(batch, None))
+            with model.unmasked():  # inside dense(), the memories stay off
+                assert torch.equal(model(batch, names), model(batch, None))
+        assert not torch.equal(unmasked, model(batch, names))  # the mask is back on
+
+
 @pytest.mark.parametrize("mask", ["learned", "oneshot:wanda"])
 def test_final_masks_keep_ffn_widths_in_multiples_of_the_alignment(tmp_path, tokenizer, domains, mask):
     dec = make(tmp_path, tokenizer, domains, sparsity=0.2, steps=4, mask=mask, ffn_align=32)
@@ -178,6 +220,7 @@ def test_bad_configs_are_refused():
         (dict(sparsity=1.5), "sparsity"),
         (dict(prune_ffn=False, prune_attention=False), "nothing to prune"),
         (dict(distill_every=0), "distill_every"),
+        (dict(teacher="student"), "--teacher must be one of"),
         (dict(sampling="size:big"), "--sampling must be"),
         (dict(sampling="size:-1"), "--sampling must be"),
         (dict(sampling="proportional"), "--sampling must be"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
@@ -91,7 +91,7 @@ def run_configurations(run: Run, label: str | None, shown: list[BinaryMask] | No
                             cache=dense_cache(run.config.model, run.model, "koff model, dense"))
         if memories:
             yield Configuration(f"{DENSE_WITH_MEMORIES} ({MEMORY_NAMES[run.config.memory]})", model.scorer(),
-                                dense_params, memories, setting=lambda: _without_mask(model))
+                                dense_params, memories, setting=model.unmasked)
         yield Configuration("mask, no memories", bare, masked)
         if memories:
             yield Configuration(f"KOFF: {label or describe(run)}", model.scorer(), masked, memories)
@@ -107,17 +107,6 @@ def dense_cache(spec: str, model: torch.nn.Module, how: str) -> ScoreCache:
     kept between tables."""
     weight = next(model.parameters())
     return ScoreCache(model_identity(model_folder(spec)[0], weight.dtype, weight.device, how))
-
-
-@contextmanager
-def _without_mask(model) -> Iterator[None]:
-    """Inside: the model's memories on the unpruned base."""
-    mask = model.mask
-    model.set_mask(None)
-    try:
-        yield
-    finally:
-        model.set_mask(mask)
 
 
 def _same_mask(a: BinaryMask, b: BinaryMask) -> bool:

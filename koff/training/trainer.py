@@ -160,8 +160,8 @@ class Decomposer:
         hidden = self.forward_model(batch, domains, hidden=True)
         teacher = None
         if self._distilling():
-            with torch.no_grad(), self.model.dense():
-                teacher = self.model(batch, hidden=True)
+            with torch.no_grad(), self._teacher():
+                teacher = self.model(batch, domains, hidden=True)
         token_loss, kl = chunked_losses(hidden, self.model.head, batch, teacher, cfg.loss_chunk_tokens)
         loss = token_loss.mean()
         parts = {"lm": loss.detach()}
@@ -177,9 +177,13 @@ class Decomposer:
                 parts["lagrangian"] = lagrangian.detach()
         return loss, parts, token_loss.detach().mean(1)
 
+    def _teacher(self):
+        """Inside, the model is the teacher: the dense base, with the student's memories or without."""
+        return self.model.unmasked() if self.config.teacher_holds_memories else self.model.dense()
+
     def _distilling(self) -> bool:
         """Whether this step adds the KL to the dense teacher. Never unpruned: the teacher would be
-        the student's own base, pulling the memories towards doing nothing."""
+        the student's own base, pulling the memories towards doing nothing (or the student itself)."""
         cfg = self.config
         return cfg.distill_weight > 0 and self.model.mask is not None and self.step % cfg.distill_every == 0
 
