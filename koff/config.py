@@ -47,7 +47,7 @@ def setting(default, help: str):
 class DecomposeConfig:
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a .gguf file, a local HF folder, or a hub id")
     domain: list[str] = setting([], "NAME=SOURCE, repeatable (a .txt, a folder, a .jsonl, bundled:<iso639-3>, "
-                                "bundled:code/<lang>)")
+                                "bundled:code/<lang>; A,B mixes sources, A|B falls back to B)")
     heldout: list[str] = setting([], "NAME=SOURCE, repeatable: text of domain NAME from another source or genre, "
                                  "never trained on; at the end of the run it is scored beside the validation blocks "
                                  "(dense, dense + the same memories, mask alone, KOFF) into RUN/eval/table.md")

@@ -180,6 +180,27 @@ def test_html_pages_are_read_as_their_prose(tmp_path):
     assert next(html_pieces_to_text(pieces)) == "paragraph 0" and len(read) < 5  # read as consumed, not up front
 
 
+def test_a_source_may_mix_several(tmp_path):
+    """``A,B`` is one domain's text, A's documents then B's; a missing part makes the whole source
+    missing, so an alternative after ``|`` takes over, and reading it names the missing part."""
+    from koff.data.sources import fell_back, source_exists
+
+    for name, texts in {"a": ["first of a", "second of a"], "b": ["only b"]}.items():
+        (tmp_path / name).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / name / f"{i}.txt").write_text(text)
+    a, b, missing = tmp_path / "a", tmp_path / "b", tmp_path / "missing"
+    mixed = parse_domain(f"eng={a} , {b}")
+    assert mixed.source == f"{a},{b}"
+    assert read_documents(mixed) == ["first of a", "second of a", "only b"]
+    assert read_documents(DomainSpec("eng", f"{b},{a}")) == ["only b", "first of a", "second of a"]
+    assert source_exists(f"{a},{b}") and not source_exists(f"{a},{missing}")
+    assert parse_domain(f"eng={a},{missing}|{b}").source == str(b) and fell_back(f"{a},{missing}|{b}")
+    assert not fell_back(f"{a}, {b}|{missing}")
+    with pytest.raises(DomainDataError, match="missing does not exist"):
+        read_documents(parse_domain(f"eng={a},{missing}"))
+
+
 def test_a_source_may_name_a_fallback(tmp_path):
     from koff.data.sources import fell_back
 

