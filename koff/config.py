@@ -16,18 +16,37 @@ from koff.memories.memory import DEFAULT_LORA_TARGETS, MEMORY_KINDS, MemoryConfi
 CONSTRAINTS = ("projected", "lagrangian")
 
 
-def parse_sampling(spec: str) -> float | None:
-    """``balanced`` -> None; ``size:<alpha>`` -> alpha (domain probability ~ train blocks ** alpha)."""
-    if spec == "balanced":
-        return None
-    kind, _, alpha = spec.partition(":")
+@dataclass(frozen=True)
+class SamplingSpec:
+    """``--sampling``, parsed. Balanced (``size_alpha`` None): a fixed cycle over the domains in which
+    a domain comes ``weight(name)`` times (once unless named); by size: domains drawn at random with
+    probability ~ train blocks ** ``size_alpha``."""
+
+    size_alpha: float | None = None
+    weights: tuple[tuple[str, int], ...] = ()
+
+    def weight(self, name: str) -> int:
+        return dict(self.weights).get(name, 1)
+
+
+def parse_sampling(spec: str) -> SamplingSpec:
+    """``balanced``, ``balanced:NAME=K,...`` (NAME K times per cycle, K >= 1) or ``size:<alpha >= 0>``."""
+    kind, _, rest = spec.partition(":")
+    usage = f"--sampling must be balanced, balanced:NAME=K[,NAME=K...] (K a whole number >= 1) or size:<alpha >= 0>, got {spec!r}"
+    if kind == "balanced":
+        pairs = [item.partition("=") for item in rest.split(",")] if rest else []
+        weights = tuple((name.strip(), int(count)) for name, _, count in pairs
+                        if name.strip() and count.strip().isdigit() and int(count) >= 1)
+        if len(weights) != len(pairs) or len(dict(weights)) != len(weights):
+            raise UserInputError(usage)
+        return SamplingSpec(weights=weights)
     try:
-        value = float(alpha) if kind == "size" else None
+        alpha = float(rest) if kind == "size" else math.nan
     except ValueError:
-        value = None
-    if value is None or not 0 <= value < math.inf:
-        raise UserInputError(f"--sampling must be balanced or size:<alpha >= 0>, got {spec!r}")
-    return value
+        alpha = math.nan
+    if not 0 <= alpha < math.inf:
+        raise UserInputError(usage)
+    return SamplingSpec(size_alpha=alpha)
 
 
 INIT_SHAPES = ("ranked", "mask")
@@ -59,8 +78,9 @@ class DecomposeConfig:
     block_len: int = setting(256, "tokens per training/eval block")
     val_fraction: float = setting(0.1, "fraction of blocks held out for validation")
     seed: int = setting(0, "seed of the data split, the sampler and the memories' initialisation")
-    sampling: str = setting("balanced", "balanced: one sample of each domain in turn | size:<alpha>: domain drawn with "
-                            "probability ~ train blocks ** alpha (more of a large corpus, fewer repeats of a small one)")
+    sampling: str = setting("balanced", "balanced: one sample of each domain in turn | balanced:NAME=K,...: the same cycle "
+                            "with domain NAME K times | size:<alpha>: domain drawn with probability ~ train blocks ** "
+                            "alpha (more of a large corpus, fewer repeats of a small one)")
     # what to learn
     sparsity: float = setting(0.12, "target fraction of transformer-block parameters removed")
     mask: str = setting("learned", "learned | oneshot:wanda | oneshot:activation | file:<mask.safetensors or run folder> "
@@ -128,7 +148,9 @@ class DecomposeConfig:
         if self.memory not in MEMORY_KINDS:
             raise UserInputError(f"--memory must be one of {', '.join(MEMORY_KINDS)}, got {self.memory!r}")
         self.mask_spec: MaskSpec = parse_mask_spec(self.mask)  # not a field: config.yaml keeps the text
-        parse_sampling(self.sampling)
+        unknown = {n for n, _ in parse_sampling(self.sampling).weights} - {d.partition("=")[0].strip() for d in self.domain}
+        if unknown and self.domain:
+            raise UserInputError(f"--sampling {self.sampling} weighs {', '.join(sorted(unknown))}, not among the domains")
         if self.init_from not in (*IMPORTANCES, "none"):
             raise UserInputError(f"--init-from must be none or one of {', '.join(IMPORTANCES)}, got {self.init_from!r}")
         if self.ffn_align < 1:

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from koff.config import parse_sampling
+from koff.config import DecomposeConfig, SamplingSpec, parse_sampling
+from koff.errors import UserInputError
 from koff.training.sampler import DomainSampler
 
 
@@ -28,7 +29,7 @@ def test_balanced_sampling_takes_each_domain_in_turn():
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_size_sampling_draws_domains_in_proportion_to_size_to_the_alpha(alpha):
-    sampler = DomainSampler(corpus(SIZES), seed=0, size_alpha=alpha)
+    sampler = DomainSampler(corpus(SIZES), seed=0, sampling=SamplingSpec(size_alpha=alpha))
     counts = Counter(n for names, _ in draw(sampler, 800) for n in names)
     weights = {name: n**alpha for name, n in SIZES.items()}
     assert sampler.shares == pytest.approx([w / sum(weights.values()) for w in weights.values()])
@@ -38,9 +39,9 @@ def test_size_sampling_draws_domains_in_proportion_to_size_to_the_alpha(alpha):
 
 
 def test_size_sampling_resumes_exactly_from_its_state():
-    straight = DomainSampler(corpus(SIZES), seed=3, size_alpha=0.5)
+    straight = DomainSampler(corpus(SIZES), seed=3, sampling=SamplingSpec(size_alpha=0.5))
     draw(straight, 7)
-    resumed = DomainSampler(corpus(SIZES), seed=3, size_alpha=0.5)
+    resumed = DomainSampler(corpus(SIZES), seed=3, sampling=SamplingSpec(size_alpha=0.5))
     resumed.load_state_dict(straight.state_dict())
     for (names_a, blocks_a), (names_b, blocks_b) in zip(draw(straight, 20), draw(resumed, 20)):
         assert names_a == names_b
@@ -52,12 +53,31 @@ def test_small_domains_repeat_less_under_size_sampling():
         draw(sampler, 200)
         return sampler.state.epoch[list(SIZES).index("small")]
 
-    assert small_epochs(DomainSampler(corpus(SIZES), seed=0, size_alpha=0.5)) < small_epochs(DomainSampler(corpus(SIZES), seed=0)) / 3
+    assert small_epochs(DomainSampler(corpus(SIZES), seed=0, sampling=SamplingSpec(size_alpha=0.5))) < small_epochs(DomainSampler(corpus(SIZES), seed=0)) / 3
 
 
 def test_sampling_spec_parses():
-    assert parse_sampling("balanced") is None
-    assert parse_sampling("size:0.5") == 0.5
-    for bad in ("size:", "size:nan", "size:inf", "uniform"):
+    assert parse_sampling("balanced") == SamplingSpec()
+    assert parse_sampling("size:0.5") == SamplingSpec(size_alpha=0.5)
+    assert parse_sampling("balanced:small=3, mid=2") == SamplingSpec(weights=(("small", 3), ("mid", 2)))
+    for bad in ("size:", "size:nan", "size:inf", "uniform", "balanced:small", "balanced:small=0", "balanced:small=1.5",
+                "balanced:=2", "balanced:small=2,", "balanced:small=2,small=3"):
         with pytest.raises(ValueError, match="--sampling must be"):
             parse_sampling(bad)
+
+
+def test_weighted_balanced_sampling_gives_a_domain_more_turns_in_a_fixed_cycle():
+    sampler = DomainSampler(corpus(SIZES), seed=0, sampling=parse_sampling("balanced:small=2"))
+    assert sampler.shares == [0.25, 0.25, 0.5]
+    names = [n for batch, _ in draw(sampler, 10, batch_size=4) for n in batch]
+    assert Counter(names) == {"big": 10, "mid": 10, "small": 20}
+    assert all(set(names[i:i + 4]) == set(SIZES) for i in range(0, 40, 4))  # every cycle holds every domain
+    resumed = DomainSampler(corpus(SIZES), seed=0, sampling=parse_sampling("balanced:small=2"))
+    resumed.load_state_dict(sampler.state_dict())
+    assert [names for names, _ in draw(resumed, 3)] == [names for names, _ in draw(sampler, 3)]
+
+
+def test_a_weight_must_name_a_domain():
+    with pytest.raises(UserInputError, match="weighs pyhton, not among the domains"):
+        DecomposeConfig(domain=["python=bundled:code/python"], sampling="balanced:pyhton=2").validate()
+    DecomposeConfig(domain=["python=bundled:code/python"], sampling="balanced:python=2").validate()

@@ -1,5 +1,5 @@
-"""Sampling over domains (balanced, or by corpus size), with a state small enough to checkpoint and
-resume exactly."""
+"""Sampling over domains (balanced, each domain once or weighted, or by corpus size), with a state
+small enough to checkpoint and resume exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from koff.config import SamplingSpec
 from koff.data.blocks import DomainData
 
 
@@ -20,22 +21,36 @@ class SamplerState:
     position: list[int] = field(default_factory=list)  # per domain, within the epoch's permutation
 
 
+def weighted_cycle(weights: list[int]) -> list[int]:
+    """Domain indices in a cycle of ``sum(weights)`` samples, domain ``d`` ``weights[d]`` times and spread
+    out (smooth weighted round robin); equal weights give 0, 1, ..., D-1."""
+    credit, cycle = [0] * len(weights), []
+    for _ in range(sum(weights)):
+        credit = [c + w for c, w in zip(credit, weights)]
+        pick = credit.index(max(credit))
+        credit[pick] -= sum(weights)
+        cycle.append(pick)
+    return cycle
+
+
 class DomainSampler:
-    """Balanced (``size_alpha=None``, the default): sample ``n`` comes from domain ``n % D``, so
-    every batch of D samples holds one of each domain. By size: sample ``n``'s domain is drawn with
-    probability ~ (train blocks) ** ``size_alpha`` from a generator seeded by ``n`` alone, so
-    resuming needs only the count. Within a domain, blocks are visited in a seeded permutation per
-    epoch. With ``world_size`` processes, each takes every ``world_size``-th sample."""
+    """Balanced (the default): sample ``n`` comes from the ``n``-th place of a fixed cycle over the
+    domains, each once unless weighted, so every batch of D samples holds one of each domain. By size:
+    sample ``n``'s domain is drawn with probability ~ (train blocks) ** ``size_alpha`` from a generator
+    seeded by ``n`` alone. Either way resuming needs only the count. Within a domain, blocks are visited
+    in a seeded permutation per epoch. With ``world_size`` processes, each takes every ``world_size``-th sample."""
 
     def __init__(self, domains: list[DomainData], seed: int, rank: int = 0, world_size: int = 1,
-                 size_alpha: float | None = None):
+                 sampling: SamplingSpec = SamplingSpec()):
         self.domains = domains
         self.seed = seed
-        self.size_alpha = size_alpha
+        self.size_alpha = sampling.size_alpha
         sizes = [float(d.train.shape[0]) for d in domains]
-        weights = [1.0] * len(sizes) if size_alpha is None else [n**size_alpha for n in sizes]
+        weights = ([sampling.weight(d.name) for d in domains] if self.size_alpha is None
+                   else [n**self.size_alpha for n in sizes])
         self.shares = [w / sum(weights) for w in weights]  # the expected fraction of samples of each domain
         self._cumulative = list(itertools.accumulate(self.shares))
+        self._cycle = weighted_cycle([int(w) for w in weights]) if self.size_alpha is None else []
         self.rank, self.world_size = rank, world_size
         self.state = SamplerState(0, [0] * len(domains), [0] * len(domains))
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
@@ -58,7 +73,7 @@ class DomainSampler:
 
     def _domain(self, sample: int) -> int:
         if self.size_alpha is None:
-            return sample % len(self.domains)
+            return self._cycle[sample % len(self._cycle)]
         u = random.Random(self.seed * 1_000_003 + sample).random()
         return min(bisect.bisect_right(self._cumulative, u), len(self.domains) - 1)
 
